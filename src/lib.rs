@@ -1,0 +1,14 @@
+//! sd-serve: Stable Diffusion 1.x/2.x and SDXL on candle, served behind four hosted image APIs.
+//!
+//! Layers, each calling only downwards: `pipeline` (prompt -> image) over `models` (candle
+//! modules mirroring diffusers) and `schedulers`; `weights` turns files into a named tensor store;
+//! `registry` maps model ids to where their files are.
+
+pub mod error;
+pub mod models;
+pub mod pipeline;
+pub mod registry;
+pub mod schedulers;
+pub mod weights;
+
+pub use error::{Error, Result};

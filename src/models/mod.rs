@@ -1,0 +1,6 @@
+//! Candle modules of the Stable Diffusion parts, one file per part, configs mirroring diffusers
+//! `config.json`, constructors taking a `VarBuilder` over diffusers-named weights.
+
+pub mod clip;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,3 @@
+//! The generation pipeline: prompt encoding, latent preparation, the denoising loop, decoding.
+
+pub mod noise;
