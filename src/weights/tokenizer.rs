@@ -59,7 +59,7 @@ pub(crate) fn load_tokenizer_dir(
         .and_then(|c| c.get("model_max_length"))
         .and_then(Value::as_f64)
         // transformers writes 1e30 for "no limit"; anything that large is not a real length.
-        .filter(|&n| n >= 1.0 && n < 1e9)
+        .filter(|n| (1.0..1e9).contains(n))
         .map(|n| n as usize);
     let model_max_length = match (configured, max_positions) {
         (Some(n), Some(p)) => n.min(p),
