@@ -1,15 +1,15 @@
 //! The model registry: models.toml parsing, ids and aliases, errors, and loading through every
 //! source kind, with the hub served from a local cache only (HF_HUB_OFFLINE; no network).
 
-mod common;
+mod weights_support;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use common::{copy_dir, fixtures, max_abs_diff, scratch, setup};
 use sd_serve::registry::{HubOptions, Location, ModelSource, Registry};
 use sd_serve::weights::{load_diffusers_folder, Family};
 use sd_serve::Error;
+use weights_support::{copy_dir, fixtures, max_abs_diff, scratch, setup};
 
 fn fixture_registry() -> Registry {
     Registry::from_file(&fixtures().join("models.toml")).unwrap()

@@ -1,13 +1,12 @@
 //! Loading the tiny fixture models: diffusers folders, single-file checkpoints converted from the
 //! LDM / SGM layout (compared tensor by tensor with the folders), variants, shards, tokenizers.
 
-mod common;
+mod weights_support;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_dir, fixtures, max_abs_diff, names, scratch, setup};
 use sd_serve::weights::single_file::{
     convert_key, single_file_family, Conversion, ConversionContext, Target,
 };
@@ -16,6 +15,7 @@ use sd_serve::weights::{
     load_single_file_with_tokenizers, Family, PipelineFiles,
 };
 use sd_serve::Error;
+use weights_support::{copy_dir, fixtures, max_abs_diff, names, scratch, setup};
 
 fn cpu() -> Device {
     Device::Cpu
