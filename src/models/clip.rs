@@ -188,25 +188,26 @@ impl Attention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
         let dtype = xs.dtype();
+        // The attention itself runs in f32, as torch's fused attention kernels accumulate: at 77
+        // tokens it costs nothing, and half-precision scores and weights would lose the small
+        // attention weights (bf16 doubles the error against f32 without this).
         let split_heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, s, self.num_heads, self.head_dim))?
+            t.to_dtype(DType::F32)?
+                .reshape((b, s, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split_heads((self.q_proj.forward(xs)? * self.scale)?)?;
+        let q = (split_heads(self.q_proj.forward(xs)?)? * self.scale)?;
         let k = split_heads(self.k_proj.forward(xs)?)?;
         let v = split_heads(self.v_proj.forward(xs)?)?;
-        // Softmax in f32 so half-precision scores neither overflow nor lose the small weights.
-        let scores = q
-            .matmul(&k.t()?)?
-            .to_dtype(DType::F32)?
-            .broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, s, h))?;
+            .reshape((b, s, h))?
+            .to_dtype(dtype)?;
         self.out_proj.forward(&out)
     }
 }
@@ -296,7 +297,8 @@ impl ClipTextModel {
     /// `vb` is rooted at the component (keys `text_model.embeddings.token_embedding.weight`, ...);
     /// its dtype is the compute dtype.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(Error::model(format!(
                 "text encoder hidden_size {} is not divisible by num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

@@ -698,7 +698,11 @@ impl AutoencoderKl {
         } else {
             1
         };
-        if height == 0 || width == 0 || !height.is_multiple_of(factor) || !width.is_multiple_of(factor) {
+        if height == 0
+            || width == 0
+            || !height.is_multiple_of(factor)
+            || !width.is_multiple_of(factor)
+        {
             return Err(Error::invalid(format!(
                 "vae {what} size {width}x{height} must be a positive multiple of {factor}"
             )));

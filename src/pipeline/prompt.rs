@@ -117,6 +117,9 @@ impl ClipTokenizer {
         pad_token: &str,
         model_max_length: usize,
     ) -> Result<Self> {
+        // transformers registers the pad token as a special token, so with pad `!` a literal
+        // `!` in a prompt becomes the pad id rather than BPE's `!</w>`; do the same.
+        tokenizer.add_special_tokens(&[AddedToken::from(pad_token, true)]);
         // Padding and truncation are applied here, whatever the file configures.
         tokenizer
             .with_truncation(None)
