@@ -8,7 +8,7 @@
 //! one image at a time and the blocks drop each intermediate as soon as it is consumed.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// Epsilon of every GroupNorm in the diffusers VAE (its blocks are built with `resnet_eps=1e-6`).
 const NORM_EPS: f64 = 1e-6;
 /// Queries per attention chunk in the mid block: bounds the f32 score matrix to
-/// `ATTENTION_QUERY_CHUNK * H*W` elements (256 MiB for a 1024x1024 image's 128x128 latents).
+/// `ATTENTION_QUERY_CHUNK * h*w` elements (256 MiB for a 1024x1024 image's 128x128 latents).
 const ATTENTION_QUERY_CHUNK: usize = 4096;
 
 /// The VAE's `config.json`, with diffusers' defaults for absent fields.
@@ -155,7 +155,7 @@ impl AutoencoderKlConfig {
         if let Some(c) = self
             .block_out_channels
             .iter()
-            .find(|&&c| c == 0 || c % self.norm_num_groups != 0)
+            .find(|&&c| c == 0 || !c.is_multiple_of(self.norm_num_groups))
         {
             return Err(Error::model(format!(
                 "vae block_out_channels entry {c} is not a positive multiple of norm_num_groups {}",
@@ -225,6 +225,41 @@ impl Module for GroupNorm {
     }
 }
 
+/// A 2-D convolution with bias.
+///
+/// candle's CPU backend has no bf16 convolution; there the convolution runs on f32 copies and
+/// rounds once to bf16, which is what a GPU bf16 convolution does (f32 accumulation). Other
+/// devices and dtypes use the native kernel.
+#[derive(Debug, Clone)]
+struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    fn conv(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+        let out_channels = bias.dim(0)?;
+        xs.conv2d(weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&bias.reshape((1, out_channels, 1, 1))?)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
+            let ys = self.conv(
+                &xs.to_dtype(DType::F32)?,
+                &self.weight.to_dtype(DType::F32)?,
+                &self.bias.to_dtype(DType::F32)?,
+            )?;
+            return ys.to_dtype(DType::BF16);
+        }
+        self.conv(xs, &self.weight, &self.bias)
+    }
+}
+
 fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -233,18 +268,12 @@ fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
+    Ok(Conv2d {
+        weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
+        bias: vb.get(out_channels, "bias")?,
         padding,
         stride,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        cfg,
-        vb,
-    )?)
+    })
 }
 
 /// `norm -> silu -> conv -> norm -> silu -> conv`, plus the (projected) input.
@@ -299,6 +328,7 @@ struct AttentionBlock {
     to_v: Linear,
     to_out: Linear,
     scale: f64,
+    query_chunk: usize,
 }
 
 impl AttentionBlock {
@@ -310,6 +340,7 @@ impl AttentionBlock {
             to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
             to_out: candle_nn::linear(channels, channels, vb.pp("to_out").pp(0))?,
             scale: (channels as f64).powf(-0.5),
+            query_chunk: ATTENTION_QUERY_CHUNK,
         })
     }
 }
@@ -324,27 +355,20 @@ impl Module for AttentionBlock {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?; // [b, hw, c]
-        let q = (self.to_q.forward(&tokens)? * self.scale)?;
-        let k_t = self.to_k.forward(&tokens)?.t()?.contiguous()?; // [b, c, hw]
-        let v = self.to_v.forward(&tokens)?;
+                            // Scores, softmax and the weighted sum run in f32, as torch's fused attention kernels
+                            // accumulate; the projections stay in the compute dtype. The q/k/v copies are small
+                            // (H*W x C) next to the decoder's activations.
+        let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * self.scale)?;
+        let k_t = self
+            .to_k
+            .forward(&tokens)?
+            .to_dtype(DType::F32)?
+            .t()?
+            .contiguous()?; // [b, c, hw]
+        let v = self.to_v.forward(&tokens)?.to_dtype(DType::F32)?;
         drop(tokens);
-        // Queries are processed in chunks: softmax is per query row, so this is exact while the
-        // score matrix of a large image stays bounded.
-        let n = h * w;
-        let mut chunks = Vec::with_capacity(n.div_ceil(ATTENTION_QUERY_CHUNK));
-        for start in (0..n).step_by(ATTENTION_QUERY_CHUNK) {
-            let len = ATTENTION_QUERY_CHUNK.min(n - start);
-            let scores = q
-                .narrow(1, start, len)?
-                .matmul(&k_t)?
-                .to_dtype(DType::F32)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-            drop(scores);
-            chunks.push(probs.matmul(&v)?);
-        }
+        let attended = attend_in_chunks(&q, &k_t, &v, self.query_chunk)?.to_dtype(dtype)?;
         drop((q, k_t, v));
-        let attended = Tensor::cat(&chunks, 1)?;
-        drop(chunks);
         let out = self
             .to_out
             .forward(&attended)?
@@ -352,6 +376,27 @@ impl Module for AttentionBlock {
             .reshape((b, c, h, w))?;
         xs + out
     }
+}
+
+/// `softmax(q k) v` over query chunks of `chunk` rows. Softmax is per query row, so this is
+/// exact, while the score matrix of a large image stays bounded. q: [b, n, c], k_t: [b, c, n],
+/// v: [b, n, c].
+fn attend_in_chunks(
+    q: &Tensor,
+    k_t: &Tensor,
+    v: &Tensor,
+    chunk: usize,
+) -> candle_core::Result<Tensor> {
+    let n = q.dim(1)?;
+    let mut chunks = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let scores = q.narrow(1, start, len)?.matmul(k_t)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        drop(scores);
+        chunks.push(probs.matmul(v)?);
+    }
+    Tensor::cat(&chunks, 1)
 }
 
 /// `resnet -> attention -> resnet` at the lowest resolution.
@@ -742,6 +787,19 @@ mod tests {
                 "{json}"
             );
         }
+    }
+
+    #[test]
+    fn chunked_attention_equals_unchunked() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
+        let k_t = Tensor::randn(0f32, 1.0, (2, 8, 37), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
+        let whole = attend_in_chunks(&q, &k_t, &v, 37)?;
+        let chunked = attend_in_chunks(&q, &k_t, &v, 5)?;
+        let diff = (whole - chunked)?.abs()?.flatten_all()?.max(0)?;
+        assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+        Ok(())
     }
 
     #[test]
