@@ -117,6 +117,14 @@ impl ClipTokenizer {
         pad_token: &str,
         model_max_length: usize,
     ) -> Result<Self> {
+        let id = |tokenizer: &Tokenizer, token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| tokenizer_error(format!("vocabulary has no `{token}` token")))
+        };
+        // Looked up before it is registered below: a pad token outside the vocabulary would get
+        // an id past the text encoder's embedding table.
+        let pad_id = id(&tokenizer, pad_token)?;
         // transformers registers the pad token as a special token, so with pad `!` a literal
         // `!` in a prompt becomes the pad id rather than BPE's `!</w>`; do the same.
         tokenizer.add_special_tokens(&[AddedToken::from(pad_token, true)]);
@@ -125,14 +133,8 @@ impl ClipTokenizer {
             .with_truncation(None)
             .map_err(tokenizer_error)?
             .with_padding(None);
-        let id = |token: &str| {
-            tokenizer
-                .token_to_id(token)
-                .ok_or_else(|| tokenizer_error(format!("vocabulary has no `{token}` token")))
-        };
-        let bos_id = id(START_OF_TEXT)?;
-        let eos_id = id(END_OF_TEXT)?;
-        let pad_id = id(pad_token)?;
+        let bos_id = id(&tokenizer, START_OF_TEXT)?;
+        let eos_id = id(&tokenizer, END_OF_TEXT)?;
         if model_max_length < 2 {
             return Err(tokenizer_error(format!(
                 "model_max_length {model_max_length} leaves no room for the start and end tokens"
