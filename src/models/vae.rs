@@ -225,11 +225,15 @@ impl Module for GroupNorm {
     }
 }
 
-/// A 2-D convolution with bias.
+/// A 2-D convolution with bias, computed in horizontal stripes when the input is large.
 ///
-/// candle's CPU backend has no bf16 convolution; there the convolution runs on f32 copies and
-/// rounds once to bf16, which is what a GPU bf16 convolution does (f32 accumulation). Other
-/// devices and dtypes use the native kernel.
+/// candle lowers a convolution to im2col + matmul (on CUDA unless built with cudnn), which
+/// materialises `c_in * k * k` values per output pixel: 9.7 GB in f32 for the 256-channel 3x3
+/// convolutions of a 1024x1024 decode. Striping the output rows bounds that buffer to
+/// `MAX_IM2COL_ELEMENTS`; each output pixel is computed from the same inputs either way.
+///
+/// candle's CPU backend has no bf16 convolution; there it runs on f32 copies and rounds once to
+/// bf16, which is what a GPU bf16 convolution does (f32 accumulation).
 #[derive(Debug, Clone)]
 struct Conv2d {
     weight: Tensor,
@@ -238,25 +242,66 @@ struct Conv2d {
     stride: usize,
 }
 
-impl Conv2d {
-    fn conv(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-        let out_channels = bias.dim(0)?;
-        xs.conv2d(weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&bias.reshape((1, out_channels, 1, 1))?)
-    }
-}
+/// Largest im2col buffer a convolution may allocate, in elements (512 MiB in f32).
+const MAX_IM2COL_ELEMENTS: usize = 1 << 27;
 
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl Conv2d {
+    /// One convolution call with the given padding, plus the bias.
+    fn conv_once(&self, xs: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
+        let out_channels = self.bias.dim(0)?;
+        let with_bias = |xs: &Tensor, weight: &Tensor, bias: &Tensor| {
+            xs.conv2d(weight, padding, self.stride, 1, 1)?
+                .broadcast_add(&bias.reshape((1, out_channels, 1, 1))?)
+        };
         if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
-            let ys = self.conv(
+            let ys = with_bias(
                 &xs.to_dtype(DType::F32)?,
                 &self.weight.to_dtype(DType::F32)?,
                 &self.bias.to_dtype(DType::F32)?,
             )?;
             return ys.to_dtype(DType::BF16);
         }
-        self.conv(xs, &self.weight, &self.bias)
+        with_bias(xs, &self.weight, &self.bias)
+    }
+
+    fn forward_striped(&self, xs: &Tensor, max_im2col: usize) -> candle_core::Result<Tensor> {
+        let (batch, in_channels, height, width) = xs.dims4()?;
+        let kernel = self.weight.dim(3)?;
+        let (p, s) = (self.padding, self.stride);
+        if height + 2 * p < kernel || width + 2 * p < kernel {
+            // Let the kernel report the shape error.
+            return self.conv_once(xs, p);
+        }
+        let out_h = (height + 2 * p - kernel) / s + 1;
+        let out_w = (width + 2 * p - kernel) / s + 1;
+        let per_row = batch * in_channels * kernel * kernel * out_w;
+        let rows = (max_im2col / per_row.max(1)).max(1);
+        if rows >= out_h {
+            return self.conv_once(xs, p);
+        }
+        let mut stripes = Vec::with_capacity(out_h.div_ceil(rows));
+        for first in (0..out_h).step_by(rows) {
+            let last = (first + rows).min(out_h);
+            // Input rows [first*s - p, (last-1)*s - p + k) in padded coordinates.
+            let top = first * s;
+            let bottom = (last - 1) * s + kernel;
+            let lo = top.saturating_sub(p).min(height);
+            let hi = bottom.saturating_sub(p).min(height);
+            let pad_top = p.saturating_sub(top);
+            let pad_bottom = bottom.saturating_sub(p + height);
+            let stripe = xs
+                .narrow(2, lo, hi - lo)?
+                .pad_with_zeros(2, pad_top, pad_bottom)?
+                .pad_with_zeros(3, p, p)?;
+            stripes.push(self.conv_once(&stripe, 0)?);
+        }
+        Tensor::cat(&stripes, 2)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_striped(xs, MAX_IM2COL_ELEMENTS)
     }
 }
 
@@ -328,7 +373,6 @@ struct AttentionBlock {
     to_v: Linear,
     to_out: Linear,
     scale: f64,
-    query_chunk: usize,
 }
 
 impl AttentionBlock {
@@ -340,7 +384,6 @@ impl AttentionBlock {
             to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
             to_out: candle_nn::linear(channels, channels, vb.pp("to_out").pp(0))?,
             scale: (channels as f64).powf(-0.5),
-            query_chunk: ATTENTION_QUERY_CHUNK,
         })
     }
 }
@@ -349,15 +392,16 @@ impl Module for AttentionBlock {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let dtype = xs.dtype();
+        // [b, c, h, w] -> [b, hw, c]: one token per latent pixel.
         let tokens = self
             .group_norm
             .forward(xs)?
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
-            .contiguous()?; // [b, hw, c]
-                            // Scores, softmax and the weighted sum run in f32, as torch's fused attention kernels
-                            // accumulate; the projections stay in the compute dtype. The q/k/v copies are small
-                            // (H*W x C) next to the decoder's activations.
+            .contiguous()?;
+        // Scores, softmax and the weighted sum run in f32, as torch's fused attention kernels
+        // accumulate; the projections stay in the compute dtype. The f32 q/k/v copies (hw x c)
+        // are small next to the decoder's activations.
         let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * self.scale)?;
         let k_t = self
             .to_k
@@ -367,7 +411,7 @@ impl Module for AttentionBlock {
             .contiguous()?; // [b, c, hw]
         let v = self.to_v.forward(&tokens)?.to_dtype(DType::F32)?;
         drop(tokens);
-        let attended = attend_in_chunks(&q, &k_t, &v, self.query_chunk)?.to_dtype(dtype)?;
+        let attended = attend_in_chunks(&q, &k_t, &v, ATTENTION_QUERY_CHUNK)?.to_dtype(dtype)?;
         drop((q, k_t, v));
         let out = self
             .to_out
@@ -443,9 +487,10 @@ struct DownBlock {
     downsample: Option<Conv2d>,
 }
 
-impl Module for DownBlock {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = xs.clone();
+impl DownBlock {
+    /// Takes the input by value so it is freed once the first resnet has consumed it.
+    fn forward(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let mut h = xs;
         for resnet in &self.resnets {
             h = resnet.forward(&h)?;
         }
@@ -466,9 +511,10 @@ struct UpBlock {
     upsample: Option<Conv2d>,
 }
 
-impl Module for UpBlock {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = xs.clone();
+impl UpBlock {
+    /// Takes the input by value so it is freed once the first resnet has consumed it.
+    fn forward(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let mut h = xs;
         for resnet in &self.resnets {
             h = resnet.forward(&h)?;
         }
@@ -539,7 +585,7 @@ impl Module for Encoder {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = self.conv_in.forward(xs)?;
         for block in &self.down_blocks {
-            h = block.forward(&h)?;
+            h = block.forward(h)?;
         }
         h = self.mid_block.forward(&h)?;
         h = self.conv_norm_out.forward(&h)?;
@@ -602,7 +648,7 @@ impl Module for Decoder {
         let mut h = self.conv_in.forward(xs)?;
         h = self.mid_block.forward(&h)?;
         for block in &self.up_blocks {
-            h = block.forward(&h)?;
+            h = block.forward(h)?;
         }
         h = self.conv_norm_out.forward(&h)?;
         h = candle_nn::ops::silu(&h)?;
@@ -799,6 +845,40 @@ mod tests {
         let chunked = attend_in_chunks(&q, &k_t, &v, 5)?;
         let diff = (whole - chunked)?.abs()?.flatten_all()?.max(0)?;
         assert_eq!(diff.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn striped_convolution_equals_whole() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // (kernel, padding, stride, height, width): the VAE's 3x3 and 1x1 convolutions and its
+        // stride-2 downsampler (no padding, odd and even sizes).
+        for (kernel, padding, stride, height, width) in [
+            (3, 1, 1, 13, 7),
+            (1, 0, 1, 9, 5),
+            (3, 0, 2, 12, 9),
+            (3, 0, 2, 11, 8),
+        ] {
+            let conv = Conv2d {
+                weight: Tensor::randn(0f32, 1.0, (4, 3, kernel, kernel), &dev)?,
+                bias: Tensor::randn(0f32, 1.0, 4, &dev)?,
+                padding,
+                stride,
+            };
+            let xs = Tensor::randn(0f32, 1.0, (2, 3, height, width), &dev)?;
+            let whole = conv.conv_once(&xs, padding)?;
+            // Budgets of one, two and three output rows per stripe.
+            let per_row = 2 * 3 * kernel * kernel * whole.dim(3)?;
+            for rows in 1..=3 {
+                let striped = conv.forward_striped(&xs, rows * per_row)?;
+                assert_eq!(striped.dims(), whole.dims());
+                let diff = (&striped - &whole)?.abs()?.flatten_all()?.max(0)?;
+                assert!(
+                    diff.to_scalar::<f32>()? < 1e-5,
+                    "k{kernel} s{stride} rows {rows}"
+                );
+            }
+        }
         Ok(())
     }
 
