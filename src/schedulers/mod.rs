@@ -1,1 +1,507 @@
-//! placeholder
+//! Diffusion samplers ("schedulers" in diffusers): they pick the timesteps the model is run at and
+//! turn each model prediction into the next, less noisy, latent.
+//!
+//! One file per family behind the [`Scheduler`] trait: DDIM, Euler, Euler ancestral, DPM-Solver++
+//! multistep and LCM, each numerically following its diffusers class. Names from every API
+//! dialect parse into one [`SchedulerSpec`]; [`build`] combines it with the model's
+//! `scheduler_config.json` ([`SchedulerConfig`]) and a step count. Adding a scheduler is one file,
+//! one [`SchedulerKind`] arm and its names in [`SchedulerSpec::parse`]'s table.
+
+mod config;
+mod ddim;
+mod dpm_multistep;
+mod euler;
+mod euler_ancestral;
+mod lcm;
+pub mod sigmas;
+
+use candle_core::{DType, Tensor};
+
+pub use crate::pipeline::noise::BatchNoise;
+use crate::{Error, Result};
+pub use config::{
+    BetaSchedule, DpmAlgorithm, FinalSigmas, PredictionType, SchedulerConfig, SolverType,
+    TimestepSpacing,
+};
+
+/// A sampler configured for one generation: its timesteps and how to step between them.
+pub trait Scheduler: Send {
+    /// Model timesteps, one per step (may be fractional, e.g. Karras Euler).
+    fn timesteps(&self) -> &[f64];
+    /// The noise levels of sigma-parameterised schedulers (one more than the timesteps: the
+    /// last is where the final step lands); `None` for the others.
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
+    }
+    /// The factor diffusers multiplies the initial unit-variance noise by.
+    fn init_noise_sigma(&self) -> f64;
+    /// The model input for step `step_index` (sigma-based samplers divide by `sqrt(sigma^2 + 1)`).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// Advances from step `step_index` to the next; stochastic samplers draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        noise: &mut BatchNoise,
+    ) -> Result<Tensor>;
+    /// img2img: noise `original` to the level of step `step_index` of the schedule.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// How many model evaluations per listed timestep (1 for all first-order/multistep ones).
+    fn order(&self) -> usize {
+        1
+    }
+}
+
+/// The scheduler families this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    Ddim,
+    Euler,
+    EulerAncestral,
+    DpmSolverMultistep,
+    Lcm,
+}
+
+impl SchedulerKind {
+    /// The diffusers class this kind reproduces.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
+        }
+    }
+}
+
+/// A scheduler choice as a client names it: the family plus the options a name can imply
+/// ("DPM++ 2M Karras" = multistep DPM-Solver++ with Karras sigmas). `None` keeps the config's value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerSpec {
+    pub kind: SchedulerKind,
+    /// Karras sigmas (Euler, DPM-Solver); overrides `use_karras_sigmas`.
+    pub karras: Option<bool>,
+    /// DPM-Solver variant; overrides `algorithm_type`.
+    pub algorithm_type: Option<DpmAlgorithm>,
+    /// DDIM's eta (0 = deterministic DDIM, 1 = DDPM-like); a call argument in diffusers.
+    pub eta: Option<f64>,
+}
+
+/// A name clients use and the spec it stands for.
+struct NamedSpec {
+    /// Shown in error messages.
+    shown: &'static str,
+    /// Normalised spellings: lower case, no spaces, `_`, `-`, `.`, no "scheduler" suffix.
+    aliases: &'static [&'static str],
+    kind: SchedulerKind,
+    karras: Option<bool>,
+    algorithm_type: Option<DpmAlgorithm>,
+}
+
+const fn named(
+    shown: &'static str,
+    aliases: &'static [&'static str],
+    kind: SchedulerKind,
+    karras: Option<bool>,
+    algorithm_type: Option<DpmAlgorithm>,
+) -> NamedSpec {
+    NamedSpec {
+        shown,
+        aliases,
+        kind,
+        karras,
+        algorithm_type,
+    }
+}
+
+const NAMES: &[NamedSpec] = {
+    use DpmAlgorithm::*;
+    use SchedulerKind::*;
+    const PP: Option<DpmAlgorithm> = Some(DpmSolverPlusPlus);
+    const SDE: Option<DpmAlgorithm> = Some(SdeDpmSolverPlusPlus);
+    &[
+        named("DDIM", &["ddim"], Ddim, None, None),
+        named("Euler", &["euler", "keuler"], Euler, Some(false), None),
+        named(
+            "Euler Karras",
+            &["eulerkarras", "keulerkarras"],
+            Euler,
+            Some(true),
+            None,
+        ),
+        named(
+            "EulerDiscreteScheduler",
+            &["eulerdiscrete"],
+            Euler,
+            None,
+            None,
+        ),
+        named(
+            "Euler a",
+            &["eulera", "eulerancestral", "keulera", "keulerancestral"],
+            EulerAncestral,
+            None,
+            None,
+        ),
+        named(
+            "EulerAncestralDiscreteScheduler",
+            &["eulerancestraldiscrete"],
+            EulerAncestral,
+            None,
+            None,
+        ),
+        named(
+            "DPM++ 2M",
+            &["dpm++2m", "dpmpp2m", "kdpmpp2m"],
+            DpmSolverMultistep,
+            Some(false),
+            PP,
+        ),
+        named(
+            "DPM++ 2M Karras",
+            &["dpm++2mkarras", "dpmpp2mkarras", "kdpmpp2mkarras"],
+            DpmSolverMultistep,
+            Some(true),
+            PP,
+        ),
+        named(
+            "DPM++ 2M SDE",
+            &["dpm++2msde", "dpmpp2msde", "kdpmpp2msde"],
+            DpmSolverMultistep,
+            Some(false),
+            SDE,
+        ),
+        named(
+            "DPM++ 2M SDE Karras",
+            &["dpm++2msdekarras", "dpmpp2msdekarras", "kdpmpp2msdekarras"],
+            DpmSolverMultistep,
+            Some(true),
+            SDE,
+        ),
+        named(
+            "DPMSolverMultistepScheduler",
+            &["dpmsolvermultistep"],
+            DpmSolverMultistep,
+            None,
+            None,
+        ),
+        named("LCM", &["lcm"], Lcm, None, None),
+    ]
+};
+
+impl SchedulerSpec {
+    /// A spec of `kind` with every option taken from the config.
+    pub fn new(kind: SchedulerKind) -> Self {
+        Self {
+            kind,
+            karras: None,
+            algorithm_type: None,
+            eta: None,
+        }
+    }
+
+    /// Parses a scheduler name: a diffusers class name with or without the "Scheduler" suffix, or
+    /// a common sampler name ("DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM",
+    /// ...), case-insensitively. An unknown name is an `Error::Scheduler` listing accepted names.
+    pub fn parse(name: &str) -> Result<Self> {
+        let mut key: String = name
+            .chars()
+            .filter(|c| !(c.is_whitespace() || matches!(c, '_' | '-' | '.')))
+            .flat_map(char::to_lowercase)
+            .collect();
+        if let Some(stripped) = key.strip_suffix("scheduler") {
+            key.truncate(stripped.len());
+        }
+        NAMES
+            .iter()
+            .find(|named| named.aliases.contains(&key.as_str()))
+            .map(|named| Self {
+                kind: named.kind,
+                karras: named.karras,
+                algorithm_type: named.algorithm_type,
+                eta: None,
+            })
+            .ok_or_else(|| {
+                let accepted: Vec<&str> = NAMES.iter().map(|named| named.shown).collect();
+                Error::Scheduler(format!(
+                    "unknown scheduler `{name}`; accepted: {} (or a diffusers class name with or without \
+                     the `Scheduler` suffix: DDIMScheduler, EulerDiscreteScheduler, \
+                     EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler)",
+                    accepted.join(", ")
+                ))
+            })
+    }
+}
+
+/// A scheduler of `spec` on the model's `config`, set up for `num_inference_steps` steps.
+pub fn build(
+    spec: &SchedulerSpec,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    if num_inference_steps == 0 {
+        return Err(Error::Scheduler(
+            "num_inference_steps must be >= 1. Given: 0".into(),
+        ));
+    }
+    let num_train = config.num_train();
+    if num_inference_steps > num_train {
+        return Err(Error::Scheduler(format!(
+            "num_inference_steps must be <= {num_train} (the model's training timesteps). Given: {num_inference_steps}"
+        )));
+    }
+    let mut config = config.clone();
+    if let Some(karras) = spec.karras {
+        config.use_karras_sigmas = Some(karras);
+    }
+    if let Some(algorithm) = spec.algorithm_type {
+        config.algorithm_type = Some(algorithm);
+    }
+    let steps = num_inference_steps;
+    Ok(match spec.kind {
+        SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&config, steps, spec.eta.unwrap_or(0.0))?),
+        SchedulerKind::Euler => Box::new(euler::Euler::new(&config, steps)?),
+        SchedulerKind::EulerAncestral => {
+            Box::new(euler_ancestral::EulerAncestral::new(&config, steps)?)
+        }
+        SchedulerKind::DpmSolverMultistep => {
+            Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
+        }
+        SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&config, steps)?),
+    })
+}
+
+/// `sum_i coef_i * tensor_i`, returned in `out_dtype`. Coefficients are f64; the arithmetic runs in
+/// the tensors' dtype, except that half-precision tensors are combined in f32 and rounded once at
+/// the end, as diffusers' sigma-based schedulers upcast the sample.
+pub(crate) fn weighted_sum(terms: &[(f64, &Tensor)], out_dtype: DType) -> Result<Tensor> {
+    let compute = match out_dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    };
+    let mut acc: Option<Tensor> = None;
+    for &(coef, tensor) in terms {
+        if coef == 0.0 {
+            continue;
+        }
+        let t = tensor.to_dtype(compute)?;
+        let scaled = if coef == 1.0 { t } else { t.affine(coef, 0.0)? };
+        acc = Some(match acc {
+            None => scaled,
+            Some(a) => (a + scaled)?,
+        });
+    }
+    let sum = match acc {
+        Some(sum) => sum,
+        None => {
+            let first = terms
+                .first()
+                .expect("weighted_sum needs at least one term, this is a bug");
+            first.1.zeros_like()?
+        }
+    };
+    Ok(sum.to_dtype(out_dtype)?)
+}
+
+/// The per-image noise a stochastic step adds, shaped like `like` ([B, ...]), drawn from `noise`
+/// (one generator per image, continuing its stream) in f32.
+pub(crate) fn step_noise(noise: &mut BatchNoise, like: &Tensor) -> Result<Tensor> {
+    let dims = like.dims();
+    if dims.first() != Some(&noise.len()) {
+        return Err(Error::Scheduler(format!(
+            "a batch of {} latents needs as many noise generators, got {}",
+            dims.first().copied().unwrap_or(0),
+            noise.len()
+        )));
+    }
+    noise.randn(&dims[1..], like.device(), DType::F32)
+}
+
+/// The entry of `values` for `step_index`, or an error if the index is past the schedule.
+pub(crate) fn at<T: Copy>(values: &[T], step_index: usize, what: &str) -> Result<T> {
+    values.get(step_index).copied().ok_or_else(|| {
+        Error::Scheduler(format!(
+            "step index {step_index} is past the end of the {what} ({} entries)",
+            values.len()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sampler_and_class_names() {
+        let cases: &[(&str, SchedulerKind, Option<bool>)] = &[
+            ("DDIM", SchedulerKind::Ddim, None),
+            ("DDIMScheduler", SchedulerKind::Ddim, None),
+            ("ddim scheduler", SchedulerKind::Ddim, None),
+            ("Euler", SchedulerKind::Euler, Some(false)),
+            ("EulerDiscrete", SchedulerKind::Euler, None),
+            ("eulerdiscretescheduler", SchedulerKind::Euler, None),
+            ("Euler a", SchedulerKind::EulerAncestral, None),
+            ("euler_a", SchedulerKind::EulerAncestral, None),
+            (
+                "EulerAncestralDiscreteScheduler",
+                SchedulerKind::EulerAncestral,
+                None,
+            ),
+            ("DPM++ 2M", SchedulerKind::DpmSolverMultistep, Some(false)),
+            (
+                "dpm++ 2m karras",
+                SchedulerKind::DpmSolverMultistep,
+                Some(true),
+            ),
+            (
+                "DPMPP_2M_Karras",
+                SchedulerKind::DpmSolverMultistep,
+                Some(true),
+            ),
+            (
+                "DPMSolverMultistep",
+                SchedulerKind::DpmSolverMultistep,
+                None,
+            ),
+            (
+                "DPMSolverMultistepScheduler",
+                SchedulerKind::DpmSolverMultistep,
+                None,
+            ),
+            ("LCM", SchedulerKind::Lcm, None),
+            ("LCMScheduler", SchedulerKind::Lcm, None),
+        ];
+        for &(name, kind, karras) in cases {
+            let spec = SchedulerSpec::parse(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(spec.kind, kind, "{name}");
+            assert_eq!(spec.karras, karras, "{name}");
+        }
+        let sde = SchedulerSpec::parse("DPM++ 2M SDE Karras").unwrap();
+        assert_eq!(sde.algorithm_type, Some(DpmAlgorithm::SdeDpmSolverPlusPlus));
+        assert_eq!(sde.karras, Some(true));
+    }
+
+    #[test]
+    fn unknown_name_lists_accepted_names() {
+        let err = SchedulerSpec::parse("PNDM").unwrap_err().to_string();
+        assert!(err.contains("PNDM"), "{err}");
+        for name in [
+            "DDIM",
+            "Euler a",
+            "DPM++ 2M Karras",
+            "LCM",
+            "DPMSolverMultistepScheduler",
+        ] {
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(SchedulerSpec::parse("").is_err());
+        assert!(SchedulerSpec::parse("Scheduler").is_err());
+        assert!(SchedulerSpec::parse("Euler ancestral karras").is_err());
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        for kind in [
+            SchedulerKind::Ddim,
+            SchedulerKind::Euler,
+            SchedulerKind::EulerAncestral,
+            SchedulerKind::DpmSolverMultistep,
+            SchedulerKind::Lcm,
+        ] {
+            let spec = SchedulerSpec::new(kind);
+            let cfg = SchedulerConfig::default();
+            assert!(matches!(build(&spec, &cfg, 0), Err(Error::Scheduler(_))));
+            assert!(matches!(build(&spec, &cfg, 1001), Err(Error::Scheduler(_))));
+            let s = build(&spec, &cfg, 1).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            assert_eq!(s.timesteps().len(), 1, "{kind:?}");
+        }
+    }
+
+    fn sd15_config() -> SchedulerConfig {
+        SchedulerConfig::from_json(&serde_json::json!({
+            "_class_name": "PNDMScheduler",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "num_train_timesteps": 1000,
+            "set_alpha_to_one": false,
+            "skip_prk_steps": true,
+            "steps_offset": 1,
+            "trained_betas": null,
+            "clip_sample": false
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn missing_fields_take_the_built_class_defaults() {
+        let cfg = sd15_config();
+        assert_eq!(cfg.class_name.as_deref(), Some("PNDMScheduler"));
+        // DDIM defaults to "leading" spacing (plus steps_offset), Euler to "linspace".
+        let ddim = build(&SchedulerSpec::new(SchedulerKind::Ddim), &cfg, 4).unwrap();
+        assert_eq!(ddim.timesteps(), &[751.0, 501.0, 251.0, 1.0]);
+        let euler = build(&SchedulerSpec::new(SchedulerKind::Euler), &cfg, 4).unwrap();
+        assert_eq!(euler.timesteps(), &[999.0, 666.0, 333.0, 0.0]);
+    }
+
+    #[test]
+    fn unsupported_options_and_values_are_errors() {
+        let cfg = sd15_config()
+            .with_overrides(&serde_json::json!({"use_beta_sigmas": true}))
+            .unwrap();
+        let err = build(&SchedulerSpec::new(SchedulerKind::Euler), &cfg, 10)
+            .err()
+            .expect("beta sigmas are not implemented");
+        assert!(err.to_string().contains("use_beta_sigmas"), "{err}");
+        // A class that does not read the option ignores it, as diffusers does.
+        assert!(build(&SchedulerSpec::new(SchedulerKind::Ddim), &cfg, 10).is_ok());
+        let bad = serde_json::json!({"prediction_type": "flow"});
+        assert!(matches!(
+            SchedulerConfig::from_json(&bad),
+            Err(Error::Scheduler(_))
+        ));
+        let lcm = build(&SchedulerSpec::new(SchedulerKind::Lcm), &cfg, 51);
+        assert!(matches!(lcm, Err(Error::Scheduler(_))));
+    }
+
+    #[test]
+    fn half_precision_steps_stay_close_to_f32() {
+        let dev = candle_core::Device::Cpu;
+        let cfg = sd15_config();
+        let sample = Tensor::arange(0f32, 64.0, &dev)
+            .unwrap()
+            .affine(0.1, -3.0)
+            .unwrap()
+            .reshape((1, 4, 4, 4))
+            .unwrap();
+        let model_output = sample.sin().unwrap();
+        for name in ["DDIM", "Euler", "DPM++ 2M Karras"] {
+            let spec = SchedulerSpec::parse(name).unwrap();
+            let mut full = build(&spec, &cfg, 10).unwrap();
+            let mut half = build(&spec, &cfg, 10).unwrap();
+            let mut noise = BatchNoise::from_seeds(&[0]);
+            let a = full.step(&model_output, 0, &sample, &mut noise).unwrap();
+            let b = half
+                .step(
+                    &model_output.to_dtype(DType::F16).unwrap(),
+                    0,
+                    &sample.to_dtype(DType::F16).unwrap(),
+                    &mut noise,
+                )
+                .unwrap();
+            assert_eq!(b.dtype(), DType::F16, "{name}");
+            let diff = (a - b.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // Inputs rounded to f16 (|x| <= 3.3, ulp 2e-3) and one final rounding.
+            assert!(diff < 1e-2, "{name}: {diff}");
+        }
+    }
+}

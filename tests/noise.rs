@@ -1,0 +1,143 @@
+//! Seeded noise against torch's CPU generator: `tests/fixtures/goldens/noise.safetensors`, drawn
+//! with `torch.Generator("cpu").manual_seed(seed)` by the fixture script.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use sd_serve::pipeline::noise::{BatchNoise, TorchGenerator};
+
+// torch evaluates log/sin/cos with SIMD approximations (1-2 ulp); normals reach |x| ~ 5 where an
+// ulp is 4.8e-7, so allow 1e-6 relative to max(1, |x|). Uniforms must match exactly.
+const NORMAL_TOL: f32 = 1e-6;
+
+fn goldens() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
+}
+
+fn load() -> (serde_json::Value, HashMap<String, Tensor>) {
+    let dir = goldens();
+    let manifest: serde_json::Value = read_manifest(&dir);
+    let noise = &manifest["noise"];
+    let file = dir.join(noise["file"].as_str().unwrap());
+    let tensors = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    (noise.clone(), tensors)
+}
+
+fn read_manifest(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest `|a - b| / max(1, |b|)`.
+fn max_rel_err(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+/// A draw of the manifest: "randn", "rand", optionally followed by a shape "[1,4,8,8]".
+fn parse_draw(draw: &str, default_shape: &[usize]) -> (bool, usize) {
+    let normal = draw.starts_with("randn");
+    assert!(draw.starts_with("rand"), "unknown draw `{draw}`");
+    let numel = match (draw.find('['), draw.find(']')) {
+        (Some(open), Some(close)) => draw[open + 1..close]
+            .split(',')
+            .map(|d| d.trim().parse::<usize>().unwrap())
+            .product(),
+        _ => default_shape.iter().product(),
+    };
+    (normal, numel)
+}
+
+#[test]
+fn torch_generator_matches_goldens() {
+    let (noise, tensors) = load();
+    let cases = noise["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    let mut worst = 0f32;
+    for case in cases {
+        let name = case["tensor"].as_str().unwrap();
+        let seed = case["seed"].as_u64().unwrap();
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let mut generator = TorchGenerator::new(seed);
+        let mut last = (false, Vec::new());
+        for draw in case["draws"].as_array().unwrap() {
+            let (normal, numel) = parse_draw(draw.as_str().unwrap(), &shape);
+            let values = if normal {
+                generator.randn(numel)
+            } else {
+                generator.rand(numel)
+            };
+            last = (normal, values);
+        }
+        let reference = flat(&tensors[name]);
+        let err = max_rel_err(&last.1, &reference);
+        if last.0 {
+            assert!(err <= NORMAL_TOL, "{name}: max error {err}");
+            worst = worst.max(err);
+        } else {
+            assert_eq!(err, 0.0, "{name}: uniforms must be bit-exact");
+        }
+    }
+    eprintln!(
+        "noise: max relative error vs torch over {} cases: {worst:e}",
+        cases.len()
+    );
+}
+
+#[test]
+fn batch_noise_draws_each_image_from_its_own_seed() {
+    let (noise, tensors) = load();
+    let mut checked = 0;
+    for case in noise["cases"].as_array().unwrap() {
+        let draws = case["draws"].as_array().unwrap();
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        if draws.len() != 1 || draws[0] != "randn" || shape[0] != 1 {
+            continue;
+        }
+        let seed = case["seed"].as_u64().unwrap();
+        let reference = flat(&tensors[case["tensor"].as_str().unwrap()]);
+        // Image 1 of a batch seeded at `seed - 1` uses `seed`, and must not depend on image 0.
+        let mut batch = BatchNoise::consecutive(seed.wrapping_sub(1), 2);
+        let drawn = batch.randn(&shape[1..], &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(drawn.dims()[0], 2);
+        let image1 = flat(&drawn.get(1).unwrap());
+        let err = max_rel_err(&image1, &reference);
+        assert!(err <= NORMAL_TOL, "seed {seed}: max error {err}");
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn streams_continue_across_calls() {
+    let mut whole = TorchGenerator::new(1234);
+    let mut split = TorchGenerator::new(1234);
+    let a = whole.randn(256);
+    let b = whole.randn(256);
+    assert_eq!(split.randn(256), a);
+    assert_eq!(split.randn(256), b);
+    assert_ne!(a, b);
+}

@@ -1,0 +1,219 @@
+//! Scheduler parity with diffusers: each case of `tests/fixtures/goldens/manifest.json`
+//! ("schedulers") builds our scheduler from the case's class name and the SD 1.5 scheduler config
+//! plus overrides, runs the fixture's loop with the same stand-in model and the same seeded noise,
+//! and compares timesteps, sigmas, init_noise_sigma and the sample after every step, and img2img
+//! `add_noise`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use sd_serve::pipeline::noise::BatchNoise;
+use sd_serve::schedulers::{build, SchedulerConfig, SchedulerSpec};
+
+// diffusers rounds every scalar coefficient op to f32 and evaluates x0 and the derivative as
+// separate f32 tensors; we fold the coefficients in f64 and round once, and candle's sin in the
+// stand-in model may differ from torch's by an ulp. Over 25 steps this stays below 4e-6 relative
+// to max(1, |x|) (seen up to 2.9e-6), so 1e-5 leaves room without hiding a wrong coefficient
+// (those show up at 1e-3 and above).
+const SAMPLE_TOL: f32 = 1e-5;
+// Schedules are rounded to float32 where diffusers rounds them, but torch's vectorised sqrt is
+// not always correctly rounded: sigmas may differ by one f32 ulp (1.2e-7 relative).
+const SCALAR_TOL: f64 = 1e-6;
+
+fn goldens() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
+}
+
+fn read_manifest(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn flat64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest `|a - b| / max(1, |b|)` between two tensors of the same shape.
+fn max_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims());
+    flat(ours)
+        .iter()
+        .zip(flat(reference))
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f32::max)
+}
+
+fn max_err64(ours: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "lengths differ");
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+/// The fixture's stand-in for a UNet: `0.5 * inp + 0.1 * sin(3 * inp) * (t / 1000)`.
+fn stand_in_model(inp: &Tensor, t: f64) -> Tensor {
+    let wave = ((inp * 3.0).unwrap().sin().unwrap() * 0.1).unwrap();
+    ((inp * 0.5).unwrap() + (wave * (t / 1000.0)).unwrap()).unwrap()
+}
+
+#[test]
+fn schedulers_match_diffusers() {
+    let dir = goldens();
+    let manifest: serde_json::Value = read_manifest(&dir);
+    let section = &manifest["schedulers"];
+    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
+    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
+    let cases = section["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    let dev = Device::Cpu;
+    let mut worst: BTreeMap<String, (f32, f64)> = BTreeMap::new();
+
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let class = case["class"].as_str().unwrap();
+        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
+        let g =
+            candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &dev).unwrap();
+        let config = base.with_overrides(&case["overrides"]).unwrap();
+        let spec = SchedulerSpec::parse(class).unwrap();
+        let mut scheduler = build(&spec, &config, steps).unwrap();
+
+        // Schedule scalars.
+        let timesteps = flat64(&g["timesteps"]);
+        let ts_err = max_err64(scheduler.timesteps(), &timesteps);
+        assert!(
+            ts_err <= SCALAR_TOL,
+            "{name}: timesteps {:?} vs {timesteps:?}",
+            scheduler.timesteps()
+        );
+        let mut scalar_err = ts_err;
+        match (g.get("sigmas"), scheduler.sigmas()) {
+            (Some(reference), Some(ours)) => {
+                let err = max_err64(ours, &flat64(reference));
+                assert!(err <= SCALAR_TOL, "{name}: sigmas differ by {err}");
+                scalar_err = scalar_err.max(err);
+            }
+            (None, None) => {}
+            (r, o) => panic!(
+                "{name}: sigmas present in golden: {}, ours: {}",
+                r.is_some(),
+                o.is_some()
+            ),
+        }
+        let init = flat64(&g["init_noise_sigma"])[0];
+        let init_err = (scheduler.init_noise_sigma() - init).abs() / init.max(1.0);
+        assert!(
+            init_err <= SCALAR_TOL,
+            "{name}: init_noise_sigma {} vs {init}",
+            scheduler.init_noise_sigma()
+        );
+        scalar_err = scalar_err.max(init_err);
+
+        // The loop, with the same generator feeding the initial latents and every step's noise.
+        let mut noise = BatchNoise::from_seeds(&[noise_seed]);
+        let mut x = noise
+            .randn(&[4, 8, 8], &dev, DType::F32)
+            .unwrap()
+            .affine(scheduler.init_noise_sigma(), 0.0)
+            .unwrap();
+        let mut sample_err = max_err(&x, &g["x0"]);
+        let samples_ref = &g["samples"];
+        let ts: Vec<f64> = scheduler.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate() {
+            let inp = scheduler.scale_model_input(&x, i).unwrap();
+            let eps = stand_in_model(&inp, t);
+            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
+            let err = max_err(&x, &samples_ref.get(i).unwrap());
+            assert!(
+                err <= SAMPLE_TOL,
+                "{name}: sample after step {i} differs by {err}"
+            );
+            sample_err = sample_err.max(err);
+        }
+
+        // img2img noising at step k of a fresh schedule.
+        let k = case["add_noise_step_index"].as_u64().unwrap() as usize;
+        let fresh = build(&spec, &config, steps).unwrap();
+        let noised = fresh
+            .add_noise(&g["add_noise.original"], &g["add_noise.noise"], k)
+            .unwrap();
+        let err = max_err(&noised, &g["add_noise.output"]);
+        assert!(err <= SAMPLE_TOL, "{name}: add_noise differs by {err}");
+        sample_err = sample_err.max(err);
+
+        let family = name
+            .split("_epsilon")
+            .next()
+            .unwrap()
+            .split("_v_prediction")
+            .next()
+            .unwrap();
+        let entry = worst.entry(family.to_string()).or_insert((0.0, 0.0));
+        entry.0 = entry.0.max(sample_err);
+        entry.1 = entry.1.max(scalar_err);
+    }
+    for (family, (sample, scalar)) in &worst {
+        eprintln!("{family:>16}: max sample error {sample:e}, max schedule error {scalar:e}");
+    }
+}
+
+/// The same seed gives the same image whatever the batch: image 0 of a batch of two, whose
+/// stochastic steps draw from per-image generators, follows the single-image golden.
+#[test]
+fn stochastic_schedulers_are_batch_independent() {
+    let dir = goldens();
+    let manifest = read_manifest(&dir);
+    let section = &manifest["schedulers"];
+    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
+    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
+    let dev = Device::Cpu;
+    let mut checked = 0;
+    for case in section["cases"].as_array().unwrap() {
+        let class = case["class"].as_str().unwrap();
+        if !matches!(class, "EulerAncestralDiscreteScheduler" | "LCMScheduler") {
+            continue;
+        }
+        let name = case["name"].as_str().unwrap();
+        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
+        let g =
+            candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &dev).unwrap();
+        let config = base.with_overrides(&case["overrides"]).unwrap();
+        let mut scheduler = build(&SchedulerSpec::parse(class).unwrap(), &config, steps).unwrap();
+        let mut noise = BatchNoise::from_seeds(&[noise_seed, 7]);
+        let mut x = noise
+            .randn(&[4, 8, 8], &dev, DType::F32)
+            .unwrap()
+            .affine(scheduler.init_noise_sigma(), 0.0)
+            .unwrap();
+        let ts: Vec<f64> = scheduler.timesteps().to_vec();
+        for (i, &t) in ts.iter().enumerate() {
+            let inp = scheduler.scale_model_input(&x, i).unwrap();
+            let eps = stand_in_model(&inp, t);
+            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
+        }
+        let image0 = x.narrow(0, 0, 1).unwrap();
+        let err = max_err(&image0, &g["samples"].get(steps - 1).unwrap());
+        assert!(
+            err <= SAMPLE_TOL,
+            "{name}: image 0 of a batch differs by {err}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
