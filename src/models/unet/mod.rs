@@ -51,6 +51,12 @@ impl<T: Clone + std::fmt::Debug> OneOrMany<T> {
     }
 }
 
+/// Published configs write `null` for some flags (SDXL base: `"upcast_attention": null`), which
+/// diffusers reads as false.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 /// diffusers' `UNet2DConditionModel` `config.json`, with diffusers' defaults for missing keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -58,7 +64,9 @@ pub struct UNet2DConditionConfig {
     pub sample_size: Option<serde_json::Value>,
     pub in_channels: usize,
     pub out_channels: usize,
+    #[serde(deserialize_with = "null_is_false")]
     pub center_input_sample: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
     pub down_block_types: Vec<String>,
@@ -84,15 +92,19 @@ pub struct UNet2DConditionConfig {
     /// (a naming slip diffusers keeps for compatibility).
     pub attention_head_dim: OneOrMany<usize>,
     pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(deserialize_with = "null_is_false")]
     pub dual_cross_attention: bool,
+    #[serde(deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
     pub class_embed_type: Option<String>,
     /// "text_time" for SDXL.
     pub addition_embed_type: Option<String>,
     pub addition_time_embed_dim: Option<usize>,
     pub num_class_embeds: Option<usize>,
+    #[serde(deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
+    #[serde(deserialize_with = "null_is_false")]
     pub resnet_skip_time_act: bool,
     pub resnet_out_scale_factor: f64,
     pub time_embedding_type: String,
@@ -104,6 +116,7 @@ pub struct UNet2DConditionConfig {
     pub conv_out_kernel: usize,
     pub projection_class_embeddings_input_dim: Option<usize>,
     pub attention_type: String,
+    #[serde(deserialize_with = "null_is_false")]
     pub class_embeddings_concat: bool,
     pub mid_block_only_cross_attention: Option<bool>,
     pub cross_attention_norm: Option<String>,
