@@ -467,7 +467,15 @@ fn requested_weights(config_json: &str) -> BTreeMap<String, Vec<usize>> {
 /// them, and spot checks of names and shapes.
 #[test]
 fn full_size_configs_request_diffusers_weights() {
-    let cases: [(&str, &str, usize, usize, &[(&str, &[usize])]); 3] = [
+    // (name, config, tensor count, parameter count, (weight, shape) spot checks)
+    type Expected = (
+        &'static str,
+        &'static str,
+        usize,
+        usize,
+        &'static [(&'static str, &'static [usize])],
+    );
+    let cases: [Expected; 3] = [
         (
             "sd15",
             SD15_CONFIG,
