@@ -1,0 +1,307 @@
+//! The spatial transformer of latent diffusion (Rombach et al. 2022, "High-Resolution Image
+//! Synthesis with Latent Diffusion Models"): the feature map is normalised, projected to tokens,
+//! run through transformer blocks (Vaswani et al. 2017) that attend to themselves and to the text
+//! embeddings, and projected back onto the residual. diffusers calls it `Transformer2DModel`.
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+
+use crate::{Error, Result};
+
+/// Softmax attention over `[batch, tokens, heads, head_dim]` queries and
+/// `[batch, context_tokens, heads, head_dim]` keys and values; returns
+/// `[batch, tokens, heads, head_dim]` (possibly a strided view).
+///
+/// The layout is that of fused attention kernels, so one can replace this function as is.
+/// With f16/bf16 inputs the softmax runs in f32; `upcast` also computes the scores in f32 (for
+/// checkpoints whose configs ask for `upcast_attention`, where f16 scores can overflow).
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    // Heads become a batch dimension; scaling q is folded into the copy that transposition
+    // needs anyway, and keeps the scores small.
+    let q = (q.transpose(1, 2)? * scale)?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let scores = if upcast {
+        q.to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?
+    } else {
+        q.matmul(&k.t()?)?
+    };
+    let probs = softmax_last_dim_f32(&scores)?.to_dtype(dtype)?;
+    Ok(probs.matmul(&v)?.transpose(1, 2)?)
+}
+
+/// Softmax over the last dimension, accumulated in f32.
+fn softmax_last_dim_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    // candle's CUDA kernel already accumulates f16/bf16 in f32; elsewhere the reduction would run
+    // in the half type, so widen first.
+    if matches!(dtype, DType::F32 | DType::F64) || x.device().is_cuda() {
+        Ok(candle_nn::ops::softmax_last_dim(x)?)
+    } else {
+        Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
+    }
+}
+
+/// Multi-head attention with separate q/k/v projections (no bias) and a biased output
+/// projection; diffusers' `Attention` as the transformer blocks configure it.
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+    upcast: bool,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
+        })
+    }
+
+    /// `x`: `[B, N, query_dim]`; `context`: `[B, M, context_dim]`, `x` itself when None.
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let (b, n, _) = x.dims3()?;
+        let m = context.dim(1)?;
+        let split = |t: Tensor, len: usize| t.reshape((b, len, self.heads, self.head_dim));
+        let q = split(self.to_q.forward(x)?, n)?;
+        let k = split(self.to_k.forward(context)?, m)?;
+        let v = split(self.to_v.forward(context)?, m)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?.reshape((
+            b,
+            n,
+            self.heads * self.head_dim,
+        ))?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// GEGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): a projection to twice
+/// the inner width, one half gating the other through an exact GELU, and a projection back.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+    inner: usize,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            inner,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
+        let h = h.narrow(D::Minus1, 0, self.inner)?.mul(&gate)?;
+        Ok(self.proj_out.forward(&h)?)
+    }
+}
+
+/// Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    /// The first attention also attends to the text instead of to the image tokens.
+    only_cross_attention: bool,
+}
+
+impl BasicTransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, s: &TransformerSettings) -> Result<Self> {
+        let ln = |name: &str| candle_nn::layer_norm(dim, 1e-5, vb.pp(name));
+        let attn1_context = if s.only_cross_attention {
+            s.cross_attention_dim
+        } else {
+            dim
+        };
+        Ok(Self {
+            norm1: ln("norm1")?,
+            attn1: Attention::new(
+                vb.pp("attn1"),
+                dim,
+                attn1_context,
+                s.heads,
+                s.head_dim,
+                s.upcast_attention,
+            )?,
+            norm2: ln("norm2")?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                s.cross_attention_dim,
+                s.heads,
+                s.head_dim,
+                s.upcast_attention,
+            )?,
+            norm3: ln("norm3")?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+            only_cross_attention: s.only_cross_attention,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let attn1_context = self.only_cross_attention.then_some(context);
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, attn1_context)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + x)?;
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + x)?)
+    }
+}
+
+/// What the transformers of one U-Net level share.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TransformerSettings {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub cross_attention_dim: usize,
+    pub norm_groups: usize,
+    /// Linear token projections (SD2, SDXL) rather than 1x1 convolutions (SD1); the same map.
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+    pub upcast_attention: bool,
+}
+
+/// GroupNorm of a `[B, C, H, W]` map that returns it as tokens `[B, HW, C]`: the transposition
+/// rides on the affine step, which writes a new tensor anyway.
+#[derive(Debug, Clone)]
+struct TokenGroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl TokenGroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let dtype = x.dtype();
+        // Statistics in f32 whatever the model dtype, as torch computes them.
+        let grouped = x
+            .reshape((b, self.groups, c / self.groups * h * w))?
+            .to_dtype(DType::F32)?;
+        let centered = grouped.broadcast_sub(&grouped.mean_keepdim(2)?)?;
+        let std = (centered.sqr()?.mean_keepdim(2)? + self.eps)?.sqrt()?;
+        Ok(centered
+            .broadcast_div(&std)?
+            .to_dtype(dtype)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// diffusers' `Transformer2DModel` over a continuous feature map.
+#[derive(Debug, Clone)]
+pub(crate) struct Transformer2DModel {
+    norm: TokenGroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    /// `[channels, inner]`.
+    proj_out_weight: Tensor,
+    /// `[channels, 1]`, to broadcast over the tokens of a `[B, channels, tokens]` map.
+    proj_out_bias: Tensor,
+}
+
+impl Transformer2DModel {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        layers: usize,
+        s: &TransformerSettings,
+    ) -> Result<Self> {
+        let inner = s.heads * s.head_dim;
+        // A 1x1 convolution and a linear layer are the same map; only the stored shape differs.
+        let projection = |name: &str, out: usize, inp: usize| -> Result<(Tensor, Tensor)> {
+            let vb = vb.pp(name);
+            let weight = if s.use_linear_projection {
+                vb.get((out, inp), "weight")?
+            } else {
+                vb.get((out, inp, 1, 1), "weight")?.reshape((out, inp))?
+            };
+            Ok((weight, vb.get(out, "bias")?))
+        };
+        let (proj_in_weight, proj_in_bias) = projection("proj_in", inner, channels)?;
+        let (proj_out_weight, proj_out_bias) = projection("proj_out", channels, inner)?;
+        let norm = vb.pp("norm");
+        let blocks = (0..layers)
+            .map(|i| BasicTransformerBlock::new(vb.pp(format!("transformer_blocks.{i}")), inner, s))
+            .collect::<Result<Vec<_>>>()?;
+        if !channels.is_multiple_of(s.norm_groups) {
+            return Err(Error::model(format!(
+                "unet: {channels} channels do not split into {} norm groups",
+                s.norm_groups
+            )));
+        }
+        Ok(Self {
+            norm: TokenGroupNorm {
+                weight: norm.get(channels, "weight")?,
+                bias: norm.get(channels, "bias")?,
+                groups: s.norm_groups,
+                eps: 1e-6,
+            },
+            proj_in: Linear::new(proj_in_weight, Some(proj_in_bias)),
+            blocks,
+            proj_out_weight,
+            proj_out_bias: proj_out_bias.unsqueeze(1)?,
+        })
+    }
+
+    /// `x`: `[B, C, H, W]`; `context`: the text embeddings `[B, M, cross_attention_dim]`.
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let mut tokens = self.proj_in.forward(&self.norm.forward(x)?)?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        // W_out [C, inner] x tokens^T [B, inner, HW] lands in [B, C, HW], the feature-map layout,
+        // without a transposing copy.
+        let out = self
+            .proj_out_weight
+            .broadcast_left(b)?
+            .matmul(&tokens.transpose(1, 2)?)?
+            .broadcast_add(&self.proj_out_bias)?
+            .reshape((b, c, h, w))?;
+        Ok((out + x)?)
+    }
+}
