@@ -1,3 +1,249 @@
+//! `sd-serve`: the command line. `generate` writes images, `models` lists the registry,
+//! `bench` measures full-size architectures on a device.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand};
+
+use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
+use sd_serve::registry::{Location, ModelSource, Registry};
+use sd_serve::schedulers::SchedulerSpec;
+use sd_serve::weights::Family;
+
+#[derive(Parser)]
+#[command(
+    name = "sd-serve",
+    version,
+    about = "Stable Diffusion 1.x/2.x/SDXL on candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct DeviceArgs {
+    /// `cpu`, `cuda`, `cuda:N` or `metal`; default: the first GPU when built with one, else cpu.
+    #[arg(long)]
+    device: Option<String>,
+    /// `f32`, `f16` or `bf16`; default: f16 on a GPU, f32 on the CPU.
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt and write them as PNG.
+    Generate(Box<GenerateArgs>),
+    /// List the models of the registry.
+    Models {
+        /// A models.toml to use instead of the built-in registry.
+        #[arg(long)]
+        models: Option<PathBuf>,
+    },
+    /// Time full-size SD1.5 / SDXL architectures with random weights; prints JSON.
+    Bench(sd_serve::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A model id or alias from the registry, a diffusers folder, or a single .safetensors file.
+    #[arg(long)]
+    model: String,
+    /// A models.toml to use instead of the built-in registry.
+    #[arg(long)]
+    models: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale; <= 1 turns guidance off.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Scheduler name, e.g. "DPM++ 2M Karras", "Euler a", "DDIM", "EulerDiscreteScheduler".
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Seed of the first image; image i uses seed + i. Default: random.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Skip this many final CLIP layers (1 = penultimate layer).
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Start from this image (img2img); see --strength.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img: fraction of the schedule to run on the init image (0 < strength <= 1).
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
+    /// Initial noise: a safetensors file with an f32 tensor `latents` [N, C, H/8, W/8].
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// Output PNG; with several images, `NAME-<i>.png` beside it.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate(*args),
+        Command::Models { models } => list_models(models.as_deref()),
+        Command::Bench(args) => {
+            let report = sd_serve::bench::run(&args)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+    }
+}
+
+fn registry(models: Option<&Path>) -> anyhow::Result<Registry> {
+    Ok(match models {
+        Some(path) => Registry::from_file(path)
+            .with_context(|| format!("reading the model registry {}", path.display()))?,
+        None => Registry::builtin(),
+    })
+}
+
+fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
+    let registry = registry(models)?;
+    for entry in registry.models() {
+        let family = entry.family.map_or("auto".to_string(), |f| f.to_string());
+        let source = match &entry.source {
+            ModelSource::Hub { repo, revision, .. } => format!("hf:{repo}@{revision}"),
+            ModelSource::Folder(path) => path.display().to_string(),
+            ModelSource::SingleFile { location, file, .. } => match location {
+                Location::Local(dir) => dir.join(file).display().to_string(),
+                Location::Hub { repo, revision } => {
+                    format!("hf:{repo}@{revision}/{}", file.display())
+                }
+            },
+        };
+        let aliases = if entry.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", entry.aliases.join(", "))
+        };
+        println!("{}\t{family}\t{source}{aliases}", entry.id);
+    }
     Ok(())
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let (device, dtype) = sd_serve::bench::select_device(
+        args.device.device.as_deref(),
+        args.device.dtype.as_deref(),
+    )?;
+    let registry = registry(args.models.as_deref())?;
+    let entry = registry.resolve(&args.model)?;
+    let defaults = &entry.defaults;
+
+    let mut req = GenerationRequest::new(args.prompt);
+    req.negative_prompt = args
+        .negative_prompt
+        .or_else(|| defaults.negative_prompt.clone());
+    // The resolution each family was trained at, when neither the request nor the model says.
+    let default_side = if entry.family == Some(Family::Sdxl) {
+        1024
+    } else {
+        512
+    };
+    let or_default = |v: Option<u32>| v.map(|v| v as usize);
+    req.width = args
+        .width
+        .or(or_default(defaults.width))
+        .unwrap_or(default_side);
+    req.height = args
+        .height
+        .or(or_default(defaults.height))
+        .unwrap_or(default_side);
+    req.steps = args.steps.or(or_default(defaults.steps)).unwrap_or(30);
+    req.guidance_scale = args.guidance.or(defaults.guidance).unwrap_or(7.5);
+    req.scheduler = match args.scheduler.as_deref().or(defaults.scheduler.as_deref()) {
+        Some(name) => Some(SchedulerSpec::parse(name)?),
+        None => None,
+    };
+    req.seed = args.seed.unwrap_or_else(|| rand::random::<u32>().into());
+    req.num_images = args.num_images;
+    req.clip_skip = args.clip_skip.or(or_default(defaults.clip_skip));
+    if let Some(path) = &args.init_image {
+        let image = image::open(path)
+            .with_context(|| format!("reading --init-image {}", path.display()))?
+            .to_rgb8();
+        req.init_image = Some(InitImage {
+            image,
+            strength: args.strength.unwrap_or(0.8),
+        });
+    }
+    if let Some(path) = &args.latents {
+        let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading --latents {}", path.display()))?;
+        let Some(latents) = tensors.remove("latents") else {
+            bail!("--latents {}: no tensor named `latents`", path.display());
+        };
+        req.latents = Some(latents.to_dtype(DType::F32)?);
+    }
+    req.validate()?;
+
+    let started = Instant::now();
+    let files = entry.load(&device, dtype)?;
+    if entry.family.is_none() && files.family == Family::Sdxl {
+        // Detected only now: SDXL's own resolution unless the request or the model gave one.
+        if args.width.is_none() && defaults.width.is_none() {
+            req.width = 1024;
+        }
+        if args.height.is_none() && defaults.height.is_none() {
+            req.height = 1024;
+        }
+    }
+    let model = StableDiffusion::load(&files, &device, dtype)?;
+    tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
+
+    let started = Instant::now();
+    let output = model.generate(&req, &mut |step, total| {
+        tracing::debug!(step, total, "denoising");
+        true
+    })?;
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        images = req.num_images,
+        "generated"
+    );
+
+    let images = output.to_rgb()?;
+    for (i, (image, seed)) in images.iter().zip(&output.seeds).enumerate() {
+        let path = output_path(&args.output, i, images.len());
+        image
+            .save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{} seed={seed}", path.display());
+    }
+    Ok(())
+}
+
+fn output_path(base: &Path, index: usize, count: usize) -> PathBuf {
+    if count == 1 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    base.with_file_name(format!("{stem}-{index}.{ext}"))
 }

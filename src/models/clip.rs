@@ -343,6 +343,12 @@ impl ClipTextModel {
     }
 
     /// Whether this encoder has a text projection (SDXL's second encoder).
+    /// The final layer norm alone, for prompt embeddings taken from an earlier layer
+    /// (`clip_skip`), which diffusers passes through it.
+    pub fn final_layer_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.final_layer_norm.forward(hidden)?)
+    }
+
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()
     }

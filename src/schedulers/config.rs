@@ -120,7 +120,17 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Parses a `scheduler_config.json` value; an invalid field is an `Error::Scheduler` naming it.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        serde_json::from_value(value.clone())
+        let mut value = value.clone();
+        // diffusers records in `_use_default_values` the keys it filled with its own class
+        // defaults; a config re-read for another class must take that class's defaults instead.
+        if let Some(map) = value.as_object_mut() {
+            if let Some(serde_json::Value::Array(keys)) = map.remove("_use_default_values") {
+                for key in keys.iter().filter_map(|k| k.as_str()) {
+                    map.remove(key);
+                }
+            }
+        }
+        serde_json::from_value(value)
             .map_err(|e| Error::Scheduler(format!("scheduler config: {e}")))
     }
 

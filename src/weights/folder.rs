@@ -36,6 +36,8 @@ const WEIGHT_BASES: &[&str] = &["diffusion_pytorch_model", "model"];
 #[derive(Debug, Clone)]
 pub(crate) struct ModelIndex {
     pub class_name: String,
+    /// The pipeline option `force_zeros_for_empty_prompt`, when the file sets it.
+    pub force_zeros_for_empty_prompt: Option<bool>,
     /// Component names whose entry is not `[null, null]`.
     pub components: Vec<String>,
 }
@@ -72,8 +74,12 @@ impl ModelIndex {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        let force_zeros_for_empty_prompt = obj
+            .get("force_zeros_for_empty_prompt")
+            .and_then(Value::as_bool);
         Ok(Self {
             class_name,
+            force_zeros_for_empty_prompt,
             components,
         })
     }
@@ -381,6 +387,9 @@ pub fn load_diffusers_folder_variant(
         tokenizer,
         tokenizer_2,
         scheduler_config,
+        force_zeros_for_empty_prompt: index
+            .force_zeros_for_empty_prompt
+            .unwrap_or(family == Family::Sdxl),
     })
 }
 

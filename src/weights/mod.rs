@@ -160,6 +160,9 @@ pub struct PipelineFiles {
     pub tokenizer_2: Option<TokenizerFiles>,
     /// The folder's `scheduler/scheduler_config.json` (training noise schedule, prediction type).
     pub scheduler_config: serde_json::Value,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL: true unless the model says
+    /// otherwise): without a negative prompt the unconditional embeddings are zeros.
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// Gives text-encoder keys the `text_model.` root of transformers' `CLIPTextModel` layout.

@@ -537,6 +537,8 @@ struct Configs {
     text_encoder: Value,
     text_encoder_2: Option<Value>,
     scheduler: Value,
+    /// `force_zeros_for_empty_prompt` of the config folder's `model_index.json`, if set.
+    force_zeros_for_empty_prompt: Option<bool>,
     /// True when the configs came from the built-in set (then checkpoint markers may adjust them).
     builtin: bool,
 }
@@ -551,6 +553,7 @@ fn configs_for(family: Family, config_dir: Option<&Path>) -> Result<Configs> {
             text_encoder_2: builtin_config(family, "text_encoder_2"),
             scheduler: builtin_config(family, "scheduler")
                 .expect("scheduler config exists; this is a bug"),
+            force_zeros_for_empty_prompt: None,
             builtin: true,
         });
     };
@@ -588,6 +591,7 @@ fn configs_for(family: Family, config_dir: Option<&Path>) -> Result<Configs> {
         text_encoder,
         text_encoder_2,
         scheduler: read("scheduler/scheduler_config.json")?,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
         builtin: false,
     })
 }
@@ -749,6 +753,9 @@ pub fn load_single_file_with_tokenizers(
         tokenizer,
         tokenizer_2,
         scheduler_config: configs.scheduler,
+        force_zeros_for_empty_prompt: configs
+            .force_zeros_for_empty_prompt
+            .unwrap_or(family == Family::Sdxl),
     })
 }
 

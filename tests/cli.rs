@@ -1,0 +1,152 @@
+//! The `sd-serve` binary as a user runs it on the tiny fixture models.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixtures;
+
+fn sd_serve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sd-serve"))
+}
+
+fn generate(model: &str, extra: &[&str], output: &std::path::Path) -> std::process::Output {
+    let models = fixtures().join("models.toml");
+    sd_serve()
+        .args(["generate", "--model", model, "--models"])
+        .arg(&models)
+        .args([
+            "--prompt",
+            "a lighthouse at dusk",
+            "--seed",
+            "42",
+            "--output",
+        ])
+        .arg(output)
+        .args(extra)
+        .output()
+        .expect("sd-serve runs")
+}
+
+#[test]
+fn generate_writes_a_png_for_each_family_and_a_single_file() {
+    let dir = tempdir();
+    for model in [
+        "tiny-sd15",
+        "tiny-sd2",
+        "tiny-sdxl",
+        "tiny-sd15-single",
+        "tiny-sdxl-single",
+    ] {
+        let out = dir.join(format!("{model}.png"));
+        let run = generate(model, &["--width", "64", "--height", "48"], &out);
+        assert!(
+            run.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let image = image::open(&out).expect("a PNG was written").to_rgb8();
+        assert_eq!(image.dimensions(), (64, 48), "{model}");
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(stdout.contains("seed=42"), "{model}: {stdout}");
+    }
+}
+
+#[test]
+fn single_file_gives_the_folder_image() {
+    let dir = tempdir();
+    for (folder, single) in [
+        ("tiny-sd15", "tiny-sd15-single"),
+        ("tiny-sdxl", "tiny-sdxl-single"),
+    ] {
+        let a = dir.join(format!("{folder}.png"));
+        let b = dir.join(format!("{single}.png"));
+        assert!(generate(folder, &[], &a).status.success());
+        assert!(generate(single, &[], &b).status.success());
+        let a = image::open(&a).unwrap().to_rgb8();
+        let b = image::open(&b).unwrap().to_rgb8();
+        assert_eq!(a.as_raw(), b.as_raw(), "{single} differs from {folder}");
+    }
+}
+
+#[test]
+fn several_images_and_img2img() {
+    let dir = tempdir();
+    let out = dir.join("many.png");
+    let init = fixtures().join("goldens/init.png");
+    let run = generate(
+        "tiny-sd15",
+        &[
+            "--num-images",
+            "2",
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            "0.5",
+        ],
+        &out,
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for i in 0..2 {
+        let path = dir.join(format!("many-{i}.png"));
+        assert!(path.exists(), "{} missing", path.display());
+    }
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("seed=42") && stdout.contains("seed=43"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_arguments_get_clear_messages() {
+    let dir = tempdir();
+    let out = dir.join("bad.png");
+    let cases: [(&str, &[&str], &str); 4] = [
+        ("tiny-sd15", &["--width", "65"], "`width`"),
+        ("tiny-sd15", &["--scheduler", "Warp Drive"], "Warp Drive"),
+        ("no-such-model", &[], "no-such-model"),
+        ("tiny-sd15", &["--steps", "0"], "`steps`"),
+    ];
+    for (model, extra, expect) in cases {
+        let run = generate(model, extra, &out);
+        assert!(!run.status.success(), "{extra:?} should fail");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{extra:?}: {stderr}");
+    }
+}
+
+#[test]
+fn models_lists_the_registry() {
+    let run = sd_serve()
+        .args(["models", "--models"])
+        .arg(fixtures().join("models.toml"))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for id in ["tiny-sd15", "tiny-sd2", "tiny-sdxl", "tiny-sd15-single"] {
+        assert!(stdout.contains(id), "{stdout}");
+    }
+    let builtin = sd_serve().arg("models").output().unwrap();
+    assert!(builtin.status.success());
+    assert!(String::from_utf8_lossy(&builtin.stdout).contains("stable-diffusion-xl-base-1.0"));
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sd-serve-cli-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,181 @@
+//! Whole-pipeline parity with diffusers (txt2img and img2img, each family) on the tiny fixture
+//! models, and the seed properties: a batch gives the images of single requests.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
+use sd_serve::schedulers::SchedulerSpec;
+
+use common::{fixtures, load_goldens, manifest, max_abs_diff, pipeline};
+
+/// Pipeline outputs go through 4-10 UNet evaluations with guidance and a VAE decode in f32; the
+/// reference sums in another order (oneDNN vs gemm), which leaves rounding differences of a few
+/// 1e-7 per op that guidance (x5..7.5) amplifies. Seen: images <= 3.2e-6 on 0..1 pixels.
+const IMAGE_TOL: f32 = 2e-5;
+/// Latents are compared unnormalised: Euler/DPM start at sigma_max ~ 14.6, so the same relative
+/// rounding is ~15x larger in absolute terms. Seen: <= 7.2e-5.
+const LATENT_TOL: f32 = 2e-4;
+
+fn request_for(case: &serde_json::Value) -> GenerationRequest {
+    let s = |k: &str| case[k].as_str().map(str::to_string);
+    let u = |k: &str| case[k].as_u64().unwrap_or_else(|| panic!("case field {k}")) as usize;
+    let mut req = GenerationRequest::new(s("prompt").expect("prompt"));
+    req.negative_prompt = s("negative_prompt");
+    req.width = u("width");
+    req.height = u("height");
+    req.steps = u("steps");
+    req.guidance_scale = case["guidance"].as_f64().expect("guidance");
+    req.seed = case["seed"].as_u64().expect("seed");
+    req.num_images = u("num_images");
+    req.clip_skip = case["clip_skip"].as_u64().map(|v| v as usize);
+    let mut spec = SchedulerSpec::parse(case["scheduler"].as_str().expect("scheduler"))
+        .expect("golden scheduler name parses");
+    if let Some(karras) = case["scheduler_overrides"]["use_karras_sigmas"].as_bool() {
+        spec.karras = Some(karras);
+    }
+    req.scheduler = Some(spec);
+    if let Some(strength) = case["strength"].as_f64() {
+        let path = fixtures().join(case["init_image"].as_str().expect("init image path"));
+        let image = image::open(&path).expect("init.png").to_rgb8();
+        req.init_image = Some(InitImage { image, strength });
+    }
+    req
+}
+
+#[test]
+fn pipelines_match_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["pipelines"]
+        .as_array()
+        .expect("pipelines in manifest");
+    assert!(cases.len() >= 8, "expected the golden pipeline cases");
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let golden = load_goldens(case["file"].as_str().expect("file"));
+        let sd = pipeline(case["model"].as_str().expect("model"));
+        let mut req = request_for(case);
+        if let Some(latents) = golden.get("latents_input") {
+            req.latents = Some(latents.clone());
+        }
+        let mut steps_seen = 0;
+        let out = sd
+            .generate(&req, &mut |_, _| {
+                steps_seen += 1;
+                true
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected_steps = golden["latents_steps"].dim(0).unwrap();
+        assert_eq!(steps_seen, expected_steps, "{name}: denoising steps");
+        let diff = max_abs_diff(&out.images, &golden["images"]);
+        report.push(format!("{name}: images max |diff| {diff:.2e}"));
+        assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn final_latents_match_diffusers() {
+    // The same as above one level down: the latents before decoding, for the txt2img cases.
+    let manifest = manifest();
+    for case in manifest["pipelines"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        if case["strength"].is_number() {
+            continue;
+        }
+        let golden = load_goldens(case["file"].as_str().unwrap());
+        let sd = pipeline(case["model"].as_str().unwrap());
+        let mut req = request_for(case);
+        if let Some(latents) = golden.get("latents_input") {
+            req.latents = Some(latents.clone());
+        }
+        let latents = sd.denoise_latents(&req, &mut |_, _| true).unwrap();
+        let diff = max_abs_diff(&latents, &golden["latents_final"]);
+        eprintln!("{name}: final latents max |diff| {diff:.2e}");
+        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
+    }
+}
+
+fn generate(sd: &StableDiffusion, req: &GenerationRequest) -> Tensor {
+    sd.generate(req, &mut |_, _| true).unwrap().images
+}
+
+#[test]
+fn batch_of_three_equals_three_single_requests() {
+    for model in ["tiny-sd15", "tiny-sdxl"] {
+        let sd = pipeline(model);
+        let mut req = GenerationRequest::new("a red bicycle leaning on a wall");
+        req.negative_prompt = Some("blurry".into());
+        req.width = 64;
+        req.height = 48;
+        req.steps = 4;
+        req.seed = 1000;
+        req.scheduler = Some(SchedulerSpec::parse("Euler a").unwrap());
+        req.num_images = 3;
+        let batch = generate(&sd, &req);
+        req.num_images = 1;
+        for i in 0..3 {
+            req.seed = 1000 + i as u64;
+            let single = generate(&sd, &req);
+            let diff = max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &single);
+            // Only the matmul blocking differs with the batch size: rounding-level differences.
+            assert!(
+                diff < 1e-4,
+                "{model}: image {i} of the batch differs by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn different_seeds_give_different_images() {
+    let sd = pipeline("tiny-sd15");
+    let mut req = GenerationRequest::new("a red bicycle");
+    req.width = 64;
+    req.height = 64;
+    req.steps = 3;
+    req.seed = 1;
+    let a = generate(&sd, &req);
+    req.seed = 2;
+    let b = generate(&sd, &req);
+    assert!(max_abs_diff(&a, &b) > 1e-2);
+}
+
+#[test]
+fn cancelling_stops_between_steps() {
+    let sd = pipeline("tiny-sd15");
+    let mut req = GenerationRequest::new("a cat");
+    req.width = 64;
+    req.height = 64;
+    req.steps = 6;
+    let mut seen = 0;
+    let result = sd.generate(&req, &mut |step, _| {
+        seen = step;
+        step < 2
+    });
+    assert!(matches!(result, Err(sd_serve::Error::Cancelled)));
+    assert_eq!(seen, 2);
+}
+
+#[test]
+fn invalid_requests_are_refused_with_the_field_named() {
+    let sd = pipeline("tiny-sd15");
+    let mut req = GenerationRequest::new("a cat");
+    req.width = 60;
+    let err = sd.generate(&req, &mut |_, _| true).unwrap_err().to_string();
+    assert!(
+        err.contains("`width`") && err.contains("multiple of 8"),
+        "{err}"
+    );
+    let mut req = GenerationRequest::new("a cat");
+    req.steps = 0;
+    let err = sd.generate(&req, &mut |_, _| true).unwrap_err().to_string();
+    assert!(err.contains("`steps`"), "{err}");
+    let mut req = GenerationRequest::new("a cat");
+    req.width = 64;
+    req.height = 64;
+    req.latents = Some(Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap());
+    let err = sd.generate(&req, &mut |_, _| true).unwrap_err().to_string();
+    assert!(err.contains("`latents`"), "{err}");
+}
