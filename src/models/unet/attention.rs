@@ -352,10 +352,20 @@ mod tests {
 
     #[test]
     fn blocks_of_query_rows_give_the_same_attention() {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 37, 3, 8), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (2, 11, 3, 8), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (2, 11, 3, 8), &dev).unwrap();
+        let values = |shape: (usize, usize, usize, usize), phase: f64| {
+            let n = shape.0 * shape.1 * shape.2 * shape.3;
+            Tensor::arange(0f32, n as f32, &Device::Cpu)
+                .unwrap()
+                .affine(12.9898, phase)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .reshape(shape)
+                .unwrap()
+        };
+        let q = values((2, 37, 3, 8), 0.1);
+        let k = values((2, 11, 3, 8), 0.2);
+        let v = values((2, 11, 3, 8), 0.3);
         let whole = super::attention_in_blocks(&q, &k, &v, 0.3, false, usize::MAX).unwrap();
         // 2 x 3 heads x 11 keys x 4 bytes per query row: blocks of 5 rows, then a last one of 2.
         let blocked = super::attention_in_blocks(&q, &k, &v, 0.3, false, 5 * 264).unwrap();
