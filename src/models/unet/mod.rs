@@ -16,14 +16,14 @@ mod resnet;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 pub use attention::scaled_dot_product_attention;
 use attention::TransformerSettings;
 use blocks::{CrossAttention, DownBlock, MidBlock, UpBlock};
 use embeddings::{SinusoidalEmbedding, TimestepEmbedding};
-use resnet::{conv2d, ResnetSettings, TimeEmbeddingNorm};
+use resnet::{conv2d, Conv2d, ResnetSettings, TimeEmbeddingNorm};
 
 use crate::{Error, Result};
 
