@@ -16,14 +16,14 @@ mod resnet;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 pub use attention::scaled_dot_product_attention;
 use attention::TransformerSettings;
 use blocks::{CrossAttention, DownBlock, MidBlock, UpBlock};
 use embeddings::{SinusoidalEmbedding, TimestepEmbedding};
-use resnet::{conv2d, ResnetSettings, TimeEmbeddingNorm};
+use resnet::{conv2d, Conv2d, ResnetSettings, TimeEmbeddingNorm};
 
 use crate::{Error, Result};
 
@@ -61,6 +61,7 @@ fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct UNet2DConditionConfig {
+    /// The training resolution in latents; informative only.
     pub sample_size: Option<serde_json::Value>,
     pub in_channels: usize,
     pub out_channels: usize,
@@ -78,6 +79,7 @@ pub struct UNet2DConditionConfig {
     pub layers_per_block: OneOrMany<usize>,
     pub downsample_padding: usize,
     pub mid_block_scale_factor: f64,
+    /// Training only.
     pub dropout: f64,
     pub act_fn: String,
     pub norm_num_groups: Option<usize>,
@@ -105,7 +107,9 @@ pub struct UNet2DConditionConfig {
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     #[serde(deserialize_with = "null_is_false")]
+    /// Only read by block types not implemented here (refused by name).
     pub resnet_skip_time_act: bool,
+    /// Only read by block types not implemented here (refused by name).
     pub resnet_out_scale_factor: f64,
     pub time_embedding_type: String,
     pub time_embedding_dim: Option<usize>,
@@ -117,9 +121,12 @@ pub struct UNet2DConditionConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
     pub attention_type: String,
     #[serde(deserialize_with = "null_is_false")]
+    /// Only read with class conditioning (refused).
     pub class_embeddings_concat: bool,
+    /// Only read by `UNetMidBlock2DSimpleCrossAttn` (refused).
     pub mid_block_only_cross_attention: Option<bool>,
     pub cross_attention_norm: Option<String>,
+    /// Only read with `addition_embed_type` "text" (refused).
     pub addition_embed_type_num_heads: usize,
     /// Keys of `config.json` not listed above. `_`-prefixed ones are diffusers' metadata
     /// (`_class_name`, `_diffusers_version`); any other makes [`UNet2DConditionModel::new`] fail
@@ -402,6 +409,8 @@ struct AddedEmbedding {
     input_dim: usize,
 }
 
+/// The denoising UNet; build it with [`UNet2DConditionModel::new`], run it with
+/// [`UNet2DConditionModel::forward`].
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
@@ -652,6 +661,11 @@ impl UNet2DConditionModel {
 
     pub fn device(&self) -> &Device {
         self.conv_in.weight().device()
+    }
+
+    /// Latent channels the model takes (4; 9 for inpainting models: latents, mask, masked image).
+    pub fn in_channels(&self) -> usize {
+        self.in_channels
     }
 
     /// Whether the model needs [`AddedConditions`] (SDXL).
