@@ -218,6 +218,14 @@ impl StableDiffusion {
         ];
 
         let timesteps = scheduler.timesteps().to_vec();
+        if let Some(latents) = &req.latents {
+            if latents.dim(1)? != latent_channels {
+                return Err(Error::invalid(format!(
+                    "`latents` must have {latent_channels} channels for this model. Given: {:?}",
+                    latents.dims()
+                )));
+            }
+        }
         let (start, mut latents) = match &req.init_image {
             None => {
                 let initial = match &req.latents {
@@ -252,7 +260,13 @@ impl StableDiffusion {
         };
         latents = latents.to_dtype(self.dtype)?;
 
-        let total = timesteps.len() - start;
+        let total = timesteps.len().saturating_sub(start);
+        if total == 0 {
+            return Err(Error::invalid(format!(
+                "`strength` leaves no denoising step of the {} scheduled",
+                timesteps.len()
+            )));
+        }
         for (index, &t) in timesteps.iter().enumerate().skip(start) {
             let model_input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
