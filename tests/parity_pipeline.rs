@@ -120,9 +120,10 @@ fn batch_of_three_equals_three_single_requests() {
             let single = generate(&sd, &req);
             let diff = max_abs_diff(&batch.narrow(0, i, 1).unwrap(), &single);
             eprintln!("{model}: batch image {i} vs single request: max |diff| {diff:.2e}");
-            // Only the matmul blocking differs with the batch size: rounding-level differences.
+            // Only the matmul blocking differs with the batch size: rounding-level differences
+            // (seen: <= 1.6e-6), held to the same bound as parity with diffusers.
             assert!(
-                diff < 1e-4,
+                diff < IMAGE_TOL,
                 "{model}: image {i} of the batch differs by {diff}"
             );
         }
