@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use sd_serve::models::layers::{scaled_dot_product_attention, AttentionPrecision};
 use sd_serve::models::unet::{
-    scaled_dot_product_attention, AddedConditions, OneOrMany, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AddedConditions, OneOrMany, UNet2DConditionConfig, UNet2DConditionModel,
 };
 use sd_serve::Error;
 
@@ -409,13 +409,17 @@ fn half_precision_attention_accumulates_in_f32() {
         (DType::F16, 5e-3),
         (DType::BF16, 4e-2),
     ] {
-        for upcast in [false, true] {
+        for precision in [
+            AttentionPrecision::Softmax,
+            AttentionPrecision::Scores,
+            AttentionPrecision::Full,
+        ] {
             let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
-            let out = scaled_dot_product_attention(&q, &k, &v, scale, upcast).unwrap();
+            let out = scaled_dot_product_attention(&q, &k, &v, scale, precision, None).unwrap();
             assert_eq!(out.dtype(), dtype);
             let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &reference);
-            println!("attention {dtype:?} upcast={upcast}: max abs error {err:e}");
-            assert!(err < tolerance, "{dtype:?} upcast={upcast}: {err}");
+            println!("attention {dtype:?} {precision:?}: max abs error {err:e}");
+            assert!(err < tolerance, "{dtype:?} {precision:?}: {err}");
         }
     }
 }
