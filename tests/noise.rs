@@ -20,6 +20,16 @@ fn load() -> (serde_json::Value, HashMap<String, Tensor>) {
     (noise, tensors)
 }
 
+/// The shape a case's draws are made for.
+fn shape(case: &serde_json::Value) -> Vec<usize> {
+    case["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
+}
+
 /// A draw of the manifest: "randn", "rand", optionally followed by a shape "[1,4,8,8]".
 fn parse_draw(draw: &str, default_shape: &[usize]) -> (bool, usize) {
     let normal = draw.starts_with("randn");
@@ -43,12 +53,7 @@ fn torch_generator_matches_goldens() {
     for case in cases {
         let name = case["tensor"].as_str().unwrap();
         let seed = case["seed"].as_u64().unwrap();
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape(case);
         let mut generator = TorchGenerator::new(seed);
         let mut last = (false, Vec::new());
         for draw in case["draws"].as_array().unwrap() {
@@ -81,12 +86,7 @@ fn batch_noise_draws_each_image_from_its_own_seed() {
     let mut checked = 0;
     for case in noise["cases"].as_array().unwrap() {
         let draws = case["draws"].as_array().unwrap();
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape(case);
         if draws.len() != 1 || draws[0] != "randn" || shape[0] != 1 {
             continue;
         }

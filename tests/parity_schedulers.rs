@@ -6,11 +6,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::noise::BatchNoise;
-use sd_serve::schedulers::{build, SchedulerConfig, SchedulerSpec};
+use sd_serve::schedulers::{build, Scheduler, SchedulerConfig, SchedulerSpec};
 
 use common::{flat64, load_goldens, manifest, max_rel_err, max_rel_err_tensors};
 
@@ -24,31 +24,84 @@ const SAMPLE_TOL: f64 = 1e-5;
 // not always correctly rounded: sigmas may differ by one f32 ulp (1.2e-7 relative).
 const SCALAR_TOL: f64 = 1e-6;
 
+/// One golden case: a scheduler class on the base config plus overrides, and diffusers' outputs.
+struct Case {
+    name: String,
+    class: String,
+    steps: usize,
+    config: SchedulerConfig,
+    add_noise_step: usize,
+    golden: HashMap<String, Tensor>,
+}
+
+impl Case {
+    fn scheduler(&self) -> Box<dyn Scheduler> {
+        let spec = SchedulerSpec::parse(&self.class).unwrap();
+        build(&spec, &self.config, self.steps).unwrap()
+    }
+}
+
+/// The manifest's scheduler cases, and the seed of the generator feeding their loops.
+fn cases() -> (Vec<Case>, u64) {
+    let manifest = manifest();
+    let section = &manifest["schedulers"];
+    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
+    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
+    let cases: Vec<Case> = section["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| Case {
+            name: case["name"].as_str().unwrap().to_string(),
+            class: case["class"].as_str().unwrap().to_string(),
+            steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            config: base.with_overrides(&case["overrides"]).unwrap(),
+            add_noise_step: case["add_noise_step_index"].as_u64().unwrap() as usize,
+            golden: load_goldens(case["file"].as_str().unwrap()),
+        })
+        .collect();
+    assert!(!cases.is_empty());
+    (cases, noise_seed)
+}
+
 /// The fixture's stand-in for a UNet: `0.5 * inp + 0.1 * sin(3 * inp) * (t / 1000)`.
 fn stand_in_model(inp: &Tensor, t: f64) -> Tensor {
     let wave = ((inp * 3.0).unwrap().sin().unwrap() * 0.1).unwrap();
     ((inp * 0.5).unwrap() + (wave * (t / 1000.0)).unwrap()).unwrap()
 }
 
+/// The fixture's loop, with the same generators feeding the initial latents (`[B, 4, 8, 8]`, one
+/// image per generator) and every step's noise. `after_step(i, x)` sees the sample after step i;
+/// returns the initial latents and the final sample.
+fn run_loop(
+    scheduler: &mut dyn Scheduler,
+    noise: &mut BatchNoise,
+    mut after_step: impl FnMut(usize, &Tensor),
+) -> (Tensor, Tensor) {
+    let initial = noise
+        .randn(&[4, 8, 8], &Device::Cpu, DType::F32)
+        .unwrap()
+        .affine(scheduler.init_noise_sigma(), 0.0)
+        .unwrap();
+    let mut x = initial.clone();
+    let ts: Vec<f64> = scheduler.timesteps().to_vec();
+    for (i, &t) in ts.iter().enumerate() {
+        let inp = scheduler.scale_model_input(&x, i).unwrap();
+        let eps = stand_in_model(&inp, t);
+        x = scheduler.step(&eps, i, &x, noise).unwrap();
+        after_step(i, &x);
+    }
+    (initial, x)
+}
+
 #[test]
 fn schedulers_match_diffusers() {
-    let manifest = manifest();
-    let section = &manifest["schedulers"];
-    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
-    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
-    let cases = section["cases"].as_array().unwrap();
-    assert!(!cases.is_empty());
-    let dev = Device::Cpu;
+    let (cases, noise_seed) = cases();
     let mut worst: BTreeMap<String, (f64, f64)> = BTreeMap::new();
 
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let class = case["class"].as_str().unwrap();
-        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
-        let g = load_goldens(case["file"].as_str().unwrap());
-        let config = base.with_overrides(&case["overrides"]).unwrap();
-        let spec = SchedulerSpec::parse(class).unwrap();
-        let mut scheduler = build(&spec, &config, steps).unwrap();
+    for case in &cases {
+        let (name, g) = (&case.name, &case.golden);
+        let mut scheduler = case.scheduler();
 
         // Schedule scalars.
         let timesteps = flat64(&g["timesteps"]);
@@ -81,33 +134,27 @@ fn schedulers_match_diffusers() {
         );
         scalar_err = scalar_err.max(init_err);
 
-        // The loop, with the same generator feeding the initial latents and every step's noise.
         let mut noise = BatchNoise::from_seeds(&[noise_seed]);
-        let mut x = noise
-            .randn(&[4, 8, 8], &dev, DType::F32)
-            .unwrap()
-            .affine(scheduler.init_noise_sigma(), 0.0)
-            .unwrap();
-        let mut sample_err = max_rel_err_tensors(&x, &g["x0"]);
         let samples_ref = &g["samples"];
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let inp = scheduler.scale_model_input(&x, i).unwrap();
-            let eps = stand_in_model(&inp, t);
-            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
-            let err = max_rel_err_tensors(&x, &samples_ref.get(i).unwrap());
+        let mut sample_err = 0f64;
+        let (initial, _) = run_loop(scheduler.as_mut(), &mut noise, |i, x| {
+            let err = max_rel_err_tensors(x, &samples_ref.get(i).unwrap());
             assert!(
                 err <= SAMPLE_TOL,
                 "{name}: sample after step {i} differs by {err}"
             );
             sample_err = sample_err.max(err);
-        }
+        });
+        sample_err = sample_err.max(max_rel_err_tensors(&initial, &g["x0"]));
 
         // img2img noising at step k of a fresh schedule.
-        let k = case["add_noise_step_index"].as_u64().unwrap() as usize;
-        let fresh = build(&spec, &config, steps).unwrap();
-        let noised = fresh
-            .add_noise(&g["add_noise.original"], &g["add_noise.noise"], k)
+        let noised = case
+            .scheduler()
+            .add_noise(
+                &g["add_noise.original"],
+                &g["add_noise.noise"],
+                case.add_noise_step,
+            )
             .unwrap();
         let err = max_rel_err_tensors(&noised, &g["add_noise.output"]);
         assert!(err <= SAMPLE_TOL, "{name}: add_noise differs by {err}");
@@ -133,39 +180,24 @@ fn schedulers_match_diffusers() {
 /// stochastic steps draw from per-image generators, follows the single-image golden.
 #[test]
 fn stochastic_schedulers_are_batch_independent() {
-    let manifest = manifest();
-    let section = &manifest["schedulers"];
-    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
-    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
-    let dev = Device::Cpu;
+    let (cases, noise_seed) = cases();
     let mut checked = 0;
-    for case in section["cases"].as_array().unwrap() {
-        let class = case["class"].as_str().unwrap();
-        if !matches!(class, "EulerAncestralDiscreteScheduler" | "LCMScheduler") {
+    for case in &cases {
+        if !matches!(
+            case.class.as_str(),
+            "EulerAncestralDiscreteScheduler" | "LCMScheduler"
+        ) {
             continue;
         }
-        let name = case["name"].as_str().unwrap();
-        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
-        let g = load_goldens(case["file"].as_str().unwrap());
-        let config = base.with_overrides(&case["overrides"]).unwrap();
-        let mut scheduler = build(&SchedulerSpec::parse(class).unwrap(), &config, steps).unwrap();
         let mut noise = BatchNoise::from_seeds(&[noise_seed, 7]);
-        let mut x = noise
-            .randn(&[4, 8, 8], &dev, DType::F32)
-            .unwrap()
-            .affine(scheduler.init_noise_sigma(), 0.0)
-            .unwrap();
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let inp = scheduler.scale_model_input(&x, i).unwrap();
-            let eps = stand_in_model(&inp, t);
-            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
-        }
+        let (_, x) = run_loop(case.scheduler().as_mut(), &mut noise, |_, _| {});
         let image0 = x.narrow(0, 0, 1).unwrap();
-        let err = max_rel_err_tensors(&image0, &g["samples"].get(steps - 1).unwrap());
+        let last = case.golden["samples"].get(case.steps - 1).unwrap();
+        let err = max_rel_err_tensors(&image0, &last);
         assert!(
             err <= SAMPLE_TOL,
-            "{name}: image 0 of a batch differs by {err}"
+            "{}: image 0 of a batch differs by {err}",
+            case.name
         );
         checked += 1;
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use common::{copy_dir, fixtures, max_abs_store_diff, registry, scratch, setup};
 use sd_serve::registry::{HubOptions, Location, ModelSource, Registry};
-use sd_serve::weights::{load_diffusers_folder, Family};
+use sd_serve::weights::{load_diffusers_folder, Family, PipelineFiles};
 use sd_serve::Error;
 
 /// A hub cache holding `repo` at `main` as a copy of `src` (a diffusers folder), in the layout
@@ -30,6 +30,16 @@ fn offline(cache: &Path) -> HubOptions {
         endpoint: None,
         token: None,
     }
+}
+
+/// Entry `id` of the registry `toml`, loaded from the hub cache `cache` alone.
+fn load_from_cache(toml: &str, id: &str, cache: &Path) -> PipelineFiles {
+    Registry::from_toml_str(toml, &fixtures())
+        .unwrap()
+        .resolve_id(id)
+        .unwrap()
+        .load_with(&offline(cache), &Device::Cpu, DType::F32)
+        .unwrap()
 }
 
 #[test]
@@ -259,12 +269,7 @@ fn hub_entries_load_from_the_cache_offline() {
     )
     .unwrap();
     let toml = "[[model]]\nid = \"hub\"\nhf = \"org/tiny-sd15\"\nvariant = \"fp16\"\n";
-    let reg = Registry::from_toml_str(toml, &fixtures()).unwrap();
-    let p = reg
-        .resolve_id("hub")
-        .unwrap()
-        .load_with(&offline(&cache), &Device::Cpu, DType::F32)
-        .unwrap();
+    let p = load_from_cache(toml, "hub", &cache);
     let reference =
         load_diffusers_folder(&fixtures().join("tiny-sd15"), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(p.family, Family::Sd1);
@@ -283,12 +288,7 @@ fn hub_entries_load_from_the_cache_offline() {
     .unwrap();
     fake_hub_repo(&cache, "org/tiny-single", &files, &|_| false);
     let toml = "[[model]]\nid = \"s\"\nhf = \"org/tiny-single\"\nfile = \"tiny.safetensors\"\nconfig = \"hf:org/tiny-sd15\"\n";
-    let reg = Registry::from_toml_str(toml, &fixtures()).unwrap();
-    let p = reg
-        .resolve_id("s")
-        .unwrap()
-        .load_with(&offline(&cache), &Device::Cpu, DType::F32)
-        .unwrap();
+    let p = load_from_cache(toml, "s", &cache);
     assert_eq!(
         max_abs_store_diff("hub single unet", &reference.unet.weights, &p.unet.weights),
         0.0
