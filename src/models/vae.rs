@@ -380,6 +380,23 @@ impl Module for MidBlock {
     }
 }
 
+/// The `count` resnets of a block (`resnets.{j}` under `vb`), the first taking `in_ch` channels
+/// to `out_ch`.
+fn resnet_stack(
+    vb: &VarBuilder,
+    count: usize,
+    in_ch: usize,
+    out_ch: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock>> {
+    (0..count)
+        .map(|j| {
+            let from = if j == 0 { in_ch } else { out_ch };
+            ResnetBlock::new(from, out_ch, groups, vb.pp("resnets").pp(j))
+        })
+        .collect()
+}
+
 /// Encoder down block: resnets, then a stride-2 conv (except in the last block).
 #[derive(Debug, Clone)]
 struct DownBlock {
@@ -446,12 +463,7 @@ impl Encoder {
         let mut in_ch = channels[0];
         for (i, &out_ch) in channels.iter().enumerate() {
             let block_vb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    let from = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(from, out_ch, groups, block_vb.pp("resnets").pp(j))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(&block_vb, cfg.layers_per_block, in_ch, out_ch, groups)?;
             let downsample = if i + 1 < channels.len() {
                 let conv_vb = block_vb.pp("downsamplers").pp(0).pp("conv");
                 Some(striped_conv2d(conv_vb, out_ch, out_ch, 3, 0, 2)?)
@@ -517,12 +529,8 @@ impl Decoder {
         for (i, &out_ch) in reversed.iter().enumerate() {
             let block_vb = vb.pp("up_blocks").pp(i);
             // The decoder has one more resnet per block than the encoder.
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    let from = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(from, out_ch, groups, block_vb.pp("resnets").pp(j))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let count = cfg.layers_per_block + 1;
+            let resnets = resnet_stack(&block_vb, count, in_ch, out_ch, groups)?;
             let upsample = if i + 1 < reversed.len() {
                 let conv_vb = block_vb.pp("upsamplers").pp(0).pp("conv");
                 Some(striped_conv2d(conv_vb, out_ch, out_ch, 3, 1, 1)?)
