@@ -666,15 +666,21 @@ impl<'a> HubRepo<'a> {
         ))
     }
 
-    /// Fetches what a diffusers pipeline needs (configs, tokenizers, chosen weights); returns
-    /// the snapshot folder.
-    fn fetch_pipeline(&self, variant: Option<&str>) -> Result<PathBuf> {
+    /// Fetches `model_index.json`; returns the snapshot folder and the parsed index.
+    fn fetch_index(&self) -> Result<(PathBuf, ModelIndex)> {
         let index_path = self.get("model_index.json")?;
         let dir = index_path
             .parent()
             .expect("a cached file has a parent folder; this is a bug")
             .to_path_buf();
         let index = ModelIndex::read(&dir)?;
+        Ok((dir, index))
+    }
+
+    /// Fetches what a diffusers pipeline needs (configs, tokenizers, chosen weights); returns
+    /// the snapshot folder.
+    fn fetch_pipeline(&self, variant: Option<&str>) -> Result<PathBuf> {
+        let (dir, index) = self.fetch_index()?;
         index.check_supported(&dir)?;
         let listing = self.list_files()?;
         for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
@@ -708,12 +714,7 @@ impl<'a> HubRepo<'a> {
 
     /// Fetches configs and tokenizers (no weights): a `config` for single-file checkpoints.
     fn fetch_configs(&self) -> Result<PathBuf> {
-        let index_path = self.get("model_index.json")?;
-        let dir = index_path
-            .parent()
-            .expect("a cached file has a parent folder; this is a bug")
-            .to_path_buf();
-        let index = ModelIndex::read(&dir)?;
+        let (dir, index) = self.fetch_index()?;
         for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
             if index.has(component) {
                 self.get(&format!("{component}/config.json"))?;
@@ -727,12 +728,7 @@ impl<'a> HubRepo<'a> {
 
     /// Fetches only the tokenizer folders; returns the snapshot folder.
     fn fetch_tokenizers(&self) -> Result<PathBuf> {
-        let index_path = self.get("model_index.json")?;
-        let dir = index_path
-            .parent()
-            .expect("a cached file has a parent folder; this is a bug")
-            .to_path_buf();
-        let index = ModelIndex::read(&dir)?;
+        let (dir, index) = self.fetch_index()?;
         let listing = self.list_files()?;
         self.fetch_tokenizer_files(&listing, &index)?;
         Ok(dir)

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::fixtures;
+use common::{fixtures, scratch};
 
 fn sd_serve() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sd-serve"))
@@ -30,7 +30,7 @@ fn generate(model: &str, extra: &[&str], output: &std::path::Path) -> std::proce
 
 #[test]
 fn generate_writes_a_png_for_each_family_and_a_single_file() {
-    let dir = tempdir();
+    let dir = scratch("generate_writes_a_png_for_each_family_and_a_single_file");
     for model in [
         "tiny-sd15",
         "tiny-sd2",
@@ -54,7 +54,7 @@ fn generate_writes_a_png_for_each_family_and_a_single_file() {
 
 #[test]
 fn single_file_gives_the_folder_image() {
-    let dir = tempdir();
+    let dir = scratch("single_file_gives_the_folder_image");
     for (folder, single) in [
         ("tiny-sd15", "tiny-sd15-single"),
         ("tiny-sdxl", "tiny-sdxl-single"),
@@ -71,7 +71,7 @@ fn single_file_gives_the_folder_image() {
 
 #[test]
 fn several_images_and_img2img() {
-    let dir = tempdir();
+    let dir = scratch("several_images_and_img2img");
     let out = dir.join("many.png");
     let init = fixtures().join("goldens/init.png");
     let run = generate(
@@ -104,7 +104,7 @@ fn several_images_and_img2img() {
 
 #[test]
 fn bad_arguments_get_clear_messages() {
-    let dir = tempdir();
+    let dir = scratch("bad_arguments_get_clear_messages");
     let out = dir.join("bad.png");
     let cases: [(&str, &[&str], &str); 4] = [
         ("tiny-sd15", &["--width", "65"], "`width`"),
@@ -136,17 +136,4 @@ fn models_lists_the_registry() {
     let builtin = sd_serve().arg("models").output().unwrap();
     assert!(builtin.status.success());
     assert!(String::from_utf8_lossy(&builtin.stdout).contains("stable-diffusion-xl-base-1.0"));
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "sd-serve-cli-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

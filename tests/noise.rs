@@ -1,50 +1,33 @@
 //! Seeded noise against torch's CPU generator: `tests/fixtures/goldens/noise.safetensors`, drawn
 //! with `torch.Generator("cpu").manual_seed(seed)` by the fixture script.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::noise::{BatchNoise, TorchGenerator};
 
+use common::{flat, load_goldens, manifest, max_rel_err};
+
 // torch evaluates log/sin/cos with SIMD approximations (1-2 ulp); normals reach |x| ~ 5 where an
 // ulp is 4.8e-7, so allow 1e-6 relative to max(1, |x|). Uniforms must match exactly.
-const NORMAL_TOL: f32 = 1e-6;
-
-fn goldens() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
-}
+const NORMAL_TOL: f64 = 1e-6;
 
 fn load() -> (serde_json::Value, HashMap<String, Tensor>) {
-    let dir = goldens();
-    let manifest: serde_json::Value = read_manifest(&dir);
-    let noise = &manifest["noise"];
-    let file = dir.join(noise["file"].as_str().unwrap());
-    let tensors = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
-    (noise.clone(), tensors)
+    let noise = manifest()["noise"].clone();
+    let tensors = load_goldens(noise["file"].as_str().unwrap());
+    (noise, tensors)
 }
 
-fn read_manifest(dir: &std::path::Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
+/// The shape a case's draws are made for.
+fn shape(case: &serde_json::Value) -> Vec<usize> {
+    case["shape"]
+        .as_array()
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest `|a - b| / max(1, |b|)`.
-fn max_rel_err(ours: &[f32], reference: &[f32]) -> f32 {
-    assert_eq!(ours.len(), reference.len());
-    ours.iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-        .fold(0.0, f32::max)
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
 }
 
 /// A draw of the manifest: "randn", "rand", optionally followed by a shape "[1,4,8,8]".
@@ -66,16 +49,11 @@ fn torch_generator_matches_goldens() {
     let (noise, tensors) = load();
     let cases = noise["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
-    let mut worst = 0f32;
+    let mut worst = 0f64;
     for case in cases {
         let name = case["tensor"].as_str().unwrap();
         let seed = case["seed"].as_u64().unwrap();
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape(case);
         let mut generator = TorchGenerator::new(seed);
         let mut last = (false, Vec::new());
         for draw in case["draws"].as_array().unwrap() {
@@ -108,12 +86,7 @@ fn batch_noise_draws_each_image_from_its_own_seed() {
     let mut checked = 0;
     for case in noise["cases"].as_array().unwrap() {
         let draws = case["draws"].as_array().unwrap();
-        let shape: Vec<usize> = case["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
+        let shape = shape(case);
         if draws.len() != 1 || draws[0] != "randn" || shape[0] != 1 {
             continue;
         }

@@ -2,21 +2,22 @@
 //! every hidden state, the final-LayerNorm output, the pooled state and the projection, for both
 //! encoders of each tiny model, in f32; f16 and bf16 runs against the same goldens.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use sd_serve::models::clip::{ClipOutput, ClipTextConfig, ClipTextModel};
 use sd_serve::pipeline::prompt::ClipTokenizer;
+
+use common::{
+    all_finite, fixtures, load_goldens, manifest, max_abs, max_abs_diff, mean_abs_diff, read_json,
+    tokenizer_settings, var_builder,
+};
 
 /// f32 against f32: only the summation order of matmuls, softmax and LayerNorm differs from
 /// torch, which moves O(1) activations by a few ulps per layer.
 const F32_TOLERANCE: f32 = 1e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 struct Case {
     file: String,
@@ -28,11 +29,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("goldens/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    manifest["clip"]
+    manifest()["clip"]
         .as_array()
         .expect("manifest has a clip list")
         .iter()
@@ -54,60 +51,9 @@ fn cases() -> Vec<Case> {
 
 fn load_encoder(model: &str, dtype: DType) -> ClipTextModel {
     let dir = fixtures().join(model);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = ClipTextConfig::from_json(&config).unwrap();
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], dtype, &Device::Cpu)
-            .unwrap()
-    };
+    let cfg = ClipTextConfig::from_json(&read_json(&dir.join("config.json"))).unwrap();
+    let vb = var_builder(&dir.join("model.safetensors"), dtype, &Device::Cpu);
     ClipTextModel::new(vb, &cfg).unwrap()
-}
-
-fn goldens(file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("goldens").join(file), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn input_ids(gold: &HashMap<String, Tensor>) -> Tensor {
@@ -146,7 +92,7 @@ fn outputs(case: &Case, out: &ClipOutput) -> Vec<(String, Tensor)> {
 fn encoders_match_transformers_in_f32() {
     let mut worst = 0f32;
     for case in cases() {
-        let gold = goldens(&case.file);
+        let gold = load_goldens(&case.file);
         let model = load_encoder(&case.model, DType::F32);
         let out = model.forward(&input_ids(&gold)).unwrap();
         for (name, tensor) in outputs(&case, &out) {
@@ -163,17 +109,10 @@ fn encoders_match_transformers_in_f32() {
 #[test]
 fn golden_input_ids_come_from_our_tokenizer() {
     for case in cases() {
-        let gold = goldens(&case.file);
+        let gold = load_goldens(&case.file);
         let dir = fixtures().join(&case.tokenizer);
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
-        )
-        .unwrap();
-        let pad = config["pad_token"]
-            .as_str()
-            .or_else(|| config["pad_token"]["content"].as_str())
-            .unwrap();
-        let tokenizer = ClipTokenizer::new(&dir.join("tokenizer.json"), pad, 77).unwrap();
+        let (pad, max_len) = tokenizer_settings(&dir);
+        let tokenizer = ClipTokenizer::new(&dir.join("tokenizer.json"), &pad, max_len).unwrap();
         let texts: Vec<&str> = case.texts.iter().map(String::as_str).collect();
         let ids = tokenizer.encode_prompts(&texts).unwrap();
         assert_eq!(
@@ -194,19 +133,14 @@ fn golden_input_ids_come_from_our_tokenizer() {
 fn half_precision_close(dtype: DType, max_tolerance: f32, mean_tolerance: f32) {
     let mut worst = 0f32;
     for case in cases() {
-        let gold = goldens(&case.file);
+        let gold = load_goldens(&case.file);
         let model = load_encoder(&case.model, dtype);
         let out = model.forward(&input_ids(&gold)).unwrap();
         for (name, tensor) in outputs(&case, &out) {
             assert_eq!(tensor.dtype(), dtype, "{name}");
             let reference = &gold[&name];
-            let values = tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
             assert!(
-                values
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .all(|v| v.is_finite()),
+                all_finite(&tensor),
                 "{} {name}: non-finite values in {dtype:?}",
                 case.file
             );

@@ -4,66 +4,64 @@
 //! and compares timesteps, sigmas, init_noise_sigma and the sample after every step, and img2img
 //! `add_noise`.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::noise::BatchNoise;
-use sd_serve::schedulers::{build, SchedulerConfig, SchedulerSpec};
+use sd_serve::schedulers::{build, Scheduler, SchedulerConfig, SchedulerSpec};
+
+use common::{flat64, load_goldens, manifest, max_rel_err, max_rel_err_tensors};
 
 // diffusers rounds every scalar coefficient op to f32 and evaluates x0 and the derivative as
 // separate f32 tensors; we fold the coefficients in f64 and round once, and candle's sin in the
 // stand-in model may differ from torch's by an ulp. Over 25 steps this stays below 4e-6 relative
 // to max(1, |x|) (seen up to 2.9e-6), so 1e-5 leaves room without hiding a wrong coefficient
 // (those show up at 1e-3 and above).
-const SAMPLE_TOL: f32 = 1e-5;
+const SAMPLE_TOL: f64 = 1e-5;
 // Schedules are rounded to float32 where diffusers rounds them, but torch's vectorised sqrt is
 // not always correctly rounded: sigmas may differ by one f32 ulp (1.2e-7 relative).
 const SCALAR_TOL: f64 = 1e-6;
 
-fn goldens() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goldens")
+/// One golden case: a scheduler class on the base config plus overrides, and diffusers' outputs.
+struct Case {
+    name: String,
+    class: String,
+    steps: usize,
+    config: SchedulerConfig,
+    add_noise_step: usize,
+    golden: HashMap<String, Tensor>,
 }
 
-fn read_manifest(dir: &std::path::Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+impl Case {
+    fn scheduler(&self) -> Box<dyn Scheduler> {
+        let spec = SchedulerSpec::parse(&self.class).unwrap();
+        build(&spec, &self.config, self.steps).unwrap()
+    }
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
+/// The manifest's scheduler cases, and the seed of the generator feeding their loops.
+fn cases() -> (Vec<Case>, u64) {
+    let manifest = manifest();
+    let section = &manifest["schedulers"];
+    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
+    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
+    let cases: Vec<Case> = section["cases"]
+        .as_array()
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn flat64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest `|a - b| / max(1, |b|)` between two tensors of the same shape.
-fn max_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims());
-    flat(ours)
         .iter()
-        .zip(flat(reference))
-        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-        .fold(0.0, f32::max)
-}
-
-fn max_err64(ours: &[f64], reference: &[f64]) -> f64 {
-    assert_eq!(ours.len(), reference.len(), "lengths differ");
-    ours.iter()
-        .zip(reference)
-        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-        .fold(0.0, f64::max)
+        .map(|case| Case {
+            name: case["name"].as_str().unwrap().to_string(),
+            class: case["class"].as_str().unwrap().to_string(),
+            steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            config: base.with_overrides(&case["overrides"]).unwrap(),
+            add_noise_step: case["add_noise_step_index"].as_u64().unwrap() as usize,
+            golden: load_goldens(case["file"].as_str().unwrap()),
+        })
+        .collect();
+    assert!(!cases.is_empty());
+    (cases, noise_seed)
 }
 
 /// The fixture's stand-in for a UNet: `0.5 * inp + 0.1 * sin(3 * inp) * (t / 1000)`.
@@ -72,31 +70,42 @@ fn stand_in_model(inp: &Tensor, t: f64) -> Tensor {
     ((inp * 0.5).unwrap() + (wave * (t / 1000.0)).unwrap()).unwrap()
 }
 
+/// The fixture's loop, with the same generators feeding the initial latents (`[B, 4, 8, 8]`, one
+/// image per generator) and every step's noise. `after_step(i, x)` sees the sample after step i;
+/// returns the initial latents and the final sample.
+fn run_loop(
+    scheduler: &mut dyn Scheduler,
+    noise: &mut BatchNoise,
+    mut after_step: impl FnMut(usize, &Tensor),
+) -> (Tensor, Tensor) {
+    let initial = noise
+        .randn(&[4, 8, 8], &Device::Cpu, DType::F32)
+        .unwrap()
+        .affine(scheduler.init_noise_sigma(), 0.0)
+        .unwrap();
+    let mut x = initial.clone();
+    let ts: Vec<f64> = scheduler.timesteps().to_vec();
+    for (i, &t) in ts.iter().enumerate() {
+        let inp = scheduler.scale_model_input(&x, i).unwrap();
+        let eps = stand_in_model(&inp, t);
+        x = scheduler.step(&eps, i, &x, noise).unwrap();
+        after_step(i, &x);
+    }
+    (initial, x)
+}
+
 #[test]
 fn schedulers_match_diffusers() {
-    let dir = goldens();
-    let manifest: serde_json::Value = read_manifest(&dir);
-    let section = &manifest["schedulers"];
-    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
-    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
-    let cases = section["cases"].as_array().unwrap();
-    assert!(!cases.is_empty());
-    let dev = Device::Cpu;
-    let mut worst: BTreeMap<String, (f32, f64)> = BTreeMap::new();
+    let (cases, noise_seed) = cases();
+    let mut worst: BTreeMap<String, (f64, f64)> = BTreeMap::new();
 
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let class = case["class"].as_str().unwrap();
-        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
-        let g =
-            candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &dev).unwrap();
-        let config = base.with_overrides(&case["overrides"]).unwrap();
-        let spec = SchedulerSpec::parse(class).unwrap();
-        let mut scheduler = build(&spec, &config, steps).unwrap();
+    for case in &cases {
+        let (name, g) = (&case.name, &case.golden);
+        let mut scheduler = case.scheduler();
 
         // Schedule scalars.
         let timesteps = flat64(&g["timesteps"]);
-        let ts_err = max_err64(scheduler.timesteps(), &timesteps);
+        let ts_err = max_rel_err(scheduler.timesteps(), &timesteps);
         assert!(
             ts_err <= SCALAR_TOL,
             "{name}: timesteps {:?} vs {timesteps:?}",
@@ -105,7 +114,7 @@ fn schedulers_match_diffusers() {
         let mut scalar_err = ts_err;
         match (g.get("sigmas"), scheduler.sigmas()) {
             (Some(reference), Some(ours)) => {
-                let err = max_err64(ours, &flat64(reference));
+                let err = max_rel_err(ours, &flat64(reference));
                 assert!(err <= SCALAR_TOL, "{name}: sigmas differ by {err}");
                 scalar_err = scalar_err.max(err);
             }
@@ -125,35 +134,29 @@ fn schedulers_match_diffusers() {
         );
         scalar_err = scalar_err.max(init_err);
 
-        // The loop, with the same generator feeding the initial latents and every step's noise.
         let mut noise = BatchNoise::from_seeds(&[noise_seed]);
-        let mut x = noise
-            .randn(&[4, 8, 8], &dev, DType::F32)
-            .unwrap()
-            .affine(scheduler.init_noise_sigma(), 0.0)
-            .unwrap();
-        let mut sample_err = max_err(&x, &g["x0"]);
         let samples_ref = &g["samples"];
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let inp = scheduler.scale_model_input(&x, i).unwrap();
-            let eps = stand_in_model(&inp, t);
-            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
-            let err = max_err(&x, &samples_ref.get(i).unwrap());
+        let mut sample_err = 0f64;
+        let (initial, _) = run_loop(scheduler.as_mut(), &mut noise, |i, x| {
+            let err = max_rel_err_tensors(x, &samples_ref.get(i).unwrap());
             assert!(
                 err <= SAMPLE_TOL,
                 "{name}: sample after step {i} differs by {err}"
             );
             sample_err = sample_err.max(err);
-        }
+        });
+        sample_err = sample_err.max(max_rel_err_tensors(&initial, &g["x0"]));
 
         // img2img noising at step k of a fresh schedule.
-        let k = case["add_noise_step_index"].as_u64().unwrap() as usize;
-        let fresh = build(&spec, &config, steps).unwrap();
-        let noised = fresh
-            .add_noise(&g["add_noise.original"], &g["add_noise.noise"], k)
+        let noised = case
+            .scheduler()
+            .add_noise(
+                &g["add_noise.original"],
+                &g["add_noise.noise"],
+                case.add_noise_step,
+            )
             .unwrap();
-        let err = max_err(&noised, &g["add_noise.output"]);
+        let err = max_rel_err_tensors(&noised, &g["add_noise.output"]);
         assert!(err <= SAMPLE_TOL, "{name}: add_noise differs by {err}");
         sample_err = sample_err.max(err);
 
@@ -177,41 +180,24 @@ fn schedulers_match_diffusers() {
 /// stochastic steps draw from per-image generators, follows the single-image golden.
 #[test]
 fn stochastic_schedulers_are_batch_independent() {
-    let dir = goldens();
-    let manifest = read_manifest(&dir);
-    let section = &manifest["schedulers"];
-    let base = SchedulerConfig::from_json(&section["base_config"]).unwrap();
-    let noise_seed = section["loop"]["noise_seed"].as_u64().unwrap();
-    let dev = Device::Cpu;
+    let (cases, noise_seed) = cases();
     let mut checked = 0;
-    for case in section["cases"].as_array().unwrap() {
-        let class = case["class"].as_str().unwrap();
-        if !matches!(class, "EulerAncestralDiscreteScheduler" | "LCMScheduler") {
+    for case in &cases {
+        if !matches!(
+            case.class.as_str(),
+            "EulerAncestralDiscreteScheduler" | "LCMScheduler"
+        ) {
             continue;
         }
-        let name = case["name"].as_str().unwrap();
-        let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
-        let g =
-            candle_core::safetensors::load(dir.join(case["file"].as_str().unwrap()), &dev).unwrap();
-        let config = base.with_overrides(&case["overrides"]).unwrap();
-        let mut scheduler = build(&SchedulerSpec::parse(class).unwrap(), &config, steps).unwrap();
         let mut noise = BatchNoise::from_seeds(&[noise_seed, 7]);
-        let mut x = noise
-            .randn(&[4, 8, 8], &dev, DType::F32)
-            .unwrap()
-            .affine(scheduler.init_noise_sigma(), 0.0)
-            .unwrap();
-        let ts: Vec<f64> = scheduler.timesteps().to_vec();
-        for (i, &t) in ts.iter().enumerate() {
-            let inp = scheduler.scale_model_input(&x, i).unwrap();
-            let eps = stand_in_model(&inp, t);
-            x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
-        }
+        let (_, x) = run_loop(case.scheduler().as_mut(), &mut noise, |_, _| {});
         let image0 = x.narrow(0, 0, 1).unwrap();
-        let err = max_err(&image0, &g["samples"].get(steps - 1).unwrap());
+        let last = case.golden["samples"].get(case.steps - 1).unwrap();
+        let err = max_rel_err_tensors(&image0, &last);
         assert!(
             err <= SAMPLE_TOL,
-            "{name}: image 0 of a batch differs by {err}"
+            "{}: image 0 of a batch differs by {err}",
+            case.name
         );
         checked += 1;
     }

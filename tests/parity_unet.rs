@@ -2,18 +2,21 @@
 //! weights (tests/fixtures/<model>/unet) and the outputs diffusers computed for them
 //! (tests/fixtures/goldens/unet_<model>.safetensors).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use sd_serve::models::layers::{scaled_dot_product_attention, AttentionPrecision};
 use sd_serve::models::unet::{
-    scaled_dot_product_attention, AddedConditions, OneOrMany, UNet2DConditionConfig,
-    UNet2DConditionModel,
+    AddedConditions, OneOrMany, UNet2DConditionConfig, UNet2DConditionModel,
 };
 use sd_serve::Error;
+
+use common::{fixtures, load_goldens, manifest, max_abs, max_abs_diff, read_json, var_builder};
 
 const MODELS: [&str; 3] = ["tiny-sd15", "tiny-sd2", "tiny-sdxl"];
 
@@ -22,23 +25,16 @@ fn device() -> Device {
     Device::cuda_if_available(0).expect("device")
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn config(model: &str) -> UNet2DConditionConfig {
     let path = fixtures().join(model).join("unet/config.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+    serde_json::from_value(read_json(&path)).unwrap_or_else(|e| panic!("{path:?}: {e}"))
 }
 
 fn load_unet(model: &str, dtype: DType) -> UNet2DConditionModel {
     let weights = fixtures()
         .join(model)
         .join("unet/diffusion_pytorch_model.safetensors");
-    // SAFETY: the fixture file is not modified while the test runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &device()) }
-        .expect("unet weights");
+    let vb = var_builder(&weights, dtype, &device());
     UNet2DConditionModel::new(vb, &config(model)).expect("unet builds")
 }
 
@@ -54,25 +50,21 @@ struct Case {
 
 /// The cases `goldens/manifest.json` lists for `model`'s UNet.
 fn cases(model: &str) -> Vec<Case> {
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("goldens/manifest.json")).expect("manifest"),
-    )
-    .expect("manifest json");
+    let manifest = manifest();
     let entry = manifest["unet"]
         .as_array()
         .expect("manifest unet list")
         .iter()
         .find(|e| e["model"] == format!("{model}/unet"))
         .unwrap_or_else(|| panic!("no unet golden for {model}"));
-    let path = fixtures()
-        .join("goldens")
-        .join(entry["file"].as_str().expect("file"));
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&path, &device()).expect("golden file");
+    let tensors = load_goldens(entry["file"].as_str().expect("file"));
     let tensor = |case: &serde_json::Value, key: &str| {
-        case[key]
-            .as_str()
-            .map(|name| tensors[name].to_dtype(DType::F32).expect("golden tensor"))
+        case[key].as_str().map(|name| {
+            tensors[name]
+                .to_device(&device())
+                .and_then(|t| t.to_dtype(DType::F32))
+                .expect("golden tensor")
+        })
     };
     entry["cases"]
         .as_array()
@@ -106,31 +98,6 @@ fn run(unet: &UNet2DConditionModel, case: &Case) -> Tensor {
     .expect("forward")
     .to_dtype(DType::F32)
     .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 // f32 on both sides with outputs of magnitude ~1; only the order of accumulation differs (gemm
@@ -312,9 +279,7 @@ fn sdxl_requires_added_conditions() {
 }
 
 fn build_error(edit: impl FnOnce(&mut serde_json::Value)) -> String {
-    let path = fixtures().join("tiny-sd15/unet/config.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut json = read_json(&fixtures().join("tiny-sd15/unet/config.json"));
     edit(&mut json);
     let cfg: UNet2DConditionConfig = serde_json::from_value(json).expect("config parses");
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
@@ -409,13 +374,17 @@ fn half_precision_attention_accumulates_in_f32() {
         (DType::F16, 5e-3),
         (DType::BF16, 4e-2),
     ] {
-        for upcast in [false, true] {
+        for precision in [
+            AttentionPrecision::Softmax,
+            AttentionPrecision::Scores,
+            AttentionPrecision::Full,
+        ] {
             let [q, k, v] = [&q, &k, &v].map(|t| t.to_dtype(dtype).unwrap());
-            let out = scaled_dot_product_attention(&q, &k, &v, scale, upcast).unwrap();
+            let out = scaled_dot_product_attention(&q, &k, &v, scale, precision, None).unwrap();
             assert_eq!(out.dtype(), dtype);
             let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &reference);
-            println!("attention {dtype:?} upcast={upcast}: max abs error {err:e}");
-            assert!(err < tolerance, "{dtype:?} upcast={upcast}: {err}");
+            println!("attention {dtype:?} {precision:?}: max abs error {err:e}");
+            assert!(err < tolerance, "{dtype:?} {precision:?}: {err}");
         }
     }
 }

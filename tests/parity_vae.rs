@@ -2,20 +2,19 @@
 //! encoder's posterior (mean, std) and the decoder, on a square and an odd-sized latent, for
 //! each tiny model in f32; f16 and bf16 decodes against the same goldens.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use sd_serve::models::vae::{AutoencoderKl, AutoencoderKlConfig};
+
+use common::{
+    all_finite, fixtures, load_goldens, manifest, max_abs_diff, mean_abs_diff, read_json,
+    var_builder,
+};
 
 /// f32 against f32: convolutions (im2col + gemm here, direct kernels in torch) and GroupNorm
 /// sum in a different order; over ~30 layers that moves O(1) outputs by ~1e-6.
 const F32_TOLERANCE: f32 = 2e-5;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 struct Case {
     file: String,
@@ -24,11 +23,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("goldens/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    manifest["vae"]
+    manifest()["vae"]
         .as_array()
         .expect("manifest has a vae list")
         .iter()
@@ -42,54 +37,16 @@ fn cases() -> Vec<Case> {
 
 fn load_vae(model: &str, dtype: DType) -> AutoencoderKl {
     let dir = fixtures().join(model);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let cfg = AutoencoderKlConfig::from_json(&config).unwrap();
+    let cfg = AutoencoderKlConfig::from_json(&read_json(&dir.join("config.json"))).unwrap();
     let weights = dir.join("diffusion_pytorch_model.safetensors");
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, &Device::Cpu).unwrap() };
-    AutoencoderKl::new(vb, &cfg).unwrap()
-}
-
-fn goldens(file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("goldens").join(file), &Device::Cpu).unwrap()
-}
-
-fn abs_diff(a: &Tensor, b: &Tensor) -> Tensor {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    abs_diff(a, b).max(0).unwrap().to_scalar::<f32>().unwrap()
-}
-
-fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    abs_diff(a, b)
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn all_finite(t: &Tensor) -> bool {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .all(|v| v.is_finite())
+    AutoencoderKl::new(var_builder(&weights, dtype, &Device::Cpu), &cfg).unwrap()
 }
 
 #[test]
 fn encode_and_decode_match_diffusers_in_f32() {
     let mut worst = 0f32;
     for case in cases() {
-        let gold = goldens(&case.file);
+        let gold = load_goldens(&case.file);
         let vae = load_vae(&case.model, DType::F32);
         assert_eq!(vae.config().scaling_factor, case.scaling_factor);
 
@@ -114,7 +71,7 @@ fn encode_and_decode_match_diffusers_in_f32() {
 #[test]
 fn decode_is_per_image_independent_of_batch() {
     let case = &cases()[0];
-    let gold = goldens(&case.file);
+    let gold = load_goldens(&case.file);
     let vae = load_vae(&case.model, DType::F32);
     let latents = &gold["latents"];
     let pair = Tensor::cat(&[latents, &(latents * 0.5).unwrap()], 0).unwrap();
@@ -133,7 +90,7 @@ fn decode_is_per_image_independent_of_batch() {
 fn half_precision_decode_close(dtype: DType, max_tolerance: f32, mean_tolerance: f32) {
     let mut worst = 0f32;
     for case in cases() {
-        let gold = goldens(&case.file);
+        let gold = load_goldens(&case.file);
         let vae = load_vae(&case.model, dtype);
         let posterior = vae.encode(&gold["image"].to_dtype(dtype).unwrap()).unwrap();
         let decoded = vae

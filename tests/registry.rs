@@ -1,19 +1,15 @@
 //! The model registry: models.toml parsing, ids and aliases, errors, and loading through every
 //! source kind, with the hub served from a local cache only (HF_HUB_OFFLINE; no network).
 
-mod weights_support;
+mod common;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use common::{copy_dir, fixtures, max_abs_store_diff, registry, scratch, setup};
 use sd_serve::registry::{HubOptions, Location, ModelSource, Registry};
-use sd_serve::weights::{load_diffusers_folder, Family};
+use sd_serve::weights::{load_diffusers_folder, Family, PipelineFiles};
 use sd_serve::Error;
-use weights_support::{copy_dir, fixtures, max_abs_diff, scratch, setup};
-
-fn fixture_registry() -> Registry {
-    Registry::from_file(&fixtures().join("models.toml")).unwrap()
-}
 
 /// A hub cache holding `repo` at `main` as a copy of `src` (a diffusers folder), in the layout
 /// hf-hub writes: refs/main -> commit, snapshots/<commit>/...
@@ -36,10 +32,20 @@ fn offline(cache: &Path) -> HubOptions {
     }
 }
 
+/// Entry `id` of the registry `toml`, loaded from the hub cache `cache` alone.
+fn load_from_cache(toml: &str, id: &str, cache: &Path) -> PipelineFiles {
+    Registry::from_toml_str(toml, &fixtures())
+        .unwrap()
+        .resolve_id(id)
+        .unwrap()
+        .load_with(&offline(cache), &Device::Cpu, DType::F32)
+        .unwrap()
+}
+
 #[test]
 fn fixture_registry_resolves_ids_with_defaults() {
     setup();
-    let reg = fixture_registry();
+    let reg = registry();
     let e = reg.resolve("tiny-sd15").unwrap();
     assert_eq!(e.family, Some(Family::Sd1));
     assert_eq!(e.defaults.steps, Some(4));
@@ -91,7 +97,7 @@ clip_skip = 2
 #[test]
 fn unknown_ids_list_known_ones_and_how_to_add() {
     setup();
-    let reg = fixture_registry();
+    let reg = registry();
     let e = reg.resolve("no-such-model").unwrap_err();
     let Error::UnknownModel(msg) = &e else {
         panic!("{e:?}")
@@ -193,7 +199,7 @@ fn paths_resolve_to_ad_hoc_entries() {
 #[test]
 fn entries_load_folders_and_single_files() {
     setup();
-    let reg = fixture_registry();
+    let reg = registry();
     let folder = reg
         .resolve("tiny-sdxl")
         .unwrap()
@@ -206,7 +212,7 @@ fn entries_load_folders_and_single_files() {
         .unwrap();
     assert_eq!((folder.family, single.family), (Family::Sdxl, Family::Sdxl));
     assert_eq!(
-        max_abs_diff("unet", &folder.unet.weights, &single.unet.weights),
+        max_abs_store_diff("unet", &folder.unet.weights, &single.unet.weights),
         0.0
     );
     assert_eq!(single.tokenizer_2, folder.tokenizer_2);
@@ -263,17 +269,12 @@ fn hub_entries_load_from_the_cache_offline() {
     )
     .unwrap();
     let toml = "[[model]]\nid = \"hub\"\nhf = \"org/tiny-sd15\"\nvariant = \"fp16\"\n";
-    let reg = Registry::from_toml_str(toml, &fixtures()).unwrap();
-    let p = reg
-        .resolve_id("hub")
-        .unwrap()
-        .load_with(&offline(&cache), &Device::Cpu, DType::F32)
-        .unwrap();
+    let p = load_from_cache(toml, "hub", &cache);
     let reference =
         load_diffusers_folder(&fixtures().join("tiny-sd15"), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(p.family, Family::Sd1);
     assert_eq!(
-        max_abs_diff("hub unet", &reference.unet.weights, &p.unet.weights),
+        max_abs_store_diff("hub unet", &reference.unet.weights, &p.unet.weights),
         0.0
     );
 
@@ -287,14 +288,9 @@ fn hub_entries_load_from_the_cache_offline() {
     .unwrap();
     fake_hub_repo(&cache, "org/tiny-single", &files, &|_| false);
     let toml = "[[model]]\nid = \"s\"\nhf = \"org/tiny-single\"\nfile = \"tiny.safetensors\"\nconfig = \"hf:org/tiny-sd15\"\n";
-    let reg = Registry::from_toml_str(toml, &fixtures()).unwrap();
-    let p = reg
-        .resolve_id("s")
-        .unwrap()
-        .load_with(&offline(&cache), &Device::Cpu, DType::F32)
-        .unwrap();
+    let p = load_from_cache(toml, "s", &cache);
     assert_eq!(
-        max_abs_diff("hub single unet", &reference.unet.weights, &p.unet.weights),
+        max_abs_store_diff("hub single unet", &reference.unet.weights, &p.unet.weights),
         0.0
     );
     assert_eq!(p.unet.config, reference.unet.config);

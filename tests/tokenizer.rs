@@ -3,36 +3,19 @@
 //! from each model's `tokenizer.json` and from the bare `vocab.json` + `merges.txt` that diffusers
 //! repositories ship (written here from the same vocabulary, as the fixtures keep only the JSON).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::DType;
 use sd_serve::pipeline::prompt::ClipTokenizer;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use common::{fixtures, read_json, scratch, tokenizer_settings, Scratch};
 
 fn golden() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("goldens/tokenizer.json")).unwrap(),
-    )
-    .unwrap()
-}
-
-/// `pad_token` and `model_max_length` of a tokenizer folder, as the loader reads them.
-fn folder_settings(folder: &Path) -> (String, usize) {
-    let config: Value = serde_json::from_str(
-        &std::fs::read_to_string(folder.join("tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
-    let pad = config["pad_token"]
-        .as_str()
-        .or_else(|| config["pad_token"]["content"].as_str())
-        .expect("tokenizer_config.json names a pad token");
-    let max_len = config["model_max_length"].as_u64().unwrap() as usize;
-    (pad.to_string(), max_len)
+    read_json(&fixtures().join("goldens/tokenizer.json"))
 }
 
 fn ids_of(value: &Value) -> Vec<u32> {
@@ -46,20 +29,15 @@ fn ids_of(value: &Value) -> Vec<u32> {
 
 /// Writes the shared tokenizer's vocabulary as `vocab.json` + `merges.txt`, as published SD
 /// repositories lay it out, in a fresh folder; returns (folder, vocab, merges).
-fn vocab_and_merges() -> (PathBuf, PathBuf, PathBuf) {
+fn vocab_and_merges() -> (Scratch, PathBuf, PathBuf) {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("clip-tokenizer/tokenizer.json")).unwrap(),
-    )
-    .unwrap();
+    let json = read_json(&fixtures().join("clip-tokenizer/tokenizer.json"));
     let model = &json["model"];
     // One folder per call: the tests run in parallel threads of one process.
-    let dir = std::env::temp_dir().join(format!(
-        "sd-serve-clip-vocab-{}-{}",
-        std::process::id(),
+    let dir = scratch(&format!(
+        "clip-vocab-{}",
         CALLS.fetch_add(1, Ordering::SeqCst)
     ));
-    std::fs::create_dir_all(&dir).unwrap();
     let vocab = dir.join("vocab.json");
     std::fs::write(&vocab, serde_json::to_string(&model["vocab"]).unwrap()).unwrap();
     let mut merges = String::from("#version: 0.2\n");
@@ -89,13 +67,13 @@ type FolderTokenizers = (String, String, Vec<(&'static str, ClipTokenizer)>);
 /// Every (convention, folder) pair with the tokenizers built from it.
 fn tokenizers_by_convention() -> Vec<FolderTokenizers> {
     let gold = golden();
-    let (scratch, vocab, merges) = vocab_and_merges();
+    let (vocab_dir, vocab, merges) = vocab_and_merges();
     let mut all = Vec::new();
     for (convention, folders) in gold["folders"].as_object().unwrap() {
         for folder in folders.as_array().unwrap() {
             let folder = folder.as_str().unwrap();
             let dir = fixtures().join(folder);
-            let (pad, max_len) = folder_settings(&dir);
+            let (pad, max_len) = tokenizer_settings(&dir);
             let from_json = ClipTokenizer::new(&dir.join("tokenizer.json"), &pad, max_len).unwrap();
             let from_vocab =
                 ClipTokenizer::from_vocab_merges(&vocab, &merges, &pad, max_len).unwrap();
@@ -106,7 +84,8 @@ fn tokenizers_by_convention() -> Vec<FolderTokenizers> {
             ));
         }
     }
-    std::fs::remove_dir_all(scratch).unwrap();
+    // The tokenizers have read their files.
+    drop(vocab_dir);
     assert_eq!(all.len(), 4, "two folders per pad convention");
     all
 }
@@ -171,7 +150,7 @@ fn token_count_matches_unpadded_length() {
 fn encode_prompts_batches_rows_of_max_len_u32() {
     let gold = golden();
     let dir = fixtures().join("tiny-sd2/tokenizer");
-    let (pad, max_len) = folder_settings(&dir);
+    let (pad, max_len) = tokenizer_settings(&dir);
     let tokenizer = ClipTokenizer::new(&dir.join("tokenizer.json"), &pad, max_len).unwrap();
     let names = ["plain", "long", "empty"];
     let prompts: Vec<&str> = names

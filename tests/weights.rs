@@ -1,12 +1,13 @@
 //! Loading the tiny fixture models: diffusers folders, single-file checkpoints converted from the
 //! LDM / SGM layout (compared tensor by tensor with the folders), variants, shards, tokenizers.
 
-mod weights_support;
+mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use common::{copy_dir, fixtures, max_abs_store_diff, names, scratch, setup};
 use sd_serve::weights::single_file::{
     convert_key, single_file_family, Conversion, ConversionContext, Target,
 };
@@ -15,7 +16,6 @@ use sd_serve::weights::{
     load_single_file_with_tokenizers, Family, PipelineFiles,
 };
 use sd_serve::Error;
-use weights_support::{copy_dir, fixtures, max_abs_diff, names, scratch, setup};
 
 fn cpu() -> Device {
     Device::Cpu
@@ -27,20 +27,20 @@ fn folder(name: &str) -> PipelineFiles {
 
 /// Every component of `b` equals `a` (same keys, same values); returns the worst difference.
 fn assert_same_weights(what: &str, a: &PipelineFiles, b: &PipelineFiles) -> f32 {
-    let mut worst = max_abs_diff(&format!("{what} unet"), &a.unet.weights, &b.unet.weights);
-    worst = worst.max(max_abs_diff(
+    let mut worst = max_abs_store_diff(&format!("{what} unet"), &a.unet.weights, &b.unet.weights);
+    worst = worst.max(max_abs_store_diff(
         &format!("{what} vae"),
         &a.vae.weights,
         &b.vae.weights,
     ));
-    worst = worst.max(max_abs_diff(
+    worst = worst.max(max_abs_store_diff(
         &format!("{what} text_encoder"),
         &a.text_encoder.weights,
         &b.text_encoder.weights,
     ));
     assert_eq!(a.text_encoder_2.is_some(), b.text_encoder_2.is_some());
     if let (Some(x), Some(y)) = (&a.text_encoder_2, &b.text_encoder_2) {
-        worst = worst.max(max_abs_diff(
+        worst = worst.max(max_abs_store_diff(
             &format!("{what} text_encoder_2"),
             &x.weights,
             &y.weights,
@@ -149,19 +149,24 @@ fn single_file_families_are_detected() {
     assert_eq!(detect_family(sd2).unwrap(), Family::Sd2);
 }
 
-#[test]
-fn sd15_single_file_equals_folder() {
+/// The fixture single file `<name>.safetensors`, read with the configs of folder `<name>`, and
+/// that folder.
+fn single_file_and_folder(name: &str) -> (PipelineFiles, PipelineFiles) {
     setup();
-    let dir = fixtures().join("tiny-sd15");
     let single = load_single_file(
-        &fixtures().join("tiny-sd15.safetensors"),
-        Some(&dir),
+        &fixtures().join(format!("{name}.safetensors")),
+        Some(&fixtures().join(name)),
         &cpu(),
         DType::F32,
     )
     .unwrap();
+    (single, folder(name))
+}
+
+#[test]
+fn sd15_single_file_equals_folder() {
+    let (single, f) = single_file_and_folder("tiny-sd15");
     assert_eq!(single.family, Family::Sd1);
-    let f = folder("tiny-sd15");
     // f16 file vs folder, both read as f32: the fixture values are f16-exact, so equal.
     let worst = assert_same_weights("sd15 single file", &f, &single);
     assert_eq!(worst, 0.0);
@@ -172,17 +177,8 @@ fn sd15_single_file_equals_folder() {
 
 #[test]
 fn sdxl_single_file_equals_folder() {
-    setup();
-    let dir = fixtures().join("tiny-sdxl");
-    let single = load_single_file(
-        &fixtures().join("tiny-sdxl.safetensors"),
-        Some(&dir),
-        &cpu(),
-        DType::F32,
-    )
-    .unwrap();
+    let (single, f) = single_file_and_folder("tiny-sdxl");
     assert_eq!(single.family, Family::Sdxl);
-    let f = folder("tiny-sdxl");
     let worst = assert_same_weights("sdxl single file", &f, &single);
     assert_eq!(worst, 0.0);
     assert_eq!(single.tokenizer_2, f.tokenizer_2);

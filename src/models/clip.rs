@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::layers::{scaled_dot_product_attention, AttentionPrecision};
 use crate::error::{Error, Result};
 
 /// Token id transformers treats as "no real eos id configured": pooling then takes the position
@@ -187,27 +188,19 @@ impl Attention {
     /// `causal_mask`: [S, S] f32, 0 on and below the diagonal, -inf above.
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
-        let dtype = xs.dtype();
         // The attention itself runs in f32, as torch's fused attention kernels accumulate: at 77
         // tokens it costs nothing, and half-precision scores and weights would lose the small
         // attention weights (bf16 doubles the error against f32 without this).
-        let split_heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.to_dtype(DType::F32)?
-                .reshape((b, s, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = (split_heads(self.q_proj.forward(xs)?)? * self.scale)?;
-        let k = split_heads(self.k_proj.forward(xs)?)?;
-        let v = split_heads(self.v_proj.forward(xs)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, h))?
-            .to_dtype(dtype)?;
+        let split_heads = |t: Tensor| t.reshape((b, s, self.num_heads, self.head_dim));
+        let out = scaled_dot_product_attention(
+            &split_heads(self.q_proj.forward(xs)?)?,
+            &split_heads(self.k_proj.forward(xs)?)?,
+            &split_heads(self.v_proj.forward(xs)?)?,
+            self.scale,
+            AttentionPrecision::Full,
+            Some(causal_mask),
+        )?
+        .reshape((b, s, h))?;
         self.out_proj.forward(&out)
     }
 }

@@ -2,5 +2,6 @@
 //! `config.json`, constructors taking a `VarBuilder` over diffusers-named weights.
 
 pub mod clip;
+pub mod layers;
 pub mod unet;
 pub mod vae;

@@ -11,13 +11,11 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::layers::{conv2d, scaled_dot_product_attention, AttentionPrecision, Conv2d};
 use crate::error::{Error, Result};
 
 /// Epsilon of every GroupNorm in the diffusers VAE (its blocks are built with `resnet_eps=1e-6`).
 const NORM_EPS: f64 = 1e-6;
-/// Queries per attention chunk in the mid block: bounds the f32 score matrix to
-/// `ATTENTION_QUERY_CHUNK * h*w` elements (256 MiB for a 1024x1024 image's 128x128 latents).
-const ATTENTION_QUERY_CHUNK: usize = 4096;
 
 /// The VAE's `config.json`, with diffusers' defaults for absent fields.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,100 +223,17 @@ impl Module for GroupNorm {
     }
 }
 
-/// A 2-D convolution with bias, computed in horizontal stripes when the input is large.
-///
-/// candle lowers a convolution to im2col + matmul (on CUDA unless built with cudnn), which
-/// materialises `c_in * k * k` values per output pixel: 9.7 GB in f32 for the 256-channel 3x3
-/// convolutions of a 1024x1024 decode. Striping the output rows bounds that buffer to
-/// `MAX_IM2COL_ELEMENTS`; each output pixel is computed from the same inputs either way.
-///
-/// candle's CPU backend has no bf16 convolution; there it runs on f32 copies and rounds once to
-/// bf16, which is what a GPU bf16 convolution does (f32 accumulation).
-#[derive(Debug, Clone)]
-struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
-    stride: usize,
-}
-
-/// Largest im2col buffer a convolution may allocate, in elements (512 MiB in f32).
-const MAX_IM2COL_ELEMENTS: usize = 1 << 27;
-
-impl Conv2d {
-    /// One convolution call with the given padding, plus the bias.
-    fn conv_once(&self, xs: &Tensor, padding: usize) -> candle_core::Result<Tensor> {
-        let out_channels = self.bias.dim(0)?;
-        let with_bias = |xs: &Tensor, weight: &Tensor, bias: &Tensor| {
-            xs.conv2d(weight, padding, self.stride, 1, 1)?
-                .broadcast_add(&bias.reshape((1, out_channels, 1, 1))?)
-        };
-        if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
-            let ys = with_bias(
-                &xs.to_dtype(DType::F32)?,
-                &self.weight.to_dtype(DType::F32)?,
-                &self.bias.to_dtype(DType::F32)?,
-            )?;
-            return ys.to_dtype(DType::BF16);
-        }
-        with_bias(xs, &self.weight, &self.bias)
-    }
-
-    fn forward_striped(&self, xs: &Tensor, max_im2col: usize) -> candle_core::Result<Tensor> {
-        let (batch, in_channels, height, width) = xs.dims4()?;
-        let kernel = self.weight.dim(3)?;
-        let (p, s) = (self.padding, self.stride);
-        if height + 2 * p < kernel || width + 2 * p < kernel {
-            // Let the kernel report the shape error.
-            return self.conv_once(xs, p);
-        }
-        let out_h = (height + 2 * p - kernel) / s + 1;
-        let out_w = (width + 2 * p - kernel) / s + 1;
-        let per_row = batch * in_channels * kernel * kernel * out_w;
-        let rows = (max_im2col / per_row.max(1)).max(1);
-        if rows >= out_h {
-            return self.conv_once(xs, p);
-        }
-        let mut stripes = Vec::with_capacity(out_h.div_ceil(rows));
-        for first in (0..out_h).step_by(rows) {
-            let last = (first + rows).min(out_h);
-            // Input rows [first*s - p, (last-1)*s - p + k) in padded coordinates.
-            let top = first * s;
-            let bottom = (last - 1) * s + kernel;
-            let lo = top.saturating_sub(p).min(height);
-            let hi = bottom.saturating_sub(p).min(height);
-            let pad_top = p.saturating_sub(top);
-            let pad_bottom = bottom.saturating_sub(p + height);
-            let stripe = xs
-                .narrow(2, lo, hi - lo)?
-                .pad_with_zeros(2, pad_top, pad_bottom)?
-                .pad_with_zeros(3, p, p)?;
-            stripes.push(self.conv_once(&stripe, 0)?);
-        }
-        Tensor::cat(&stripes, 2)
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_striped(xs, MAX_IM2COL_ELEMENTS)
-    }
-}
-
-fn conv2d(
+/// A VAE convolution: striped, since the decoder's full-resolution convolutions are the memory
+/// peak of a generation.
+fn striped_conv2d(
+    vb: VarBuilder,
     in_channels: usize,
     out_channels: usize,
     kernel: usize,
     padding: usize,
     stride: usize,
-    vb: VarBuilder,
 ) -> Result<Conv2d> {
-    Ok(Conv2d {
-        weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
-        bias: vb.get(out_channels, "bias")?,
-        padding,
-        stride,
-    })
+    Ok(conv2d(vb, in_channels, out_channels, kernel, padding, stride)?.striped())
 }
 
 /// `norm -> silu -> conv -> norm -> silu -> conv`, plus the (projected) input.
@@ -334,15 +249,22 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(in_ch: usize, out_ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         let conv_shortcut = if in_ch != out_ch {
-            Some(conv2d(in_ch, out_ch, 1, 0, 1, vb.pp("conv_shortcut"))?)
+            Some(striped_conv2d(
+                vb.pp("conv_shortcut"),
+                in_ch,
+                out_ch,
+                1,
+                0,
+                1,
+            )?)
         } else {
             None
         };
         Ok(Self {
             norm1: GroupNorm::new(groups, in_ch, vb.pp("norm1"))?,
-            conv1: conv2d(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: striped_conv2d(vb.pp("conv1"), in_ch, out_ch, 3, 1, 1)?,
             norm2: GroupNorm::new(groups, out_ch, vb.pp("norm2"))?,
-            conv2: conv2d(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: striped_conv2d(vb.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
             conv_shortcut,
         })
     }
@@ -391,7 +313,6 @@ impl AttentionBlock {
 impl Module for AttentionBlock {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let dtype = xs.dtype();
         // [b, c, h, w] -> [b, hw, c]: one token per latent pixel.
         let tokens = self
             .group_norm
@@ -402,17 +323,17 @@ impl Module for AttentionBlock {
         // Scores, softmax and the weighted sum run in f32, as torch's fused attention kernels
         // accumulate; the projections stay in the compute dtype. The f32 q/k/v copies (hw x c)
         // are small next to the decoder's activations.
-        let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * self.scale)?;
-        let k_t = self
-            .to_k
-            .forward(&tokens)?
-            .to_dtype(DType::F32)?
-            .t()?
-            .contiguous()?; // [b, c, hw]
-        let v = self.to_v.forward(&tokens)?.to_dtype(DType::F32)?;
+        let one_head = |t: Tensor| t.reshape((b, h * w, 1, c));
+        let attended = scaled_dot_product_attention(
+            &one_head(self.to_q.forward(&tokens)?)?,
+            &one_head(self.to_k.forward(&tokens)?)?,
+            &one_head(self.to_v.forward(&tokens)?)?,
+            self.scale,
+            AttentionPrecision::Full,
+            None,
+        )?
+        .reshape((b, h * w, c))?;
         drop(tokens);
-        let attended = attend_in_chunks(&q, &k_t, &v, ATTENTION_QUERY_CHUNK)?.to_dtype(dtype)?;
-        drop((q, k_t, v));
         let out = self
             .to_out
             .forward(&attended)?
@@ -420,27 +341,6 @@ impl Module for AttentionBlock {
             .reshape((b, c, h, w))?;
         xs + out
     }
-}
-
-/// `softmax(q k) v` over query chunks of `chunk` rows. Softmax is per query row, so this is
-/// exact, while the score matrix of a large image stays bounded. q: [b, n, c], k_t: [b, c, n],
-/// v: [b, n, c].
-fn attend_in_chunks(
-    q: &Tensor,
-    k_t: &Tensor,
-    v: &Tensor,
-    chunk: usize,
-) -> candle_core::Result<Tensor> {
-    let n = q.dim(1)?;
-    let mut chunks = Vec::with_capacity(n.div_ceil(chunk));
-    for start in (0..n).step_by(chunk) {
-        let len = chunk.min(n - start);
-        let scores = q.narrow(1, start, len)?.matmul(k_t)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        drop(scores);
-        chunks.push(probs.matmul(v)?);
-    }
-    Tensor::cat(&chunks, 1)
 }
 
 /// `resnet -> attention -> resnet` at the lowest resolution.
@@ -478,6 +378,23 @@ impl Module for MidBlock {
         }
         self.resnet_out.forward(&h)
     }
+}
+
+/// The `count` resnets of a block (`resnets.{j}` under `vb`), the first taking `in_ch` channels
+/// to `out_ch`.
+fn resnet_stack(
+    vb: &VarBuilder,
+    count: usize,
+    in_ch: usize,
+    out_ch: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock>> {
+    (0..count)
+        .map(|j| {
+            let from = if j == 0 { in_ch } else { out_ch };
+            ResnetBlock::new(from, out_ch, groups, vb.pp("resnets").pp(j))
+        })
+        .collect()
 }
 
 /// Encoder down block: resnets, then a stride-2 conv (except in the last block).
@@ -541,20 +458,15 @@ impl Encoder {
     fn new(cfg: &AutoencoderKlConfig, vb: VarBuilder) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
-        let conv_in = conv2d(cfg.in_channels, channels[0], 3, 1, 1, vb.pp("conv_in"))?;
+        let conv_in = striped_conv2d(vb.pp("conv_in"), cfg.in_channels, channels[0], 3, 1, 1)?;
         let mut down_blocks = Vec::with_capacity(channels.len());
         let mut in_ch = channels[0];
         for (i, &out_ch) in channels.iter().enumerate() {
             let block_vb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    let from = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(from, out_ch, groups, block_vb.pp("resnets").pp(j))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let resnets = resnet_stack(&block_vb, cfg.layers_per_block, in_ch, out_ch, groups)?;
             let downsample = if i + 1 < channels.len() {
                 let conv_vb = block_vb.pp("downsamplers").pp(0).pp("conv");
-                Some(conv2d(out_ch, out_ch, 3, 0, 2, conv_vb)?)
+                Some(striped_conv2d(conv_vb, out_ch, out_ch, 3, 0, 2)?)
             } else {
                 None
             };
@@ -576,7 +488,7 @@ impl Encoder {
             )?,
             conv_norm_out: GroupNorm::new(groups, last, vb.pp("conv_norm_out"))?,
             // Twice the latent channels: mean and log-variance.
-            conv_out: conv2d(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: striped_conv2d(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
     }
 }
@@ -609,7 +521,7 @@ impl Decoder {
         let groups = cfg.norm_num_groups;
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let top = reversed[0];
-        let conv_in = conv2d(cfg.latent_channels, top, 3, 1, 1, vb.pp("conv_in"))?;
+        let conv_in = striped_conv2d(vb.pp("conv_in"), cfg.latent_channels, top, 3, 1, 1)?;
         let mid_block =
             MidBlock::new(top, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
         let mut up_blocks = Vec::with_capacity(reversed.len());
@@ -617,15 +529,11 @@ impl Decoder {
         for (i, &out_ch) in reversed.iter().enumerate() {
             let block_vb = vb.pp("up_blocks").pp(i);
             // The decoder has one more resnet per block than the encoder.
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    let from = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(from, out_ch, groups, block_vb.pp("resnets").pp(j))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let count = cfg.layers_per_block + 1;
+            let resnets = resnet_stack(&block_vb, count, in_ch, out_ch, groups)?;
             let upsample = if i + 1 < reversed.len() {
                 let conv_vb = block_vb.pp("upsamplers").pp(0).pp("conv");
-                Some(conv2d(out_ch, out_ch, 3, 1, 1, conv_vb)?)
+                Some(striped_conv2d(conv_vb, out_ch, out_ch, 3, 1, 1)?)
             } else {
                 None
             };
@@ -638,7 +546,7 @@ impl Decoder {
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::new(groups, bottom, vb.pp("conv_norm_out"))?,
-            conv_out: conv2d(bottom, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: striped_conv2d(vb.pp("conv_out"), bottom, cfg.out_channels, 3, 1, 1)?,
         })
     }
 }
@@ -704,13 +612,27 @@ impl AutoencoderKl {
         cfg.validate()?;
         let moments = 2 * cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(conv2d(moments, moments, 1, 0, 1, vb.pp("quant_conv"))?)
+            Some(striped_conv2d(
+                vb.pp("quant_conv"),
+                moments,
+                moments,
+                1,
+                0,
+                1,
+            )?)
         } else {
             None
         };
         let latent = cfg.latent_channels;
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(conv2d(latent, latent, 1, 0, 1, vb.pp("post_quant_conv"))?)
+            Some(striped_conv2d(
+                vb.pp("post_quant_conv"),
+                latent,
+                latent,
+                1,
+                0,
+                1,
+            )?)
         } else {
             None
         };
@@ -833,53 +755,6 @@ mod tests {
                 "{json}"
             );
         }
-    }
-
-    #[test]
-    fn chunked_attention_equals_unchunked() -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
-        let k_t = Tensor::randn(0f32, 1.0, (2, 8, 37), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 37, 8), &dev)?;
-        let whole = attend_in_chunks(&q, &k_t, &v, 37)?;
-        let chunked = attend_in_chunks(&q, &k_t, &v, 5)?;
-        let diff = (whole - chunked)?.abs()?.flatten_all()?.max(0)?;
-        assert_eq!(diff.to_scalar::<f32>()?, 0.0);
-        Ok(())
-    }
-
-    #[test]
-    fn striped_convolution_equals_whole() -> Result<()> {
-        let dev = candle_core::Device::Cpu;
-        // (kernel, padding, stride, height, width): the VAE's 3x3 and 1x1 convolutions and its
-        // stride-2 downsampler (no padding, odd and even sizes).
-        for (kernel, padding, stride, height, width) in [
-            (3, 1, 1, 13, 7),
-            (1, 0, 1, 9, 5),
-            (3, 0, 2, 12, 9),
-            (3, 0, 2, 11, 8),
-        ] {
-            let conv = Conv2d {
-                weight: Tensor::randn(0f32, 1.0, (4, 3, kernel, kernel), &dev)?,
-                bias: Tensor::randn(0f32, 1.0, 4, &dev)?,
-                padding,
-                stride,
-            };
-            let xs = Tensor::randn(0f32, 1.0, (2, 3, height, width), &dev)?;
-            let whole = conv.conv_once(&xs, padding)?;
-            // Budgets of one, two and three output rows per stripe.
-            let per_row = 2 * 3 * kernel * kernel * whole.dim(3)?;
-            for rows in 1..=3 {
-                let striped = conv.forward_striped(&xs, rows * per_row)?;
-                assert_eq!(striped.dims(), whole.dims());
-                let diff = (&striped - &whole)?.abs()?.flatten_all()?.max(0)?;
-                assert!(
-                    diff.to_scalar::<f32>()? < 1e-5,
-                    "k{kernel} s{stride} rows {rows}"
-                );
-            }
-        }
-        Ok(())
     }
 
     #[test]

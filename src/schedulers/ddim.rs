@@ -5,7 +5,10 @@ use candle_core::Tensor;
 
 use super::config::{ClassDefaults, TimestepSpacing, DDPM_DEFAULTS};
 use super::sigmas::{np_arange, np_linspace, np_round, TrainSchedule};
-use super::{at, step_noise, weighted_sum, BatchNoise, PredictionType, Scheduler, SchedulerConfig};
+use super::{
+    alpha_add_noise, alpha_prediction_coefficients, at, step_noise, weighted_sum, BatchNoise,
+    PredictionType, Scheduler, SchedulerConfig,
+};
 use crate::{Error, Result};
 
 const DDIM_DEFAULTS: ClassDefaults = ClassDefaults {
@@ -91,28 +94,9 @@ impl Ddim {
     }
 }
 
-/// For `alpha` = alphas_cumprod[t]: `x0 = a * sample + b * model_output` and
-/// `eps = c * sample + d * model_output`, per prediction type.
-pub(crate) fn alpha_coefficients(prediction: PredictionType, alpha: f64) -> [(f64, f64); 2] {
-    let (sa, sb) = (alpha.sqrt(), (1.0 - alpha).sqrt());
-    match prediction {
-        PredictionType::Epsilon => [(1.0 / sa, -sb / sa), (0.0, 1.0)],
-        PredictionType::Sample => [(0.0, 1.0), (1.0 / sb, -sa / sb)],
-        PredictionType::VPrediction => [(sa, -sb), (sb, sa)],
-    }
-}
-
 impl Scheduler for Ddim {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(
@@ -130,7 +114,7 @@ impl Scheduler for Ddim {
         } else {
             self.final_alpha_cumprod
         };
-        let [(xa, xb), (ea, eb)] = alpha_coefficients(self.prediction, alpha);
+        let [(xa, xb), (ea, eb)] = alpha_prediction_coefficients(self.prediction, alpha);
         // DDIM eq. 16: sigma_t = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)).
         let variance = (1.0 - alpha_prev) / (1.0 - alpha) * (1.0 - alpha / alpha_prev);
         let std_dev = self.eta * variance.sqrt();
@@ -171,19 +155,4 @@ impl Scheduler for Ddim {
         let t = at(&self.int_timesteps, step_index, "timesteps")?;
         alpha_add_noise(&self.train, original, noise, t)
     }
-}
-
-/// img2img noising of the alpha-parameterised schedulers:
-/// `sqrt(a_t) * original + sqrt(1 - a_t) * noise`.
-pub(crate) fn alpha_add_noise(
-    train: &TrainSchedule,
-    original: &Tensor,
-    noise: &Tensor,
-    timestep: i64,
-) -> Result<Tensor> {
-    let alpha = train.alpha_cumprod(timestep)?;
-    weighted_sum(
-        &[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)],
-        original.dtype(),
-    )
 }

@@ -12,7 +12,10 @@ use super::config::{
     BetaSchedule, DpmAlgorithm, FinalSigmas, SolverType, TimestepSpacing, DDPM_DEFAULTS,
 };
 use super::sigmas::{self, interp_unit_grid, np_arange, np_linspace, np_round};
-use super::{at, step_noise, weighted_sum, BatchNoise, PredictionType, Scheduler, SchedulerConfig};
+use super::{
+    at, prediction_coefficients, step_noise, weighted_sum, BatchNoise, PredictionType, Scheduler,
+    SchedulerConfig,
+};
 use crate::{Error, Result};
 
 pub struct DpmSolverMultistep {
@@ -116,7 +119,7 @@ impl DpmSolverMultistep {
         };
 
         let train_sigmas = train.sigmas_f32();
-        let mut sigmas: Vec<f64> = if config.use_karras_sigmas.unwrap_or(false) {
+        let sigmas: Vec<f64> = if config.use_karras_sigmas.unwrap_or(false) {
             let sigma_min = config.sigma_min.unwrap_or(train_sigmas[0]);
             let sigma_max = config.sigma_max.unwrap_or(train_sigmas[n - 1]);
             let karras = sigmas::karras_sigmas(sigma_min, sigma_max, steps);
@@ -142,11 +145,7 @@ impl DpmSolverMultistep {
                 .collect()
         };
         let final_sigmas = config.final_sigmas_type.unwrap_or(FinalSigmas::Zero);
-        sigmas.push(match final_sigmas {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => train_sigmas[0],
-        });
-        let sigmas = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
+        let sigmas = sigmas::with_final_sigma(sigmas, final_sigmas, &train_sigmas);
         Ok(Self {
             timesteps,
             sigmas,
@@ -170,11 +169,7 @@ impl DpmSolverMultistep {
         sigma: f64,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let (a, b) = match self.prediction {
-            PredictionType::Epsilon => (1.0 / alpha_t, -sigma_t / alpha_t),
-            PredictionType::VPrediction => (alpha_t, -sigma_t),
-            PredictionType::Sample => (0.0, 1.0),
-        };
+        let [(a, b), _] = prediction_coefficients(self.prediction, alpha_t, sigma_t);
         weighted_sum(&[(a, sample), (b, model_output)], sample.dtype())
     }
 }
@@ -186,14 +181,6 @@ impl Scheduler for DpmSolverMultistep {
 
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
     }
 
     fn step(

@@ -1,15 +1,18 @@
-//! Euler sampler over noise levels sigma (Karras et al. 2022, "Elucidating the Design Space of
-//! Diffusion-Based Generative Models", Algorithm 2 without churn), as in k-diffusion and diffusers'
-//! `EulerDiscreteScheduler`, optionally on Karras sigmas.
+//! Euler samplers over noise levels sigma (Karras et al. 2022, "Elucidating the Design Space of
+//! Diffusion-Based Generative Models", Algorithm 2 without churn), as in k-diffusion:
 //!
-//! Also the sigma-schedule pieces the ancestral variant shares: timesteps, sigmas, input scaling,
-//! the data prediction from the model output and img2img noising.
+//! - Euler, diffusers' `EulerDiscreteScheduler`, optionally on Karras sigmas.
+//! - Euler ancestral ("Euler a"; k-diffusion `sample_euler_ancestral`), diffusers'
+//!   `EulerAncestralDiscreteScheduler`: an Euler step down to `sigma_down`, then fresh noise of
+//!   level `sigma_up` added back, so that the marginal at the next level is right. The fresh noise
+//!   comes from each image's own generator, continuing its stream, exactly as diffusers draws it
+//!   with a list of CPU generators, so a seed reproduces the same image.
 
 use candle_core::Tensor;
 
 use super::config::{ClassDefaults, FinalSigmas, PredictionType, TimestepSpacing, DDPM_DEFAULTS};
 use super::sigmas::{self, np_arange, np_linspace, np_round};
-use super::{at, weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
+use super::{at, step_noise, weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
 use crate::Result;
 
 /// A sigma schedule in the k-diffusion parameterisation `x = x0 + sigma * noise`.
@@ -79,12 +82,7 @@ impl SigmaSchedule {
                 .map(|&s| f64::from(sigmas::sigma_to_t(s, &log_sigmas) as f32))
                 .collect();
         }
-        let last = match final_sigmas {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => train_sigmas[0],
-        };
-        sigmas.push(last);
-        let sigmas: Vec<f64> = sigmas.into_iter().map(|s| f64::from(s as f32)).collect();
+        let sigmas = sigmas::with_final_sigma(sigmas, final_sigmas, &train_sigmas);
         let max_sigma = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max) as f32;
         let init_noise_sigma = match config.spacing(&defaults) {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
@@ -139,9 +137,10 @@ impl SigmaSchedule {
     }
 }
 
-/// `EulerDiscreteScheduler` (deterministic: no churn).
+/// `EulerDiscreteScheduler` (deterministic: no churn) or `EulerAncestralDiscreteScheduler`.
 pub struct Euler {
     schedule: SigmaSchedule,
+    ancestral: bool,
 }
 
 impl Euler {
@@ -162,8 +161,27 @@ impl Euler {
                 config.use_karras_sigmas.unwrap_or(false),
                 config.final_sigmas_type.unwrap_or(FinalSigmas::Zero),
             )?,
+            ancestral: false,
         })
     }
+
+    pub fn ancestral(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        // diffusers' ancestral class has no Karras or final-sigma options: plain interpolated
+        // sigmas ending at zero.
+        Ok(Self {
+            schedule: SigmaSchedule::euler(config, steps, false, FinalSigmas::Zero)?,
+            ancestral: true,
+        })
+    }
+}
+
+/// The ancestral split of the move from `sigma` to `sigma_next`: (sigma_down, sigma_up).
+fn ancestral_levels(sigma: f64, sigma_next: f64) -> (f64, f64) {
+    let up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next)
+        / (sigma * sigma))
+        .sqrt();
+    let down = (sigma_next * sigma_next - up * up).sqrt();
+    (down, up)
 }
 
 impl Scheduler for Euler {
@@ -188,15 +206,36 @@ impl Scheduler for Euler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        _noise: &mut BatchNoise,
+        noise: &mut BatchNoise,
     ) -> Result<Tensor> {
         let sigma = self.schedule.sigma(step_index)?;
         let sigma_next = self.schedule.sigma(step_index + 1)?;
-        let (cx, cm) = self.schedule.euler_coefficients(sigma, sigma_next - sigma);
-        weighted_sum(&[(cx, sample), (cm, model_output)], sample.dtype())
+        if !self.ancestral {
+            let (cx, cm) = self.schedule.euler_coefficients(sigma, sigma_next - sigma);
+            return weighted_sum(&[(cx, sample), (cm, model_output)], sample.dtype());
+        }
+        let (sigma_down, sigma_up) = ancestral_levels(sigma, sigma_next);
+        let (cx, cm) = self.schedule.euler_coefficients(sigma, sigma_down - sigma);
+        let fresh = step_noise(noise, model_output)?;
+        weighted_sum(
+            &[(cx, sample), (cm, model_output), (sigma_up, &fresh)],
+            sample.dtype(),
+        )
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         self.schedule.add_noise(original, noise, step_index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ancestral_levels;
+
+    #[test]
+    fn ancestral_split_preserves_variance() {
+        let (down, up) = ancestral_levels(3.0, 1.5);
+        assert!((down * down + up * up - 2.25).abs() < 1e-12);
+        assert_eq!(ancestral_levels(3.0, 0.0), (0.0, 0.0));
     }
 }

@@ -6,9 +6,11 @@
 use candle_core::Tensor;
 
 use super::config::{BetaSchedule, ClassDefaults, TimestepSpacing};
-use super::ddim::{alpha_add_noise, alpha_coefficients};
 use super::sigmas::{np_linspace, TrainSchedule};
-use super::{at, step_noise, weighted_sum, BatchNoise, PredictionType, Scheduler, SchedulerConfig};
+use super::{
+    alpha_add_noise, alpha_prediction_coefficients, at, step_noise, weighted_sum, BatchNoise,
+    PredictionType, Scheduler, SchedulerConfig,
+};
 use crate::{Error, Result};
 
 const LCM_DEFAULTS: ClassDefaults = ClassDefaults {
@@ -84,14 +86,6 @@ impl Scheduler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     fn step(
         &mut self,
         model_output: &Tensor,
@@ -109,7 +103,7 @@ impl Scheduler for Lcm {
         let alpha = self.train.alpha_cumprod(t)?;
         let alpha_prev = self.train.alpha_cumprod(prev_t)?;
         let (c_skip, c_out) = self.boundary_scalings(t);
-        let [(xa, xb), _] = alpha_coefficients(self.prediction, alpha);
+        let [(xa, xb), _] = alpha_prediction_coefficients(self.prediction, alpha);
         let dtype = sample.dtype();
         let denoised = match self.clip_range {
             None => weighted_sum(

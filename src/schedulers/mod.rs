@@ -1,8 +1,8 @@
 //! Diffusion samplers ("schedulers" in diffusers): they pick the timesteps the model is run at and
 //! turn each model prediction into the next, less noisy, latent.
 //!
-//! One file per family behind the [`Scheduler`] trait: DDIM, Euler, Euler ancestral, DPM-Solver++
-//! multistep and LCM, each numerically following its diffusers class. Names from every API
+//! One file per family behind the [`Scheduler`] trait: DDIM, Euler (with Euler ancestral),
+//! DPM-Solver++ multistep and LCM, each numerically following its diffusers class. Names from every API
 //! dialect parse into one [`SchedulerSpec`]; [`build`] combines it with the model's
 //! `scheduler_config.json` ([`SchedulerConfig`]) and a step count. Adding a scheduler is one file,
 //! one [`SchedulerKind`] arm and its names in [`SchedulerSpec::parse`]'s table.
@@ -11,7 +11,6 @@ mod config;
 mod ddim;
 mod dpm_multistep;
 mod euler;
-mod euler_ancestral;
 mod lcm;
 pub mod sigmas;
 
@@ -23,6 +22,7 @@ pub use config::{
     BetaSchedule, DpmAlgorithm, FinalSigmas, PredictionType, SchedulerConfig, SolverType,
     TimestepSpacing,
 };
+use sigmas::TrainSchedule;
 
 /// A sampler configured for one generation: its timesteps and how to step between them.
 pub trait Scheduler: Send {
@@ -33,10 +33,16 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
-    /// The factor diffusers multiplies the initial unit-variance noise by.
-    fn init_noise_sigma(&self) -> f64;
-    /// The model input for step `step_index` (sigma-based samplers divide by `sqrt(sigma^2 + 1)`).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    /// The factor diffusers multiplies the initial unit-variance noise by (1 unless the sampler
+    /// works on a sigma schedule).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The model input for step `step_index`: the sample itself, unless the sampler works on a
+    /// sigma schedule (Euler divides by `sqrt(sigma^2 + 1)`).
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// Advances from step `step_index` to the next; stochastic samplers draw from `noise`.
     fn step(
         &mut self,
@@ -263,9 +269,7 @@ pub fn build(
     Ok(match spec.kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&config, steps, spec.eta.unwrap_or(0.0))?),
         SchedulerKind::Euler => Box::new(euler::Euler::new(&config, steps)?),
-        SchedulerKind::EulerAncestral => {
-            Box::new(euler_ancestral::EulerAncestral::new(&config, steps)?)
-        }
+        SchedulerKind::EulerAncestral => Box::new(euler::Euler::ancestral(&config, steps)?),
         SchedulerKind::DpmSolverMultistep => {
             Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
         }
@@ -303,6 +307,49 @@ pub(crate) fn weighted_sum(terms: &[(f64, &Tensor)], out_dtype: DType) -> Result
         }
     };
     Ok(sum.to_dtype(out_dtype)?)
+}
+
+/// The model output read as the clean sample x0 and as the noise eps, each as coefficients
+/// `(a, b)` of `a * sample + b * model_output`, for a sample `alpha_t * x0 + sigma_t * eps` of the
+/// variance-preserving process: `[x0, eps]`.
+pub(crate) fn prediction_coefficients(
+    prediction: PredictionType,
+    alpha_t: f64,
+    sigma_t: f64,
+) -> [(f64, f64); 2] {
+    match prediction {
+        PredictionType::Epsilon => [(1.0 / alpha_t, -sigma_t / alpha_t), (0.0, 1.0)],
+        PredictionType::Sample => [(0.0, 1.0), (1.0 / sigma_t, -alpha_t / sigma_t)],
+        PredictionType::VPrediction => [(alpha_t, -sigma_t), (sigma_t, alpha_t)],
+    }
+}
+
+/// [`prediction_coefficients`] at training timestep `t` of an alpha-parameterised schedule,
+/// where `alpha_t = sqrt(alphas_cumprod[t])`.
+pub(crate) fn alpha_prediction_coefficients(
+    prediction: PredictionType,
+    alpha_cumprod: f64,
+) -> [(f64, f64); 2] {
+    prediction_coefficients(
+        prediction,
+        alpha_cumprod.sqrt(),
+        (1.0 - alpha_cumprod).sqrt(),
+    )
+}
+
+/// img2img noising of the alpha-parameterised schedulers:
+/// `sqrt(a_t) * original + sqrt(1 - a_t) * noise`.
+pub(crate) fn alpha_add_noise(
+    train: &TrainSchedule,
+    original: &Tensor,
+    noise: &Tensor,
+    timestep: i64,
+) -> Result<Tensor> {
+    let alpha = train.alpha_cumprod(timestep)?;
+    weighted_sum(
+        &[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)],
+        original.dtype(),
+    )
 }
 
 /// The per-image noise a stochastic step adds, shaped like `like` ([B, ...]), drawn from `noise`

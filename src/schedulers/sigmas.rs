@@ -9,7 +9,7 @@
 
 use crate::{Error, Result};
 
-use super::config::BetaSchedule;
+use super::config::{BetaSchedule, FinalSigmas};
 
 /// The training noise schedule: `alphas_cumprod[t]` for t in 0..num_train_timesteps, as float32
 /// values held in f64.
@@ -240,6 +240,20 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
         .into_iter()
         .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(RHO))
         .collect()
+}
+
+/// `sigmas` followed by the level the final step lands on (zero, or the smallest training sigma),
+/// every level rounded to float32 as diffusers stores them.
+pub fn with_final_sigma(
+    mut sigmas: Vec<f64>,
+    final_sigmas: FinalSigmas,
+    train_sigmas: &[f64],
+) -> Vec<f64> {
+    sigmas.push(match final_sigmas {
+        FinalSigmas::Zero => 0.0,
+        FinalSigmas::SigmaMin => train_sigmas[0],
+    });
+    sigmas.into_iter().map(|s| f64::from(s as f32)).collect()
 }
 
 /// The (fractional) training timestep whose noise level is `sigma`, interpolating linearly in

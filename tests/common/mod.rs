@@ -1,35 +1,107 @@
-//! Shared helpers of the integration tests: fixture paths, goldens, comparisons.
+//! Shared support of the integration tests: fixture paths and files, goldens, tensor and weight
+//! comparisons, scratch folders and an offline environment.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use sd_serve::pipeline::StableDiffusion;
 use sd_serve::registry::Registry;
+use sd_serve::weights::WeightStore;
+
+// ---- Fixture files ----
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-pub fn manifest() -> serde_json::Value {
-    let path = fixtures().join("goldens/manifest.json");
-    let text = std::fs::read_to_string(&path).expect("goldens/manifest.json");
-    serde_json::from_str(&text).expect("manifest is JSON")
+/// A JSON file, parsed; panics naming the file.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A golden file's tensors, as f32 on the CPU (ids stay integers).
+/// A safetensors file as a `VarBuilder` in `dtype` on `device`.
+pub fn var_builder(weights: &Path, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    // SAFETY: the fixture files are not modified while the tests run.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
+        .unwrap_or_else(|e| panic!("{}: {e}", weights.display()))
+}
+
+/// `pad_token` and `model_max_length` of a tokenizer folder's `tokenizer_config.json`.
+pub fn tokenizer_settings(folder: &Path) -> (String, usize) {
+    let config = read_json(&folder.join("tokenizer_config.json"));
+    let pad = config["pad_token"]
+        .as_str()
+        .or_else(|| config["pad_token"]["content"].as_str())
+        .expect("tokenizer_config.json names a pad token");
+    let max_len = config["model_max_length"]
+        .as_u64()
+        .expect("tokenizer_config.json has model_max_length") as usize;
+    (pad.to_string(), max_len)
+}
+
+// ---- Goldens ----
+
+pub fn manifest() -> serde_json::Value {
+    read_json(&fixtures().join("goldens/manifest.json"))
+}
+
+/// A golden file's tensors, on the CPU in their stored dtypes.
 pub fn load_goldens(file: &str) -> HashMap<String, Tensor> {
     let path = fixtures().join("goldens").join(file);
     candle_core::safetensors::load(&path, &Device::Cpu)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+// ---- Tensor comparisons ----
+
+/// The values of a tensor, flattened, as f32.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The values of a tensor, flattened, as f64.
+pub fn flat64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// `|a - b|` elementwise in f32, flattened; the shapes must agree.
+fn abs_diff(a: &Tensor, b: &Tensor) -> Tensor {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b)
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    abs_diff(a, b).max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    abs_diff(a, b)
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The largest magnitude in a tensor, in f32.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
         .unwrap()
         .abs()
         .unwrap()
@@ -40,6 +112,135 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+pub fn all_finite(t: &Tensor) -> bool {
+    flat(t).iter().all(|v| v.is_finite())
+}
+
+/// Largest `|a - b| / max(1, |b|)` over two lists of the same length, computed in f64.
+pub fn max_rel_err<T: Copy + Into<f64>>(ours: &[T], reference: &[T]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "lengths differ");
+    ours.iter()
+        .zip(reference)
+        .map(|(&a, &b)| {
+            let (a, b): (f64, f64) = (a.into(), b.into());
+            (a - b).abs() / b.abs().max(1.0)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// [`max_rel_err`] between two tensors of the same shape.
+pub fn max_rel_err_tensors(ours: &Tensor, reference: &Tensor) -> f64 {
+    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
+    max_rel_err(&flat64(ours), &flat64(reference))
+}
+
+// ---- Weight stores ----
+
+pub fn names(store: &WeightStore) -> BTreeSet<String> {
+    store.names().map(str::to_string).collect()
+}
+
+/// Requires both stores to hold the same names and shapes, and returns the largest absolute
+/// difference of their values (compared in f32).
+pub fn max_abs_store_diff(what: &str, a: &WeightStore, b: &WeightStore) -> f32 {
+    let (na, nb) = (names(a), names(b));
+    assert_eq!(
+        na,
+        nb,
+        "{what}: key sets differ; only left: {:?}; only right: {:?}",
+        na.difference(&nb).take(10).collect::<Vec<_>>(),
+        nb.difference(&na).take(10).collect::<Vec<_>>()
+    );
+    let mut worst = 0f32;
+    for name in &na {
+        let (x, y) = (a.get(name).unwrap(), b.get(name).unwrap());
+        assert_eq!(x.dims(), y.dims(), "{what}: shape of {name}");
+        let x = x.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let y = y.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap_or(0.0);
+        worst = worst.max(d);
+    }
+    worst
+}
+
+// ---- Scratch folders and environment ----
+
+fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join(format!("sd-serve-test-{}", std::process::id()))
+}
+
+/// A fresh scratch folder under the system temp folder, unique per process and name, removed
+/// when dropped.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch(name: &str) -> Scratch {
+    let dir = scratch_root().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch folder");
+    Scratch(dir)
+}
+
+static ENV: Once = Once::new();
+
+/// Points every cache at a scratch folder and forbids the network, once per test binary and
+/// before any test reads the environment (every test that loads through the registry or the
+/// weights module calls this first).
+pub fn setup() {
+    ENV.call_once(|| {
+        let root = scratch_root();
+        std::env::set_var("SD_SERVE_CACHE", root.join("sd-serve-cache"));
+        std::env::set_var("HF_HOME", root.join("empty-hf-home"));
+        std::env::remove_var("HF_HUB_CACHE");
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    });
+}
+
+/// Copies a folder recursively, following symlinks, skipping files for which `skip` is true.
+pub fn copy_dir(from: &Path, to: &Path, skip: &dyn Fn(&Path) -> bool) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        if skip(&src) {
+            continue;
+        }
+        if src.is_dir() {
+            copy_dir(&src, &dst, skip);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+// ---- Models ----
 
 pub fn registry() -> Registry {
     Registry::from_file(&fixtures().join("models.toml")).expect("tests/fixtures/models.toml")

@@ -6,89 +6,8 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 
+use crate::models::layers::{scaled_dot_product_attention, AttentionPrecision};
 use crate::{Error, Result};
-
-/// Largest block of attention scores computed at once, counted as f32. At 512x512, SD 1.x with
-/// classifier-free guidance would otherwise hold 2 x 8 heads x 4096^2 scores (1 GiB) at once.
-const SCORE_BLOCK_BYTES: usize = 512 << 20;
-
-/// Softmax attention over `[batch, tokens, heads, head_dim]` queries and
-/// `[batch, context_tokens, heads, head_dim]` keys and values; returns
-/// `[batch, tokens, heads, head_dim]` (possibly a strided view).
-///
-/// The layout is that of fused attention kernels, so one can replace this function as is.
-/// With f16/bf16 inputs the softmax runs in f32; `upcast` also computes the scores in f32 (for
-/// checkpoints whose configs ask for `upcast_attention`, where f16 scores can overflow).
-pub fn scaled_dot_product_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    upcast: bool,
-) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, scale, upcast, SCORE_BLOCK_BYTES)
-}
-
-fn attention_in_blocks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    upcast: bool,
-    block_bytes: usize,
-) -> Result<Tensor> {
-    let (b, n, heads, head_dim) = q.dims4()?;
-    let m = k.dim(1)?;
-    // Heads become a batch dimension; scaling q is folded into the copy that transposition
-    // needs anyway, and keeps the scores small.
-    let q = (q.transpose(1, 2)? * scale)?.reshape((b * heads, n, head_dim))?;
-    let k = k
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * heads, m, head_dim))?;
-    let v = v
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * heads, m, head_dim))?;
-    let (q, k) = if upcast {
-        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-    } else {
-        (q, k)
-    };
-
-    // Queries attend independently: take them in blocks of rows to bound the scores' memory.
-    let rows = (block_bytes / (b * heads * m * 4)).max(1);
-    let out = if rows >= n {
-        attend(&q, &k, &v)?
-    } else {
-        let blocks = (0..n)
-            .step_by(rows)
-            .map(|start| attend(&q.narrow(1, start, rows.min(n - start))?, &k, &v))
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&blocks, 1)?
-    };
-    Ok(out.reshape((b, heads, n, head_dim))?.transpose(1, 2)?)
-}
-
-/// softmax(q k^T) v over `[batch * heads, tokens, head_dim]`, q already scaled; the scores are
-/// in the dtype of q and k, the output in that of v.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let scores = q.matmul(&k.t()?)?;
-    let probs = softmax_last_dim_f32(&scores)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(v)?)
-}
-
-/// Softmax over the last dimension, accumulated in f32.
-fn softmax_last_dim_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    // candle's CUDA kernel already accumulates f16/bf16 in f32; elsewhere the reduction would run
-    // in the half type, so widen first.
-    if matches!(dtype, DType::F32 | DType::F64) || x.device().is_cuda() {
-        Ok(candle_nn::ops::softmax_last_dim(x)?)
-    } else {
-        Ok(candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?)
-    }
-}
 
 /// Multi-head attention with separate q/k/v projections (no bias) and a biased output
 /// projection; diffusers' `Attention` as the transformer blocks configure it.
@@ -101,7 +20,7 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
-    upcast: bool,
+    precision: AttentionPrecision,
 }
 
 impl Attention {
@@ -122,7 +41,11 @@ impl Attention {
             heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
-            upcast,
+            precision: if upcast {
+                AttentionPrecision::Scores
+            } else {
+                AttentionPrecision::Softmax
+            },
         })
     }
 
@@ -135,11 +58,8 @@ impl Attention {
         let q = split(self.to_q.forward(x)?, n)?;
         let k = split(self.to_k.forward(context)?, m)?;
         let v = split(self.to_v.forward(context)?, m)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, self.upcast)?.reshape((
-            b,
-            n,
-            self.heads * self.head_dim,
-        ))?;
+        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, self.precision, None)?
+            .reshape((b, n, self.heads * self.head_dim))?;
         Ok(self.to_out.forward(&out)?)
     }
 }
@@ -343,41 +263,5 @@ impl Transformer2DModel {
             .broadcast_add(&self.proj_out_bias)?
             .reshape((b, c, h, w))?;
         Ok((out + x)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use candle_core::{DType, Device, Tensor};
-
-    #[test]
-    fn blocks_of_query_rows_give_the_same_attention() {
-        let values = |shape: (usize, usize, usize, usize), phase: f64| {
-            let n = shape.0 * shape.1 * shape.2 * shape.3;
-            Tensor::arange(0f32, n as f32, &Device::Cpu)
-                .unwrap()
-                .affine(12.9898, phase)
-                .unwrap()
-                .sin()
-                .unwrap()
-                .reshape(shape)
-                .unwrap()
-        };
-        let q = values((2, 37, 3, 8), 0.1);
-        let k = values((2, 11, 3, 8), 0.2);
-        let v = values((2, 11, 3, 8), 0.3);
-        let whole = super::attention_in_blocks(&q, &k, &v, 0.3, false, usize::MAX).unwrap();
-        // 2 x 3 heads x 11 keys x 4 bytes per query row: blocks of 5 rows, then a last one of 2.
-        let blocked = super::attention_in_blocks(&q, &k, &v, 0.3, false, 5 * 264).unwrap();
-        assert_eq!(blocked.dims(), &[2, 37, 3, 8]);
-        let diff = (whole - blocked)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap();
-        let max = diff.max(0).unwrap().to_dtype(DType::F32).unwrap();
-        // Same arithmetic; the matmul may block a shorter row count differently (f32 ulps).
-        assert!(max.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

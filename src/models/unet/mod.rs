@@ -19,12 +19,12 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
-pub use attention::scaled_dot_product_attention;
 use attention::TransformerSettings;
 use blocks::{CrossAttention, DownBlock, MidBlock, UpBlock};
 use embeddings::{SinusoidalEmbedding, TimestepEmbedding};
-use resnet::{conv2d, Conv2d, ResnetSettings, TimeEmbeddingNorm};
+use resnet::{ResnetSettings, TimeEmbeddingNorm};
 
+use crate::models::layers::{conv2d, Conv2d};
 use crate::{Error, Result};
 
 /// A setting given once for all blocks or once per block (or layer).

@@ -2,10 +2,11 @@
 //! them: the time-conditioned residual block of DDPM (Ho et al. 2020; He et al. 2016 for the
 //! residual form), and the stride-2 convolution / nearest-neighbour upsampling between levels.
 
-use candle_core::{DType, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, Module, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{GroupNorm, Linear, Module, VarBuilder};
 
 use super::Activation;
+use crate::models::layers::{conv2d, Conv2d};
 use crate::Result;
 
 /// How a ResNet block injects the time embedding (diffusers' `resnet_time_scale_shift`).
@@ -26,54 +27,6 @@ pub(crate) struct ResnetSettings {
     pub temb_channels: usize,
     pub time_embedding_norm: TimeEmbeddingNorm,
     pub output_scale_factor: f64,
-}
-
-/// A 2-D convolution with bias.
-#[derive(Debug, Clone)]
-pub(crate) struct Conv2d(candle_nn::Conv2d);
-
-impl Conv2d {
-    pub(crate) fn weight(&self) -> &Tensor {
-        self.0.weight()
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // candle's CPU backend has no bf16 convolution: run it on f32 copies and round once,
-        // which is what a GPU bf16 convolution does (it accumulates in f32).
-        if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let weight = self.0.weight().to_dtype(DType::F32)?;
-            let bias = self.0.bias().map(|b| b.to_dtype(DType::F32)).transpose()?;
-            let conv = candle_nn::Conv2d::new(weight, bias, *self.0.config());
-            return conv
-                .forward(&x.to_dtype(DType::F32)?)?
-                .to_dtype(DType::BF16);
-        }
-        self.0.forward(x)
-    }
-}
-
-pub(crate) fn conv2d(
-    vb: VarBuilder,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    padding: usize,
-    stride: usize,
-) -> Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        config,
-        vb,
-    )?))
 }
 
 /// diffusers' `ResnetBlock2D`: GroupNorm, act, conv, + time embedding, GroupNorm, act, conv,
