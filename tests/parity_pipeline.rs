@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
-use sd_serve::schedulers::SchedulerSpec;
+use sd_serve::schedulers::{SchedulerConfig, SchedulerSpec};
 
 use common::{fixtures, load_goldens, manifest, max_abs_diff, pipeline};
 
@@ -31,9 +31,8 @@ fn request_for(case: &serde_json::Value) -> GenerationRequest {
     req.clip_skip = case["clip_skip"].as_u64().map(|v| v as usize);
     let mut spec = SchedulerSpec::parse(case["scheduler"].as_str().expect("scheduler"))
         .expect("golden scheduler name parses");
-    if let Some(karras) = case["scheduler_overrides"]["use_karras_sigmas"].as_bool() {
-        spec.karras = Some(karras);
-    }
+    spec.overrides = SchedulerConfig::from_json(&case["scheduler_overrides"])
+        .expect("golden scheduler overrides parse");
     req.scheduler = Some(spec);
     if let Some(strength) = case["strength"].as_f64() {
         let path = fixtures().join(case["init_image"].as_str().expect("init image path"));

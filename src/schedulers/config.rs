@@ -134,6 +134,16 @@ impl SchedulerConfig {
             .map_err(|e| Error::Scheduler(format!("scheduler config: {e}")))
     }
 
+    /// The config with every field `overrides` sets replacing its own.
+    pub fn overridden_by(&self, overrides: &SchedulerConfig) -> Result<Self> {
+        let mut set = serde_json::to_value(overrides)
+            .map_err(|e| Error::Scheduler(format!("scheduler options: {e}")))?;
+        if let Some(map) = set.as_object_mut() {
+            map.retain(|key, value| !value.is_null() && key != "_class_name");
+        }
+        self.with_overrides(&set)
+    }
+
     /// The config with the fields of `overrides` (a JSON object) replacing its own, as diffusers'
     /// `from_config(config, **overrides)` does.
     pub fn with_overrides(&self, overrides: &serde_json::Value) -> Result<Self> {

@@ -82,15 +82,15 @@ impl SchedulerKind {
     }
 }
 
-/// A scheduler choice as a client names it: the family plus the options a name can imply
-/// ("DPM++ 2M Karras" = multistep DPM-Solver++ with Karras sigmas). `None` keeps the config's value.
-#[derive(Debug, Clone, PartialEq)]
+/// A scheduler choice as a client makes it: the family plus the scheduler-config values the
+/// choice sets over the model's own `scheduler_config.json`, either implied by the name
+/// ("DPM++ 2M Karras" = multistep DPM-Solver++ with `use_karras_sigmas`) or sent as options
+/// (`use_karras_sigmas`, `algorithm_type`, `solver_order`, `timestep_spacing`, ...).
+#[derive(Debug, Clone)]
 pub struct SchedulerSpec {
     pub kind: SchedulerKind,
-    /// Karras sigmas (Euler, DPM-Solver); overrides `use_karras_sigmas`.
-    pub karras: Option<bool>,
-    /// DPM-Solver variant; overrides `algorithm_type`.
-    pub algorithm_type: Option<DpmAlgorithm>,
+    /// Fields set here replace the model config's; `None` keeps the model's value.
+    pub overrides: SchedulerConfig,
     /// DDIM's eta (0 = deterministic DDIM, 1 = DDPM-like); a call argument in diffusers.
     pub eta: Option<f64>,
 }
@@ -202,8 +202,7 @@ impl SchedulerSpec {
     pub fn new(kind: SchedulerKind) -> Self {
         Self {
             kind,
-            karras: None,
-            algorithm_type: None,
+            overrides: SchedulerConfig::default(),
             eta: None,
         }
     }
@@ -223,11 +222,11 @@ impl SchedulerSpec {
         NAMES
             .iter()
             .find(|named| named.aliases.contains(&key.as_str()))
-            .map(|named| Self {
-                kind: named.kind,
-                karras: named.karras,
-                algorithm_type: named.algorithm_type,
-                eta: None,
+            .map(|named| {
+                let mut spec = Self::new(named.kind);
+                spec.overrides.use_karras_sigmas = named.karras;
+                spec.overrides.algorithm_type = named.algorithm_type;
+                spec
             })
             .ok_or_else(|| {
                 let accepted: Vec<&str> = NAMES.iter().map(|named| named.shown).collect();
@@ -258,13 +257,7 @@ pub fn build(
             "num_inference_steps must be <= {num_train} (the model's training timesteps). Given: {num_inference_steps}"
         )));
     }
-    let mut config = config.clone();
-    if let Some(karras) = spec.karras {
-        config.use_karras_sigmas = Some(karras);
-    }
-    if let Some(algorithm) = spec.algorithm_type {
-        config.algorithm_type = Some(algorithm);
-    }
+    let config = config.overridden_by(&spec.overrides)?;
     let steps = num_inference_steps;
     Ok(match spec.kind {
         SchedulerKind::Ddim => Box::new(ddim::Ddim::new(&config, steps, spec.eta.unwrap_or(0.0))?),
@@ -423,11 +416,14 @@ mod tests {
         for &(name, kind, karras) in cases {
             let spec = SchedulerSpec::parse(name).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(spec.kind, kind, "{name}");
-            assert_eq!(spec.karras, karras, "{name}");
+            assert_eq!(spec.overrides.use_karras_sigmas, karras, "{name}");
         }
         let sde = SchedulerSpec::parse("DPM++ 2M SDE Karras").unwrap();
-        assert_eq!(sde.algorithm_type, Some(DpmAlgorithm::SdeDpmSolverPlusPlus));
-        assert_eq!(sde.karras, Some(true));
+        assert_eq!(
+            sde.overrides.algorithm_type,
+            Some(DpmAlgorithm::SdeDpmSolverPlusPlus)
+        );
+        assert_eq!(sde.overrides.use_karras_sigmas, Some(true));
     }
 
     #[test]
