@@ -61,14 +61,17 @@ pub enum DpmAlgorithm {
     SdeDpmSolver,
 }
 
-/// The second-order update rule of the multistep solver.
+/// The higher-order update rule of a multistep solver: DPM-Solver's midpoint or Heun form, DEIS'
+/// logrho, UniPC's bh1 or bh2 (its B(h) = h or e^h - 1). A class given another family's name uses
+/// its own default instead, as diffusers does when it loads such a config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SolverType {
-    // diffusers maps the UniPC / DEIS solver names onto midpoint when loading their configs.
-    #[serde(alias = "logrho", alias = "bh1", alias = "bh2")]
     Midpoint,
     Heun,
+    Logrho,
+    Bh1,
+    Bh2,
 }
 
 /// A deserialised `scheduler_config.json`. `None` means "not set in the file": the scheduler being
@@ -112,6 +115,9 @@ pub struct SchedulerConfig {
     pub euler_at_final: Option<bool>,
     pub lambda_min_clipped: Option<f64>,
     pub variance_type: Option<String>,
+    // UniPC
+    pub predict_x0: Option<bool>,
+    pub disable_corrector: Option<Vec<usize>>,
     // LCM
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,

@@ -35,12 +35,12 @@ pub struct DpmSolverMultistep {
 }
 
 /// The VP-SDE pair (alpha_t, sigma_t) of a Karras noise level sigma.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
-fn lambda(sigma: f64) -> f64 {
+pub(crate) fn lambda(sigma: f64) -> f64 {
     let (alpha, sigma_t) = alpha_sigma(sigma);
     alpha.ln() - sigma_t.ln()
 }
@@ -152,7 +152,11 @@ impl DpmSolverMultistep {
             prediction: config.prediction(),
             algorithm,
             solver_order,
-            solver_type: config.solver_type.unwrap_or(SolverType::Midpoint),
+            // Only "heun" selects the Heun form; the other families' names mean midpoint here.
+            solver_type: match config.solver_type {
+                Some(SolverType::Heun) => SolverType::Heun,
+                _ => SolverType::Midpoint,
+            },
             lower_order_final: config.lower_order_final.unwrap_or(true),
             euler_at_final: config.euler_at_final.unwrap_or(false),
             final_sigmas,
