@@ -13,6 +13,9 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
+// Second-order, singlestep, UniPC and SDE samplers.
+mod heun;
+mod kdpm2;
 
 use candle_core::{DType, Tensor};
 
@@ -67,6 +70,9 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmSolverMultistep,
     Lcm,
+    Heun,
+    Kdpm2,
+    Kdpm2Ancestral,
 }
 
 impl SchedulerKind {
@@ -78,6 +84,9 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Heun => "HeunDiscreteScheduler",
+            SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
+            SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
         }
     }
 }
@@ -194,6 +203,57 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
+        // Second-order k-diffusion samplers, DPM-Solver singlestep and SDE, UniPC.
+        named("Heun", &["heun", "kheun"], Heun, Some(false), None),
+        named(
+            "Heun Karras",
+            &["heunkarras", "kheunkarras"],
+            Heun,
+            Some(true),
+            None,
+        ),
+        named("HeunDiscreteScheduler", &["heundiscrete"], Heun, None, None),
+        named("DPM2", &["dpm2", "kdpm2"], Kdpm2, Some(false), None),
+        named(
+            "DPM2 Karras",
+            &["dpm2karras", "kdpm2karras"],
+            Kdpm2,
+            Some(true),
+            None,
+        ),
+        named(
+            "KDPM2DiscreteScheduler",
+            &["kdpm2discrete"],
+            Kdpm2,
+            None,
+            None,
+        ),
+        named(
+            "DPM2 a",
+            &["dpm2a", "kdpm2a", "dpm2ancestral", "kdpm2ancestral"],
+            Kdpm2Ancestral,
+            Some(false),
+            None,
+        ),
+        named(
+            "DPM2 a Karras",
+            &[
+                "dpm2akarras",
+                "kdpm2akarras",
+                "dpm2ancestralkarras",
+                "kdpm2ancestralkarras",
+            ],
+            Kdpm2Ancestral,
+            Some(true),
+            None,
+        ),
+        named(
+            "KDPM2AncestralDiscreteScheduler",
+            &["kdpm2ancestraldiscrete"],
+            Kdpm2Ancestral,
+            None,
+            None,
+        ),
     ]
 };
 
@@ -267,6 +327,9 @@ pub fn build(
             Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
         }
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&config, steps)?),
+        SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
+        SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(&config, steps)?),
+        SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::ancestral(&config, steps)?),
     })
 }
 
