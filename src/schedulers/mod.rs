@@ -14,6 +14,7 @@ mod euler;
 mod lcm;
 pub mod sigmas;
 // Second-order, singlestep, UniPC and SDE samplers.
+pub mod dpm_sde;
 mod heun;
 mod kdpm2;
 
@@ -73,6 +74,7 @@ pub enum SchedulerKind {
     Heun,
     Kdpm2,
     Kdpm2Ancestral,
+    DpmSolverSde,
 }
 
 impl SchedulerKind {
@@ -87,6 +89,7 @@ impl SchedulerKind {
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
             SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SchedulerKind::DpmSolverSde => "DPMSolverSDEScheduler",
         }
     }
 }
@@ -254,6 +257,32 @@ const NAMES: &[NamedSpec] = {
             None,
             None,
         ),
+        named(
+            "DPM++ SDE",
+            &["dpm++sde", "dpmppsde", "kdpmppsde", "dpmppsdegpu"],
+            DpmSolverSde,
+            Some(false),
+            None,
+        ),
+        named(
+            "DPM++ SDE Karras",
+            &[
+                "dpm++sdekarras",
+                "dpmppsdekarras",
+                "kdpmppsdekarras",
+                "dpmppsdegpukarras",
+            ],
+            DpmSolverSde,
+            Some(true),
+            None,
+        ),
+        named(
+            "DPMSolverSDEScheduler",
+            &["dpmsolversde"],
+            DpmSolverSde,
+            None,
+            None,
+        ),
     ]
 };
 
@@ -330,6 +359,7 @@ pub fn build(
         SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
         SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(&config, steps)?),
         SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::ancestral(&config, steps)?),
+        SchedulerKind::DpmSolverSde => Box::new(dpm_sde::DpmSolverSde::new(&config, steps)?),
     })
 }
 
