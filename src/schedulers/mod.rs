@@ -15,8 +15,10 @@ mod lcm;
 pub mod sigmas;
 // Second-order, singlestep, UniPC and SDE samplers.
 pub mod dpm_sde;
+mod dpm_singlestep;
 mod heun;
 mod kdpm2;
+mod unipc;
 
 use candle_core::{DType, Tensor};
 
@@ -74,6 +76,8 @@ pub enum SchedulerKind {
     Heun,
     Kdpm2,
     Kdpm2Ancestral,
+    DpmSolverSinglestep,
+    UniPcMultistep,
     DpmSolverSde,
 }
 
@@ -89,6 +93,8 @@ impl SchedulerKind {
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
             SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SchedulerKind::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
+            SchedulerKind::UniPcMultistep => "UniPCMultistepScheduler",
             SchedulerKind::DpmSolverSde => "DPMSolverSDEScheduler",
         }
     }
@@ -257,6 +263,29 @@ const NAMES: &[NamedSpec] = {
             None,
             None,
         ),
+        // Singlestep DPM-Solver++ of order 2 (the class default order). Not "DPM++ 2S a": that
+        // sampler adds ancestral noise and steps through lambda midpoints, a different algorithm.
+        named(
+            "DPM++ 2S",
+            &["dpm++2s", "dpmpp2s"],
+            DpmSolverSinglestep,
+            Some(false),
+            PP,
+        ),
+        named(
+            "DPM++ 2S Karras",
+            &["dpm++2skarras", "dpmpp2skarras"],
+            DpmSolverSinglestep,
+            Some(true),
+            PP,
+        ),
+        named(
+            "DPMSolverSinglestepScheduler",
+            &["dpmsolversinglestep"],
+            DpmSolverSinglestep,
+            None,
+            None,
+        ),
         named(
             "DPM++ SDE",
             &["dpm++sde", "dpmppsde", "kdpmppsde", "dpmppsdegpu"],
@@ -280,6 +309,27 @@ const NAMES: &[NamedSpec] = {
             "DPMSolverSDEScheduler",
             &["dpmsolversde"],
             DpmSolverSde,
+            None,
+            None,
+        ),
+        named(
+            "UniPC",
+            &["unipc", "unipcbh2"],
+            UniPcMultistep,
+            Some(false),
+            None,
+        ),
+        named(
+            "UniPC Karras",
+            &["unipckarras", "unipcbh2karras"],
+            UniPcMultistep,
+            Some(true),
+            None,
+        ),
+        named(
+            "UniPCMultistepScheduler",
+            &["unipcmultistep"],
+            UniPcMultistep,
             None,
             None,
         ),
@@ -359,6 +409,10 @@ pub fn build(
         SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
         SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(&config, steps)?),
         SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::ancestral(&config, steps)?),
+        SchedulerKind::DpmSolverSinglestep => {
+            Box::new(dpm_singlestep::DpmSolverSinglestep::new(&config, steps)?)
+        }
+        SchedulerKind::UniPcMultistep => Box::new(unipc::UniPc::new(&config, steps)?),
         SchedulerKind::DpmSolverSde => Box::new(dpm_sde::DpmSolverSde::new(&config, steps)?),
     })
 }
