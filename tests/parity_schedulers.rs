@@ -2,7 +2,9 @@
 //! ("schedulers") builds our scheduler from the case's class name and the SD 1.5 scheduler config
 //! plus overrides, runs the fixture's loop with the same stand-in model and the same seeded noise,
 //! and compares timesteps, sigmas, init_noise_sigma and the sample after every step, and img2img
-//! `add_noise`.
+//! `add_noise`. Two-evaluation samplers (Heun, KDPM2, DPM++ SDE) list every model evaluation as a
+//! timestep, as diffusers does, so the loop is the same for all. DPM++ SDE cases replace the
+//! Brownian noise with the fixture's deterministic stand-in (`noise_sampler: "sde_stand_in"`).
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::noise::BatchNoise;
+use sd_serve::schedulers::dpm_sde::{DpmSolverSde, SdeNoise};
 use sd_serve::schedulers::{build, Scheduler, SchedulerConfig, SchedulerSpec};
 
 use common::{flat64, load_goldens, manifest, max_rel_err, max_rel_err_tensors};
@@ -23,6 +26,12 @@ const SAMPLE_TOL: f64 = 1e-5;
 // Schedules are rounded to float32 where diffusers rounds them, but torch's vectorised sqrt is
 // not always correctly rounded: sigmas may differ by one f32 ulp (1.2e-7 relative).
 const SCALAR_TOL: f64 = 1e-6;
+// Timesteps mapped back from f32 noise levels (KDPM2's midpoints): torch's vectorised log, lerp
+// and exp land up to ~13 f32 ulps (1.6e-6 relative) from correctly rounded ones, and the map to t
+// divides a log-sigma error by the log-sigma spacing of the training steps (0.35 at t = 0), so up
+// to ~5e-6 near t = 0 (seen: 1.4e-6, KDPM2 ancestral's last midpoint, 0 in diffusers); a wrong
+// timestep is off by 1e-3 or more.
+const TIMESTEP_TOL: f64 = 5e-6;
 
 /// One golden case: a scheduler class on the base config plus overrides, and diffusers' outputs.
 struct Case {
@@ -31,13 +40,77 @@ struct Case {
     steps: usize,
     config: SchedulerConfig,
     add_noise_step: usize,
+    /// The noise source the golden's SDE sampler used instead of a Brownian tree, if any.
+    noise_sampler: Option<String>,
     golden: HashMap<String, Tensor>,
 }
 
 impl Case {
+    /// Our scheduler for the case's class (a class we do not know fails the test).
     fn scheduler(&self) -> Box<dyn Scheduler> {
-        let spec = SchedulerSpec::parse(&self.class).unwrap();
-        build(&spec, &self.config, self.steps).unwrap()
+        match self.noise_sampler.as_deref() {
+            None => {
+                let spec = SchedulerSpec::parse(&self.class)
+                    .unwrap_or_else(|e| panic!("{}: {e}", self.name));
+                build(&spec, &self.config, self.steps).unwrap()
+            }
+            Some("sde_stand_in") => {
+                assert_eq!(self.class, "DPMSolverSDEScheduler", "{}", self.name);
+                let calls = flat64(&self.golden["sde_noise_calls"]);
+                let stand_in = StandInSdeNoise {
+                    calls: calls.chunks(2).map(|c| (c[0], c[1])).collect(),
+                    next: 0,
+                    name: self.name.clone(),
+                };
+                Box::new(
+                    DpmSolverSde::with_noise(&self.config, self.steps, Box::new(stand_in)).unwrap(),
+                )
+            }
+            Some(other) => panic!("{}: unknown noise sampler `{other}`", self.name),
+        }
+    }
+}
+
+/// The fixture's replacement for DPM++ SDE's Brownian tree: call j returns
+/// `sqrt(2) * sin(PHASE * k + 3 * sigma + 5 * sigma_next)` over the flat index k, computed in f64
+/// from the levels diffusers passed in its call j (`sde_noise_calls`, which ours must match), then
+/// rounded to f32.
+struct StandInSdeNoise {
+    calls: Vec<(f64, f64)>,
+    next: usize,
+    name: String,
+}
+
+const SDE_NOISE_PHASE: f64 = 2.399963229728653;
+
+impl SdeNoise for StandInSdeNoise {
+    fn increment(
+        &mut self,
+        sigma: f64,
+        sigma_next: f64,
+        like: &Tensor,
+        _noise: &mut BatchNoise,
+    ) -> sd_serve::Result<Tensor> {
+        let (ref_sigma, ref_next) = *self
+            .calls
+            .get(self.next)
+            .unwrap_or_else(|| panic!("{}: more noise calls than diffusers made", self.name));
+        // The levels are f32 values computed the same way; they may differ by an ulp.
+        let err = max_rel_err(&[sigma, sigma_next], &[ref_sigma, ref_next]);
+        assert!(
+            err <= SCALAR_TOL,
+            "{}: noise call {} at ({sigma}, {sigma_next}), diffusers ({ref_sigma}, {ref_next})",
+            self.name,
+            self.next
+        );
+        self.next += 1;
+        let values: Vec<f32> = (0..like.elem_count())
+            .map(|k| {
+                let phase = SDE_NOISE_PHASE * k as f64 + 3.0 * ref_sigma + 5.0 * ref_next;
+                (2f64.sqrt() * phase.sin()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, like.dims(), like.device())?)
     }
 }
 
@@ -57,6 +130,7 @@ fn cases() -> (Vec<Case>, u64) {
             steps: case["num_inference_steps"].as_u64().unwrap() as usize,
             config: base.with_overrides(&case["overrides"]).unwrap(),
             add_noise_step: case["add_noise_step_index"].as_u64().unwrap() as usize,
+            noise_sampler: case["noise_sampler"].as_str().map(str::to_string),
             golden: load_goldens(case["file"].as_str().unwrap()),
         })
         .collect();
@@ -107,7 +181,7 @@ fn schedulers_match_diffusers() {
         let timesteps = flat64(&g["timesteps"]);
         let ts_err = max_rel_err(scheduler.timesteps(), &timesteps);
         assert!(
-            ts_err <= SCALAR_TOL,
+            ts_err <= TIMESTEP_TOL,
             "{name}: timesteps {:?} vs {timesteps:?}",
             scheduler.timesteps()
         );
@@ -185,14 +259,15 @@ fn stochastic_schedulers_are_batch_independent() {
     for case in &cases {
         if !matches!(
             case.class.as_str(),
-            "EulerAncestralDiscreteScheduler" | "LCMScheduler"
+            "EulerAncestralDiscreteScheduler" | "LCMScheduler" | "KDPM2AncestralDiscreteScheduler"
         ) {
             continue;
         }
         let mut noise = BatchNoise::from_seeds(&[noise_seed, 7]);
         let (_, x) = run_loop(case.scheduler().as_mut(), &mut noise, |_, _| {});
         let image0 = x.narrow(0, 0, 1).unwrap();
-        let last = case.golden["samples"].get(case.steps - 1).unwrap();
+        let samples = &case.golden["samples"];
+        let last = samples.get(samples.dim(0).unwrap() - 1).unwrap();
         let err = max_rel_err_tensors(&image0, &last);
         assert!(
             err <= SAMPLE_TOL,
@@ -202,4 +277,29 @@ fn stochastic_schedulers_are_batch_independent() {
         checked += 1;
     }
     assert!(checked > 0);
+}
+
+/// DPM++ SDE with its default noise (a Brownian path per image, drawn from the image's own
+/// generator): image 0 of a batch of two is the image generated alone.
+#[test]
+fn sde_default_noise_is_batch_independent() {
+    let (cases, noise_seed) = cases();
+    let case = cases
+        .iter()
+        .find(|c| c.class == "DPMSolverSDEScheduler")
+        .expect("a DPM++ SDE case");
+    let spec = SchedulerSpec::parse("DPM++ SDE").unwrap();
+    let run = |seeds: &[u64]| {
+        let mut scheduler = build(&spec, &case.config, case.steps).unwrap();
+        let mut noise = BatchNoise::from_seeds(seeds);
+        run_loop(scheduler.as_mut(), &mut noise, |_, _| {}).1
+    };
+    let alone = run(&[noise_seed]);
+    let batch = run(&[noise_seed, 7]);
+    assert_eq!(
+        flat64(&alone),
+        flat64(&batch.narrow(0, 0, 1).unwrap()),
+        "image 0 of a batch differs from the image alone"
+    );
+    assert!(flat64(&alone).iter().all(|v| v.is_finite()));
 }
