@@ -13,6 +13,8 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
+// PNDM / PLMS.
+mod pndm;
 
 use candle_core::{DType, Tensor};
 
@@ -67,6 +69,11 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmSolverMultistep,
     Lcm,
+    // Alpha-schedule and multistep families.
+    Pndm,
+    /// PNDM's pseudo linear multistep part alone (`skip_prk_steps` forced on), as the "PLMS"
+    /// sampler of the original latent diffusion code.
+    Plms,
 }
 
 impl SchedulerKind {
@@ -78,6 +85,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Pndm | SchedulerKind::Plms => "PNDMScheduler",
         }
     }
 }
@@ -194,6 +202,9 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
+        // PNDM / PLMS.
+        named("PNDM", &["pndm"], Pndm, None, None),
+        named("PLMS", &["plms"], Plms, None, None),
     ]
 };
 
@@ -267,6 +278,8 @@ pub fn build(
             Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
         }
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&config, steps)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&config, steps, None)?),
+        SchedulerKind::Plms => Box::new(pndm::Pndm::new(&config, steps, Some(true))?),
     })
 }
 
@@ -428,8 +441,8 @@ mod tests {
 
     #[test]
     fn unknown_name_lists_accepted_names() {
-        let err = SchedulerSpec::parse("PNDM").unwrap_err().to_string();
-        assert!(err.contains("PNDM"), "{err}");
+        let err = SchedulerSpec::parse("Restart").unwrap_err().to_string();
+        assert!(err.contains("Restart"), "{err}");
         for name in [
             "DDIM",
             "Euler a",
