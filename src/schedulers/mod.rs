@@ -13,7 +13,8 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
-// PNDM / PLMS.
+// PNDM / PLMS, DDPM.
+mod ddpm;
 mod pndm;
 
 use candle_core::{DType, Tensor};
@@ -74,6 +75,7 @@ pub enum SchedulerKind {
     /// PNDM's pseudo linear multistep part alone (`skip_prk_steps` forced on), as the "PLMS"
     /// sampler of the original latent diffusion code.
     Plms,
+    Ddpm,
 }
 
 impl SchedulerKind {
@@ -86,6 +88,7 @@ impl SchedulerKind {
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::Pndm | SchedulerKind::Plms => "PNDMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
         }
     }
 }
@@ -202,9 +205,10 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
-        // PNDM / PLMS.
+        // PNDM / PLMS, DDPM.
         named("PNDM", &["pndm"], Pndm, None, None),
         named("PLMS", &["plms"], Plms, None, None),
+        named("DDPM", &["ddpm"], Ddpm, None, None),
     ]
 };
 
@@ -280,6 +284,7 @@ pub fn build(
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&config, steps)?),
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&config, steps, None)?),
         SchedulerKind::Plms => Box::new(pndm::Pndm::new(&config, steps, Some(true))?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&config, steps)?),
     })
 }
 
