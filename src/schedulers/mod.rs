@@ -13,8 +13,9 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
-// PNDM / PLMS, DDPM.
+// PNDM / PLMS, DDPM, LMS.
 mod ddpm;
+mod lms;
 mod pndm;
 
 use candle_core::{DType, Tensor};
@@ -76,6 +77,7 @@ pub enum SchedulerKind {
     /// sampler of the original latent diffusion code.
     Plms,
     Ddpm,
+    Lms,
 }
 
 impl SchedulerKind {
@@ -89,6 +91,7 @@ impl SchedulerKind {
             SchedulerKind::Lcm => "LCMScheduler",
             SchedulerKind::Pndm | SchedulerKind::Plms => "PNDMScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
         }
     }
 }
@@ -205,10 +208,19 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
-        // PNDM / PLMS, DDPM.
+        // PNDM / PLMS, DDPM, LMS.
         named("PNDM", &["pndm"], Pndm, None, None),
         named("PLMS", &["plms"], Plms, None, None),
         named("DDPM", &["ddpm"], Ddpm, None, None),
+        named("LMS", &["lms", "klms"], Lms, Some(false), None),
+        named(
+            "LMS Karras",
+            &["lmskarras", "klmskarras"],
+            Lms,
+            Some(true),
+            None,
+        ),
+        named("LMSDiscreteScheduler", &["lmsdiscrete"], Lms, None, None),
     ]
 };
 
@@ -285,6 +297,7 @@ pub fn build(
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&config, steps, None)?),
         SchedulerKind::Plms => Box::new(pndm::Pndm::new(&config, steps, Some(true))?),
         SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&config, steps)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(&config, steps)?),
     })
 }
 
