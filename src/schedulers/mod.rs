@@ -13,8 +13,9 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
-// PNDM / PLMS, DDPM, LMS.
+// PNDM / PLMS, DDPM, LMS, DEIS.
 mod ddpm;
+mod deis;
 mod lms;
 mod pndm;
 
@@ -78,6 +79,7 @@ pub enum SchedulerKind {
     Plms,
     Ddpm,
     Lms,
+    Deis,
 }
 
 impl SchedulerKind {
@@ -92,6 +94,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm | SchedulerKind::Plms => "PNDMScheduler",
             SchedulerKind::Ddpm => "DDPMScheduler",
             SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::Deis => "DEISMultistepScheduler",
         }
     }
 }
@@ -208,7 +211,7 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
-        // PNDM / PLMS, DDPM, LMS.
+        // PNDM / PLMS, DDPM, LMS, DEIS.
         named("PNDM", &["pndm"], Pndm, None, None),
         named("PLMS", &["plms"], Plms, None, None),
         named("DDPM", &["ddpm"], Ddpm, None, None),
@@ -221,6 +224,7 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LMSDiscreteScheduler", &["lmsdiscrete"], Lms, None, None),
+        named("DEIS", &["deis", "deismultistep"], Deis, None, None),
     ]
 };
 
@@ -298,6 +302,7 @@ pub fn build(
         SchedulerKind::Plms => Box::new(pndm::Pndm::new(&config, steps, Some(true))?),
         SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&config, steps)?),
         SchedulerKind::Lms => Box::new(lms::Lms::new(&config, steps)?),
+        SchedulerKind::Deis => Box::new(deis::Deis::new(&config, steps)?),
     })
 }
 
