@@ -13,11 +13,14 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
-// PNDM / PLMS, DDPM, LMS, DEIS.
+// PNDM / PLMS, DDPM, LMS, DEIS, and the diffusers classes refused by name.
 mod ddpm;
 mod deis;
+#[cfg(test)]
+mod kind_tests;
 mod lms;
 mod pndm;
+mod refused;
 
 use candle_core::{DType, Tensor};
 
@@ -238,6 +241,11 @@ impl SchedulerSpec {
         }
     }
 
+    /// The names [`SchedulerSpec::parse`] accepts besides class names, as shown to users.
+    pub fn accepted_names() -> Vec<&'static str> {
+        NAMES.iter().map(|named| named.shown).collect()
+    }
+
     /// Parses a scheduler name: a diffusers class name with or without the "Scheduler" suffix, or
     /// a common sampler name ("DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM",
     /// ...), case-insensitively. An unknown name is an `Error::Scheduler` listing accepted names.
@@ -250,6 +258,7 @@ impl SchedulerSpec {
         if let Some(stripped) = key.strip_suffix("scheduler") {
             key.truncate(stripped.len());
         }
+        refused::check(&key, name)?;
         NAMES
             .iter()
             .find(|named| named.aliases.contains(&key.as_str()))
