@@ -10,6 +10,7 @@
 use candle_core::Tensor;
 
 use super::config::{DpmAlgorithm, TimestepSpacing, DDPM_DEFAULTS};
+use super::dpm_multistep::{alpha_sigma, lambda};
 use super::sigmas::{self, interp_unit_grid, np_arange, np_linspace, np_round};
 use super::{
     at, prediction_coefficients, weighted_sum, BatchNoise, PredictionType, Scheduler,
@@ -132,12 +133,6 @@ impl Deis {
     }
 }
 
-/// The VP pair (alpha_t, sigma_t) of a noise level sigma, which is also rho = sigma_t / alpha_t.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
 // The log-rho coefficients are differences of two antiderivative values that are large next to
 // their difference, more so the finer the schedule. They are evaluated in f64; diffusers uses
 // float32 (and numpy's vectorised float32 log), which moves its samples by up to ~2e-5 relative
@@ -207,8 +202,7 @@ impl Scheduler for Deis {
         // x_t = alpha_t * (x_s / alpha_s0 + sum_k c_k * eps_k), eps_0 the newest.
         let coefficients: Vec<f64> = match order {
             1 => {
-                // exp(h) - 1 with h = lambda_t - lambda_s0, lambda = log(alpha / sigma).
-                let h = (alpha_t / sigma_t).ln() - (alpha_s0 / sigma_s0).ln();
+                let h = lambda(rho_t) - lambda(rho_s0);
                 vec![-sigma_t * h.exp_m1() / alpha_t]
             }
             2 => {

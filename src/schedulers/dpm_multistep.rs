@@ -35,12 +35,12 @@ pub struct DpmSolverMultistep {
 }
 
 /// The VP-SDE pair (alpha_t, sigma_t) of a Karras noise level sigma.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
-fn lambda(sigma: f64) -> f64 {
+pub(crate) fn lambda(sigma: f64) -> f64 {
     let (alpha, sigma_t) = alpha_sigma(sigma);
     alpha.ln() - sigma_t.ln()
 }
