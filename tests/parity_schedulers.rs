@@ -33,6 +33,17 @@ const SCALAR_TOL: f64 = 1e-6;
 // timestep is off by 1e-3 or more.
 const TIMESTEP_TOL: f64 = 5e-6;
 
+/// The sample tolerance of a scheduler class.
+fn sample_tolerance(class: &str) -> f64 {
+    match class {
+        // diffusers evaluates DEIS's log-rho coefficients, differences of much larger
+        // antiderivative values, in float32: at 10-25 steps (order 3) that alone moves its samples
+        // by up to 1.8e-5 from the same class run in float64, which ours follows to 1.6e-6.
+        "DEISMultistepScheduler" => 3e-5,
+        _ => SAMPLE_TOL,
+    }
+}
+
 /// One golden case: a scheduler class on the base config plus overrides, and diffusers' outputs.
 struct Case {
     name: String,
@@ -46,13 +57,15 @@ struct Case {
 }
 
 impl Case {
-    /// Our scheduler for the case's class (a class we do not know fails the test).
+    /// Our scheduler for the case's class; a class we do not map fails the test.
     fn scheduler(&self) -> Box<dyn Scheduler> {
         match self.noise_sampler.as_deref() {
             None => {
                 let spec = SchedulerSpec::parse(&self.class)
-                    .unwrap_or_else(|e| panic!("{}: {e}", self.name));
-                build(&spec, &self.config, self.steps).unwrap()
+                    .unwrap_or_else(|e| panic!("{}: class {}: {e}", self.name, self.class));
+                assert_eq!(spec.kind.class_name(), self.class, "{}", self.name);
+                build(&spec, &self.config, self.steps)
+                    .unwrap_or_else(|e| panic!("{}: {e}", self.name))
             }
             Some("sde_stand_in") => {
                 assert_eq!(self.class, "DPMSolverSDEScheduler", "{}", self.name);
@@ -175,6 +188,7 @@ fn schedulers_match_diffusers() {
 
     for case in &cases {
         let (name, g) = (&case.name, &case.golden);
+        let tolerance = sample_tolerance(&case.class);
         let mut scheduler = case.scheduler();
 
         // Schedule scalars.
@@ -214,7 +228,7 @@ fn schedulers_match_diffusers() {
         let (initial, _) = run_loop(scheduler.as_mut(), &mut noise, |i, x| {
             let err = max_rel_err_tensors(x, &samples_ref.get(i).unwrap());
             assert!(
-                err <= SAMPLE_TOL,
+                err <= tolerance,
                 "{name}: sample after step {i} differs by {err}"
             );
             sample_err = sample_err.max(err);
@@ -231,7 +245,7 @@ fn schedulers_match_diffusers() {
             )
             .unwrap();
         let err = max_rel_err_tensors(&noised, &g["add_noise.output"]);
-        assert!(err <= SAMPLE_TOL, "{name}: add_noise differs by {err}");
+        assert!(err <= tolerance, "{name}: add_noise differs by {err}");
         sample_err = sample_err.max(err);
 
         let family = name
@@ -259,7 +273,10 @@ fn stochastic_schedulers_are_batch_independent() {
     for case in &cases {
         if !matches!(
             case.class.as_str(),
-            "EulerAncestralDiscreteScheduler" | "LCMScheduler" | "KDPM2AncestralDiscreteScheduler"
+            "EulerAncestralDiscreteScheduler"
+                | "LCMScheduler"
+                | "DDPMScheduler"
+                | "KDPM2AncestralDiscreteScheduler"
         ) {
             continue;
         }
@@ -270,7 +287,7 @@ fn stochastic_schedulers_are_batch_independent() {
         let last = samples.get(samples.dim(0).unwrap() - 1).unwrap();
         let err = max_rel_err_tensors(&image0, &last);
         assert!(
-            err <= SAMPLE_TOL,
+            err <= sample_tolerance(&case.class),
             "{}: image 0 of a batch differs by {err}",
             case.name
         );

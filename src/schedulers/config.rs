@@ -96,6 +96,8 @@ pub struct SchedulerConfig {
     pub clip_sample: Option<bool>,
     pub clip_sample_range: Option<f64>,
     pub set_alpha_to_one: Option<bool>,
+    // PNDM: false runs its Runge-Kutta warm-up, true is plain PLMS.
+    pub skip_prk_steps: Option<bool>,
     // Euler / DPM-Solver sigma schedules
     pub use_karras_sigmas: Option<bool>,
     pub use_exponential_sigmas: Option<bool>,

@@ -13,6 +13,14 @@ mod dpm_multistep;
 mod euler;
 mod lcm;
 pub mod sigmas;
+// PNDM / PLMS, DDPM, LMS, DEIS, and the diffusers classes refused by name.
+mod ddpm;
+mod deis;
+#[cfg(test)]
+mod kind_tests;
+mod lms;
+mod pndm;
+mod refused;
 // Second-order, singlestep, UniPC and SDE samplers.
 pub mod dpm_sde;
 mod dpm_singlestep;
@@ -73,6 +81,14 @@ pub enum SchedulerKind {
     EulerAncestral,
     DpmSolverMultistep,
     Lcm,
+    // Alpha-schedule and multistep families.
+    Pndm,
+    /// PNDM's pseudo linear multistep part alone (`skip_prk_steps` forced on), as the "PLMS"
+    /// sampler of the original latent diffusion code.
+    Plms,
+    Ddpm,
+    Lms,
+    Deis,
     Heun,
     Kdpm2,
     Kdpm2Ancestral,
@@ -90,6 +106,10 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
             SchedulerKind::Lcm => "LCMScheduler",
+            SchedulerKind::Pndm | SchedulerKind::Plms => "PNDMScheduler",
+            SchedulerKind::Ddpm => "DDPMScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
+            SchedulerKind::Deis => "DEISMultistepScheduler",
             SchedulerKind::Heun => "HeunDiscreteScheduler",
             SchedulerKind::Kdpm2 => "KDPM2DiscreteScheduler",
             SchedulerKind::Kdpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
@@ -212,6 +232,20 @@ const NAMES: &[NamedSpec] = {
             None,
         ),
         named("LCM", &["lcm"], Lcm, None, None),
+        // PNDM / PLMS, DDPM, LMS, DEIS.
+        named("PNDM", &["pndm"], Pndm, None, None),
+        named("PLMS", &["plms"], Plms, None, None),
+        named("DDPM", &["ddpm"], Ddpm, None, None),
+        named("LMS", &["lms", "klms"], Lms, Some(false), None),
+        named(
+            "LMS Karras",
+            &["lmskarras", "klmskarras"],
+            Lms,
+            Some(true),
+            None,
+        ),
+        named("LMSDiscreteScheduler", &["lmsdiscrete"], Lms, None, None),
+        named("DEIS", &["deis", "deismultistep"], Deis, None, None),
         // Second-order k-diffusion samplers, DPM-Solver singlestep and SDE, UniPC.
         named("Heun", &["heun", "kheun"], Heun, Some(false), None),
         named(
@@ -346,6 +380,11 @@ impl SchedulerSpec {
         }
     }
 
+    /// The names [`SchedulerSpec::parse`] accepts besides class names, as shown to users.
+    pub fn accepted_names() -> Vec<&'static str> {
+        NAMES.iter().map(|named| named.shown).collect()
+    }
+
     /// Parses a scheduler name: a diffusers class name with or without the "Scheduler" suffix, or
     /// a common sampler name ("DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "LCM",
     /// ...), case-insensitively. An unknown name is an `Error::Scheduler` listing accepted names.
@@ -358,6 +397,7 @@ impl SchedulerSpec {
         if let Some(stripped) = key.strip_suffix("scheduler") {
             key.truncate(stripped.len());
         }
+        refused::check(&key, name)?;
         NAMES
             .iter()
             .find(|named| named.aliases.contains(&key.as_str()))
@@ -406,6 +446,11 @@ pub fn build(
             Box::new(dpm_multistep::DpmSolverMultistep::new(&config, steps)?)
         }
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(&config, steps)?),
+        SchedulerKind::Pndm => Box::new(pndm::Pndm::new(&config, steps, None)?),
+        SchedulerKind::Plms => Box::new(pndm::Pndm::new(&config, steps, Some(true))?),
+        SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(&config, steps)?),
+        SchedulerKind::Lms => Box::new(lms::Lms::new(&config, steps)?),
+        SchedulerKind::Deis => Box::new(deis::Deis::new(&config, steps)?),
         SchedulerKind::Heun => Box::new(heun::Heun::new(&config, steps)?),
         SchedulerKind::Kdpm2 => Box::new(kdpm2::Kdpm2::new(&config, steps)?),
         SchedulerKind::Kdpm2Ancestral => Box::new(kdpm2::Kdpm2::ancestral(&config, steps)?),
@@ -575,8 +620,8 @@ mod tests {
 
     #[test]
     fn unknown_name_lists_accepted_names() {
-        let err = SchedulerSpec::parse("PNDM").unwrap_err().to_string();
-        assert!(err.contains("PNDM"), "{err}");
+        let err = SchedulerSpec::parse("Restart").unwrap_err().to_string();
+        assert!(err.contains("Restart"), "{err}");
         for name in [
             "DDIM",
             "Euler a",
