@@ -296,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn lists_every_evaluation_and_starts_img2img_at_even_indices() {
+    fn lists_every_evaluation_and_has_order_two() {
         let spec = SchedulerSpec::new(SchedulerKind::Heun);
         let s = build(&spec, &SchedulerConfig::default(), 4).unwrap();
         assert_eq!(s.order(), 2);

@@ -1,17 +1,24 @@
-//! Checks shared by the PNDM / PLMS, DDPM, LMS and DEIS kinds: the names that select them, step
-//! count limits, and half-precision steps.
+//! Checks shared by the kinds beyond the first five (PNDM / PLMS, DDPM, LMS, DEIS, Heun, DPM2,
+//! DPM2 a, DPM++ 2S, UniPC, DPM++ SDE): the names that select them, step count limits, and
+//! half-precision steps.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{build, BatchNoise, SchedulerConfig, SchedulerKind, SchedulerSpec};
 use crate::Error;
 
-const KINDS: [SchedulerKind; 5] = [
+const KINDS: [SchedulerKind; 11] = [
     SchedulerKind::Pndm,
     SchedulerKind::Plms,
     SchedulerKind::Ddpm,
     SchedulerKind::Lms,
     SchedulerKind::Deis,
+    SchedulerKind::Heun,
+    SchedulerKind::Kdpm2,
+    SchedulerKind::Kdpm2Ancestral,
+    SchedulerKind::DpmSolverSinglestep,
+    SchedulerKind::UniPcMultistep,
+    SchedulerKind::DpmSolverSde,
 ];
 
 fn sd15_config() -> SchedulerConfig {
