@@ -137,3 +137,21 @@ fn models_lists_the_registry() {
     assert!(builtin.status.success());
     assert!(String::from_utf8_lossy(&builtin.stdout).contains("stable-diffusion-xl-base-1.0"));
 }
+
+#[test]
+fn generate_accepts_every_scheduler_name() {
+    let dir = scratch("generate_accepts_every_scheduler_name");
+    let names = sd_serve::schedulers::SchedulerSpec::accepted_names();
+    assert!(names.len() >= 20, "{names:?}");
+    for name in names {
+        let out = dir.join("sched.png");
+        let run = generate("tiny-sd15", &["--scheduler", name, "--steps", "3"], &out);
+        assert!(
+            run.status.success(),
+            "--scheduler {name:?}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let image = image::open(&out).expect("a PNG was written").to_rgb8();
+        assert_eq!(image.dimensions(), (64, 64), "{name}");
+    }
+}

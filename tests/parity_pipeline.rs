@@ -5,9 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
-use sd_serve::schedulers::{SchedulerConfig, SchedulerSpec};
+use std::collections::HashMap;
 
-use common::{fixtures, load_goldens, manifest, max_abs_diff, pipeline};
+use sd_serve::schedulers::dpm_sde::DpmSolverSde;
+use sd_serve::schedulers::{Scheduler, SchedulerConfig, SchedulerSpec};
+
+use common::{fixtures, flat64, load_goldens, manifest, max_abs_diff, pipeline, StandInSdeNoise};
 
 /// Pipeline outputs go through 4-10 UNet evaluations with guidance and a VAE decode in f32; the
 /// reference sums in another order (oneDNN vs gemm), which leaves rounding differences of a few
@@ -59,19 +62,45 @@ fn pipelines_match_diffusers() {
             req.latents = Some(latents.clone());
         }
         let mut steps_seen = 0;
-        let out = sd
-            .generate(&req, &mut |_, _| {
-                steps_seen += 1;
-                true
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut progress = |_, _| {
+            steps_seen += 1;
+            true
+        };
+        let latents = match case["noise_sampler"].as_str() {
+            None => sd.denoise_latents(&req, &mut progress),
+            Some(sampler) => {
+                let scheduler = stand_in_scheduler(&sd, case, &golden, sampler);
+                sd.denoise_latents_with(&req, scheduler, &mut progress)
+            }
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let images = sd.decode(&latents).unwrap();
         let expected_steps = golden["latents_steps"].dim(0).unwrap();
         assert_eq!(steps_seen, expected_steps, "{name}: denoising steps");
-        let diff = max_abs_diff(&out.images, &golden["images"]);
+        let diff = max_abs_diff(&images, &golden["images"]);
         report.push(format!("{name}: images max |diff| {diff:.2e}"));
         assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// The case's scheduler drawing the fixture's deterministic stand-in noise instead of a
+/// Brownian path (diffusers' DPM++ SDE noise is not reproducible from the seed).
+fn stand_in_scheduler(
+    sd: &StableDiffusion,
+    case: &serde_json::Value,
+    golden: &HashMap<String, Tensor>,
+    sampler: &str,
+) -> Box<dyn Scheduler> {
+    let name = case["name"].as_str().unwrap();
+    assert_eq!(sampler, "sde_stand_in", "{name}: unknown noise sampler");
+    assert_eq!(case["scheduler"], "DPMSolverSDEScheduler", "{name}");
+    let overrides = SchedulerConfig::from_json(&case["scheduler_overrides"]).unwrap();
+    let config = sd.scheduler_config().overridden_by(&overrides).unwrap();
+    let calls = flat64(&golden["sde_noise_calls"]);
+    let steps = case["steps"].as_u64().unwrap() as usize;
+    let noise = StandInSdeNoise::new(&calls, name);
+    Box::new(DpmSolverSde::with_noise(&config, steps, Box::new(noise)).unwrap())
 }
 
 #[test]
@@ -80,7 +109,7 @@ fn final_latents_match_diffusers() {
     let manifest = manifest();
     for case in manifest["pipelines"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
-        if case["strength"].is_number() {
+        if case["strength"].is_number() || case["noise_sampler"].is_string() {
             continue;
         }
         let golden = load_goldens(case["file"].as_str().unwrap());

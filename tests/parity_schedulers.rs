@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::pipeline::noise::BatchNoise;
-use sd_serve::schedulers::dpm_sde::{DpmSolverSde, SdeNoise};
+use sd_serve::schedulers::dpm_sde::DpmSolverSde;
 use sd_serve::schedulers::{build, Scheduler, SchedulerConfig, SchedulerSpec};
 
-use common::{flat64, load_goldens, manifest, max_rel_err, max_rel_err_tensors};
+use common::{flat64, load_goldens, manifest, max_rel_err, max_rel_err_tensors, StandInSdeNoise};
 
 // diffusers rounds every scalar coefficient op to f32 and evaluates x0 and the derivative as
 // separate f32 tensors; we fold the coefficients in f64 and round once, and candle's sin in the
@@ -70,60 +70,13 @@ impl Case {
             Some("sde_stand_in") => {
                 assert_eq!(self.class, "DPMSolverSDEScheduler", "{}", self.name);
                 let calls = flat64(&self.golden["sde_noise_calls"]);
-                let stand_in = StandInSdeNoise {
-                    calls: calls.chunks(2).map(|c| (c[0], c[1])).collect(),
-                    next: 0,
-                    name: self.name.clone(),
-                };
+                let stand_in = StandInSdeNoise::new(&calls, &self.name);
                 Box::new(
                     DpmSolverSde::with_noise(&self.config, self.steps, Box::new(stand_in)).unwrap(),
                 )
             }
             Some(other) => panic!("{}: unknown noise sampler `{other}`", self.name),
         }
-    }
-}
-
-/// The fixture's replacement for DPM++ SDE's Brownian tree: call j returns
-/// `sqrt(2) * sin(PHASE * k + 3 * sigma + 5 * sigma_next)` over the flat index k, computed in f64
-/// from the levels diffusers passed in its call j (`sde_noise_calls`, which ours must match), then
-/// rounded to f32.
-struct StandInSdeNoise {
-    calls: Vec<(f64, f64)>,
-    next: usize,
-    name: String,
-}
-
-const SDE_NOISE_PHASE: f64 = 2.399963229728653;
-
-impl SdeNoise for StandInSdeNoise {
-    fn increment(
-        &mut self,
-        sigma: f64,
-        sigma_next: f64,
-        like: &Tensor,
-        _noise: &mut BatchNoise,
-    ) -> sd_serve::Result<Tensor> {
-        let (ref_sigma, ref_next) = *self
-            .calls
-            .get(self.next)
-            .unwrap_or_else(|| panic!("{}: more noise calls than diffusers made", self.name));
-        // The levels are f32 values computed the same way; they may differ by an ulp.
-        let err = max_rel_err(&[sigma, sigma_next], &[ref_sigma, ref_next]);
-        assert!(
-            err <= SCALAR_TOL,
-            "{}: noise call {} at ({sigma}, {sigma_next}), diffusers ({ref_sigma}, {ref_next})",
-            self.name,
-            self.next
-        );
-        self.next += 1;
-        let values: Vec<f32> = (0..like.elem_count())
-            .map(|k| {
-                let phase = SDE_NOISE_PHASE * k as f64 + 3.0 * ref_sigma + 5.0 * ref_next;
-                (2f64.sqrt() * phase.sin()) as f32
-            })
-            .collect();
-        Ok(Tensor::from_vec(values, like.dims(), like.device())?)
     }
 }
 

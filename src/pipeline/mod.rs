@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, AutoencoderKlConfig};
-use crate::schedulers::{self, SchedulerConfig, SchedulerSpec};
+use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerSpec};
 use crate::weights::{Component, Family, PipelineFiles, TokenizerFiles};
 use crate::{Error, Result};
 
@@ -37,7 +37,8 @@ pub struct StableDiffusion {
     /// The VAE runs in f32 when its config asks for it (`force_upcast`: SDXL's VAE overflows f16).
     vae_dtype: DType,
     scheduler_config: SchedulerConfig,
-    default_scheduler: SchedulerSpec,
+    /// The scheduler a request without one gets, or why there is none.
+    default_scheduler: std::result::Result<SchedulerSpec, String>,
     /// SDXL: no negative prompt means zero embeddings rather than the encoded empty prompt.
     force_zeros_for_empty_prompt: bool,
 }
@@ -103,16 +104,17 @@ impl StableDiffusion {
             &vae_config,
         )?;
         let scheduler_config = SchedulerConfig::from_json(&files.scheduler_config)?;
+        // The model's own scheduler class; one sd-serve does not run (or a config without
+        // `_class_name`) leaves the model usable with an explicit scheduler in each request.
         let default_scheduler = match scheduler_config.class_name.as_deref() {
-            Some(name) => SchedulerSpec::parse(name).unwrap_or_else(|_| {
-                // PNDM (the SD1.5 default) and others not yet served fall back to the scheduler
-                // diffusers users pick most for these models.
-                tracing::warn!("model scheduler {name} is not available; defaulting to DPM++ 2M");
-                SchedulerSpec::parse("DPMSolverMultistep").expect("a known name, this is a bug")
+            Some(name) => SchedulerSpec::parse(name).map_err(|e| {
+                tracing::warn!("model scheduler {name} is not available: {e}");
+                format!("the model's scheduler {name} is not available: name one with `scheduler`")
             }),
-            None => {
-                SchedulerSpec::parse("DPMSolverMultistep").expect("a known name, this is a bug")
-            }
+            None => Err(
+                "the model's scheduler config names no scheduler class: name one with `scheduler`"
+                    .to_string(),
+            ),
         };
         let force_zeros_for_empty_prompt = files.force_zeros_for_empty_prompt;
         Ok(Self {
@@ -139,8 +141,8 @@ impl StableDiffusion {
         self.dtype
     }
 
-    pub fn default_scheduler(&self) -> &SchedulerSpec {
-        &self.default_scheduler
+    pub fn default_scheduler(&self) -> Option<&SchedulerSpec> {
+        self.default_scheduler.as_ref().ok()
     }
 
     fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<PromptEmbeddings> {
@@ -202,8 +204,28 @@ impl StableDiffusion {
     /// The denoising part of [`Self::generate`]: the final latents, before decoding.
     pub fn denoise_latents(&self, req: &GenerationRequest, progress: Progress) -> Result<Tensor> {
         req.validate()?;
-        let spec = req.scheduler.as_ref().unwrap_or(&self.default_scheduler);
-        let mut scheduler = schedulers::build(spec, &self.scheduler_config, req.steps)?;
+        let spec = match (&req.scheduler, &self.default_scheduler) {
+            (Some(spec), _) | (None, Ok(spec)) => spec,
+            (None, Err(why)) => return Err(Error::Scheduler(why.clone())),
+        };
+        let scheduler = schedulers::build(spec, &self.scheduler_config, req.steps)?;
+        self.denoise_latents_with(req, scheduler, progress)
+    }
+
+    /// The model's own scheduler config (`scheduler_config.json`), which request options override.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// [`Self::denoise_latents`] with a scheduler built by the caller for `req.steps` steps
+    /// (`req.scheduler` is then not read), e.g. one with its own noise source.
+    pub fn denoise_latents_with(
+        &self,
+        req: &GenerationRequest,
+        mut scheduler: Box<dyn Scheduler>,
+        progress: Progress,
+    ) -> Result<Tensor> {
+        req.validate()?;
         // diffusers turns guidance off at scale <= 1 (one UNet pass instead of two).
         let guided = req.guidance_scale > 1.0;
         let cond = self.conditioning(req, guided)?;

@@ -8,8 +8,10 @@ use std::sync::Once;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use sd_serve::pipeline::noise::BatchNoise;
 use sd_serve::pipeline::StableDiffusion;
 use sd_serve::registry::Registry;
+use sd_serve::schedulers::dpm_sde::SdeNoise;
 use sd_serve::weights::WeightStore;
 
 // ---- Fixture files ----
@@ -254,4 +256,59 @@ pub fn pipeline(model: &str) -> StableDiffusion {
         .unwrap_or_else(|e| panic!("{model}: {e}"));
     StableDiffusion::load(&files, &Device::Cpu, DType::F32)
         .unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+/// The fixture's replacement for DPM++ SDE's Brownian tree: call j returns
+/// `sqrt(2) * sin(PHASE * k + 3 * sigma + 5 * sigma_next)` over the flat index k, computed in f64
+/// from the levels diffusers passed in its call j (`sde_noise_calls`, which ours must match), then
+/// rounded to f32.
+pub struct StandInSdeNoise {
+    calls: Vec<(f64, f64)>,
+    next: usize,
+    name: String,
+}
+
+const SDE_NOISE_PHASE: f64 = 2.399963229728653;
+
+impl StandInSdeNoise {
+    /// `calls`: the golden's `sde_noise_calls`, flattened (sigma, sigma_next) pairs.
+    pub fn new(calls: &[f64], name: &str) -> Self {
+        Self {
+            calls: calls.chunks(2).map(|c| (c[0], c[1])).collect(),
+            next: 0,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl SdeNoise for StandInSdeNoise {
+    fn increment(
+        &mut self,
+        sigma: f64,
+        sigma_next: f64,
+        like: &Tensor,
+        _noise: &mut BatchNoise,
+    ) -> sd_serve::Result<Tensor> {
+        let (ref_sigma, ref_next) = *self
+            .calls
+            .get(self.next)
+            .unwrap_or_else(|| panic!("{}: more noise calls than diffusers made", self.name));
+        // The levels are f32 values computed the same way; they may differ by an ulp (1e-6
+        // relative, the scheduler tests' schedule tolerance).
+        let err = max_rel_err(&[sigma, sigma_next], &[ref_sigma, ref_next]);
+        assert!(
+            err <= 1e-6,
+            "{}: noise call {} at ({sigma}, {sigma_next}), diffusers ({ref_sigma}, {ref_next})",
+            self.name,
+            self.next
+        );
+        self.next += 1;
+        let values: Vec<f32> = (0..like.elem_count())
+            .map(|k| {
+                let phase = SDE_NOISE_PHASE * k as f64 + 3.0 * ref_sigma + 5.0 * ref_next;
+                (2f64.sqrt() * phase.sin()) as f32
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, like.dims(), like.device())?)
+    }
 }
