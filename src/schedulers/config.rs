@@ -47,11 +47,12 @@ pub enum FinalSigmas {
     SigmaMin,
 }
 
-/// DPM-Solver variants (Lu et al. 2022). `dpmsolver++` solves for the data prediction; the SDE
-/// variant adds fresh noise at every step.
+/// DPM-Solver variants (Lu et al. 2022). `dpmsolver++` solves for the data prediction,
+/// `dpmsolver` for the noise prediction; the SDE variants add fresh noise at every step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DpmAlgorithm {
-    #[serde(rename = "dpmsolver++", alias = "deis")]
+    // diffusers maps "deis" to dpmsolver++; "dpmsolver+++" is a spelling found in API docs.
+    #[serde(rename = "dpmsolver++", alias = "deis", alias = "dpmsolver+++")]
     DpmSolverPlusPlus,
     #[serde(rename = "sde-dpmsolver++")]
     SdeDpmSolverPlusPlus,
@@ -59,6 +60,27 @@ pub enum DpmAlgorithm {
     DpmSolver,
     #[serde(rename = "sde-dpmsolver")]
     SdeDpmSolver,
+}
+
+impl DpmAlgorithm {
+    /// The `algorithm_type` value diffusers writes for this variant.
+    pub fn name(self) -> &'static str {
+        match self {
+            DpmAlgorithm::DpmSolverPlusPlus => "dpmsolver++",
+            DpmAlgorithm::SdeDpmSolverPlusPlus => "sde-dpmsolver++",
+            DpmAlgorithm::DpmSolver => "dpmsolver",
+            DpmAlgorithm::SdeDpmSolver => "sde-dpmsolver",
+        }
+    }
+
+    /// Whether the solver integrates the data prediction x0 (DPM-Solver++) rather than the noise
+    /// prediction (the original DPM-Solver).
+    pub fn predicts_data(self) -> bool {
+        matches!(
+            self,
+            DpmAlgorithm::DpmSolverPlusPlus | DpmAlgorithm::SdeDpmSolverPlusPlus
+        )
+    }
 }
 
 /// The higher-order update rule of a multistep solver: DPM-Solver's midpoint or Heun form, DEIS'
@@ -249,6 +271,43 @@ impl SchedulerConfig {
                 "{class}: the scheduler option `{name}` is not supported"
             ))),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn algorithm(value: &str) -> Result<Option<DpmAlgorithm>> {
+        SchedulerConfig::from_json(&serde_json::json!({ "algorithm_type": value }))
+            .map(|config| config.algorithm_type)
+    }
+
+    #[test]
+    fn algorithm_type_spellings() {
+        for (value, expected) in [
+            ("dpmsolver++", DpmAlgorithm::DpmSolverPlusPlus),
+            ("dpmsolver+++", DpmAlgorithm::DpmSolverPlusPlus),
+            ("deis", DpmAlgorithm::DpmSolverPlusPlus),
+            ("sde-dpmsolver++", DpmAlgorithm::SdeDpmSolverPlusPlus),
+            ("dpmsolver", DpmAlgorithm::DpmSolver),
+            ("sde-dpmsolver", DpmAlgorithm::SdeDpmSolver),
+        ] {
+            assert_eq!(algorithm(value).unwrap(), Some(expected), "{value}");
+        }
+        // Written back under diffusers' own name.
+        let config = SchedulerConfig::from_json(&serde_json::json!({
+            "algorithm_type": "dpmsolver+++"
+        }))
+        .unwrap();
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["algorithm_type"], "dpmsolver++");
+        for value in ["dpmsolver++++", "dpmsolver+", "DPMSolver++", ""] {
+            assert!(
+                matches!(algorithm(value), Err(Error::Scheduler(_))),
+                "{value}"
+            );
         }
     }
 }

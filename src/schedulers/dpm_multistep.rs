@@ -1,10 +1,15 @@
-//! Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
-//! Diffusion Probabilistic Models"), diffusers' `DPMSolverMultistepScheduler` with
-//! `algorithm_type` "dpmsolver++" (or its SDE variant "sde-dpmsolver++"), solver order 1 to 3,
-//! optionally on Karras sigmas ("DPM++ 2M Karras").
+//! Multistep DPM-Solver, diffusers' `DPMSolverMultistepScheduler`, solver order 1 to 3, optionally
+//! on Karras sigmas ("DPM++ 2M Karras"). Two solver families:
 //!
-//! The solver works in half-log-SNR `lambda = log(alpha_t / sigma_t)` on data predictions x0; the
-//! multistep form reuses the previous steps' x0 instead of extra model calls.
+//! - DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+//!   Probabilistic Models"), `algorithm_type` "dpmsolver++", and its SDE variant
+//!   "sde-dpmsolver++", integrate the data prediction x0;
+//! - the original DPM-Solver (Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion
+//!   Probabilistic Model Sampling in Around 10 Steps"), "dpmsolver", and its SDE variant
+//!   "sde-dpmsolver", integrate the noise prediction.
+//!
+//! The solvers work in half-log-SNR `lambda = log(alpha_t / sigma_t)`; the multistep form reuses
+//! the previous steps' predictions instead of extra model calls.
 
 use candle_core::Tensor;
 
@@ -28,7 +33,8 @@ pub struct DpmSolverMultistep {
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigmas: FinalSigmas,
-    /// Data predictions of the last `solver_order` steps, oldest first.
+    /// Converted model outputs (x0 or noise predictions) of the last `solver_order` steps, oldest
+    /// first.
     history: Vec<Tensor>,
     /// Steps taken so far, capped at `solver_order` (diffusers' `lower_order_nums`).
     lower_order_nums: usize,
@@ -62,15 +68,6 @@ impl DpmSolverMultistep {
         let algorithm = config
             .algorithm_type
             .unwrap_or(DpmAlgorithm::DpmSolverPlusPlus);
-        if matches!(
-            algorithm,
-            DpmAlgorithm::DpmSolver | DpmAlgorithm::SdeDpmSolver
-        ) {
-            return Err(Error::Scheduler(format!(
-                "{class}: algorithm_type must be dpmsolver++ or sde-dpmsolver++ (the noise-prediction \
-                 variants are deprecated upstream and not supported)"
-            )));
-        }
         let solver_order = config.solver_order.unwrap_or(2);
         if !(1..=3).contains(&solver_order) {
             return Err(Error::Scheduler(format!(
@@ -145,8 +142,16 @@ impl DpmSolverMultistep {
                 .collect()
         };
         let final_sigmas = config.final_sigmas_type.unwrap_or(FinalSigmas::Zero);
+        // The noise-prediction updates scale by e^h: a final sigma of zero makes h infinite.
+        if !algorithm.predicts_data() && final_sigmas == FinalSigmas::Zero {
+            return Err(Error::Scheduler(format!(
+                "{class}: algorithm_type {} needs final_sigmas_type \"sigma_min\" (a final sigma \
+                 of zero is only supported by dpmsolver++ and sde-dpmsolver++)",
+                algorithm.name()
+            )));
+        }
         let sigmas = sigmas::with_final_sigma(sigmas, final_sigmas, &train_sigmas);
-        Ok(Self {
+        let scheduler = Self {
             timesteps,
             sigmas,
             prediction: config.prediction(),
@@ -162,18 +167,52 @@ impl DpmSolverMultistep {
             final_sigmas,
             history: Vec::with_capacity(solver_order),
             lower_order_nums: 0,
-        })
+        };
+        // diffusers has no third-order SDE-DPM-Solver update and fails at the first step that
+        // would take one; refuse such a schedule before any model call.
+        let third_order_step =
+            (0..scheduler.timesteps.len()).any(|i| scheduler.order_at(i, i.min(solver_order)) == 3);
+        if algorithm == DpmAlgorithm::SdeDpmSolver && third_order_step {
+            return Err(Error::Scheduler(format!(
+                "{class}: algorithm_type sde-dpmsolver has no third-order update; use solver_order \
+                 1 or 2 (or at most 4 steps with lower_order_final)"
+            )));
+        }
+        Ok(scheduler)
     }
 
-    /// The data prediction x0 from the model output at noise level `sigma`.
-    fn data_prediction(
+    /// The solver order of step `step_index` after `lower_order_nums` earlier steps: lower near
+    /// the end of short schedules, where it is more stable, and while the history fills up.
+    fn order_at(&self, step_index: usize, lower_order_nums: usize) -> usize {
+        let len = self.timesteps.len();
+        let short = self.lower_order_final && len < 15;
+        let lower_order_final = step_index + 1 == len
+            && (self.euler_at_final || short || self.final_sigmas == FinalSigmas::Zero);
+        let lower_order_second = step_index + 2 == len && short;
+        if self.solver_order == 1 || lower_order_nums < 1 || lower_order_final {
+            1
+        } else if self.solver_order == 2 || lower_order_nums < 2 || lower_order_second {
+            2
+        } else {
+            3
+        }
+    }
+
+    /// The model output in the solver's parameterisation at noise level `sigma`: the data
+    /// prediction x0 for DPM-Solver++, the noise prediction for DPM-Solver.
+    fn convert_model_output(
         &self,
         model_output: &Tensor,
         sample: &Tensor,
         sigma: f64,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let [(a, b), _] = prediction_coefficients(self.prediction, alpha_t, sigma_t);
+        let [data, noise] = prediction_coefficients(self.prediction, alpha_t, sigma_t);
+        let (a, b) = if self.algorithm.predicts_data() {
+            data
+        } else {
+            noise
+        };
         weighted_sum(&[(a, sample), (b, model_output)], sample.dtype())
     }
 }
@@ -194,36 +233,33 @@ impl Scheduler for DpmSolverMultistep {
         sample: &Tensor,
         noise: &mut BatchNoise,
     ) -> Result<Tensor> {
-        let len = self.timesteps.len();
         let sigma_s0 = at(&self.sigmas, step_index, "sigma schedule")?;
         let sigma_t = at(&self.sigmas, step_index + 1, "sigma schedule")?;
-        let is_last = step_index == len - 1;
-        let short = self.lower_order_final && len < 15;
-        let lower_order_final =
-            is_last && (self.euler_at_final || short || self.final_sigmas == FinalSigmas::Zero);
-        let lower_order_second = step_index + 2 == len && short;
 
-        let x0 = self.data_prediction(model_output, sample, sigma_s0)?;
+        let converted = self.convert_model_output(model_output, sample, sigma_s0)?;
         if self.history.len() == self.solver_order {
             self.history.remove(0);
         }
-        self.history.push(x0);
-        let sde = self.algorithm == DpmAlgorithm::SdeDpmSolverPlusPlus;
+        self.history.push(converted);
+        let sde = matches!(
+            self.algorithm,
+            DpmAlgorithm::SdeDpmSolverPlusPlus | DpmAlgorithm::SdeDpmSolver
+        );
         let fresh = if sde {
             Some(step_noise(noise, model_output)?)
         } else {
             None
         };
 
-        let order = if self.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
-            1
-        } else if self.solver_order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            2
-        } else {
-            3
-        };
         // Never more history than has been stored (a schedule entered mid-way starts at order 1).
-        let order = order.min(self.history.len());
+        let order = self
+            .order_at(step_index, self.lower_order_nums)
+            .min(self.history.len());
+        if order == 3 && self.algorithm == DpmAlgorithm::SdeDpmSolver {
+            return Err(Error::Scheduler(
+                "sde-dpmsolver has no third-order update".into(),
+            ));
+        }
         let sigma_at = |back: usize| {
             step_index
                 .checked_sub(back)
@@ -231,44 +267,72 @@ impl Scheduler for DpmSolverMultistep {
                 .ok_or_else(|| Error::Scheduler("multistep history out of step".into()))
         };
         let (alpha_t, sigma_t_vp) = alpha_sigma(sigma_t);
-        let (_, sigma_s0_vp) = alpha_sigma(sigma_s0);
+        let (alpha_s0, sigma_s0_vp) = alpha_sigma(sigma_s0);
         let lambda_t = lambda(sigma_t);
         let lambda_s0 = lambda(sigma_s0);
         let h = lambda_t - lambda_s0;
-        let ratio = sigma_t_vp / sigma_s0_vp;
         let hist = |back: usize| &self.history[self.history.len() - 1 - back];
 
-        // Coefficients of the sample, of the x0 differences D0, D1, D2 and of the fresh noise,
-        // per variant. With a final zero sigma, h is infinite and the first-order update reduces
-        // to returning x0.
+        // Coefficients of the sample, of the differences D0, D1, D2 of the stored predictions and
+        // of the fresh noise, per variant. With a final zero sigma (DPM-Solver++ only), h is
+        // infinite and the first-order update reduces to returning x0.
         let midpoint = order == 2 && self.solver_type == SolverType::Midpoint;
-        let (c_sample, c_d0, c_d1, c_d2, c_noise) = if sde {
-            let phi = -(-2.0 * h).exp_m1();
-            let c_d1 = if midpoint {
-                0.5 * alpha_t * phi
-            } else {
-                alpha_t * (phi / (-2.0 * h) + 1.0)
-            };
-            let c_d2 = alpha_t * ((phi - 2.0 * h) / (2.0 * h).powi(2) - 0.5);
-            (
-                ratio * (-h).exp(),
-                alpha_t * phi,
-                c_d1,
-                c_d2,
-                sigma_t_vp * phi.sqrt(),
-            )
-        } else {
-            let em1 = (-h).exp_m1();
-            let c_d1 = if midpoint {
-                -0.5 * alpha_t * em1
-            } else {
-                alpha_t * (em1 / h + 1.0)
-            };
-            let c_d2 = -alpha_t * ((em1 + h) / (h * h) - 0.5);
-            (ratio, -alpha_t * em1, c_d1, c_d2, 0.0)
+        let (c_sample, c_d0, c_d1, c_d2, c_noise) = match self.algorithm {
+            DpmAlgorithm::DpmSolverPlusPlus => {
+                let em1 = (-h).exp_m1();
+                let c_d1 = if midpoint {
+                    -0.5 * alpha_t * em1
+                } else {
+                    alpha_t * (em1 / h + 1.0)
+                };
+                let c_d2 = -alpha_t * ((em1 + h) / (h * h) - 0.5);
+                (sigma_t_vp / sigma_s0_vp, -alpha_t * em1, c_d1, c_d2, 0.0)
+            }
+            DpmAlgorithm::SdeDpmSolverPlusPlus => {
+                let phi = -(-2.0 * h).exp_m1();
+                let c_d1 = if midpoint {
+                    0.5 * alpha_t * phi
+                } else {
+                    alpha_t * (phi / (-2.0 * h) + 1.0)
+                };
+                let c_d2 = alpha_t * ((phi - 2.0 * h) / (2.0 * h).powi(2) - 0.5);
+                (
+                    sigma_t_vp / sigma_s0_vp * (-h).exp(),
+                    alpha_t * phi,
+                    c_d1,
+                    c_d2,
+                    sigma_t_vp * phi.sqrt(),
+                )
+            }
+            DpmAlgorithm::DpmSolver => {
+                let ep1 = h.exp_m1();
+                let c_d1 = if midpoint {
+                    -0.5 * sigma_t_vp * ep1
+                } else {
+                    -sigma_t_vp * (ep1 / h - 1.0)
+                };
+                let c_d2 = -sigma_t_vp * ((ep1 - h) / (h * h) - 0.5);
+                (alpha_t / alpha_s0, -sigma_t_vp * ep1, c_d1, c_d2, 0.0)
+            }
+            DpmAlgorithm::SdeDpmSolver => {
+                // The noise term is twice the ODE's, and the fresh noise makes up the variance.
+                let ep1 = h.exp_m1();
+                let c_d1 = if midpoint {
+                    -sigma_t_vp * ep1
+                } else {
+                    -2.0 * sigma_t_vp * (ep1 / h - 1.0)
+                };
+                (
+                    alpha_t / alpha_s0,
+                    -2.0 * sigma_t_vp * ep1,
+                    c_d1,
+                    0.0,
+                    sigma_t_vp * (2.0 * h).exp_m1().sqrt(),
+                )
+            }
         };
 
-        // Expand D0..D2 into weights of the stored x0 predictions m0 (newest), m1, m2.
+        // Expand D0..D2 into weights of the stored predictions m0 (newest), m1, m2.
         let mut m = [c_d0, 0.0, 0.0];
         match order {
             1 => {}
@@ -310,5 +374,88 @@ impl Scheduler for DpmSolverMultistep {
         let sigma = at(&self.sigmas, step_index, "sigma schedule")?;
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
         weighted_sum(&[(alpha_t, original), (sigma_t, noise)], original.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(overrides: serde_json::Value) -> SchedulerConfig {
+        SchedulerConfig::default()
+            .with_overrides(&overrides)
+            .unwrap()
+    }
+
+    fn refusal(overrides: serde_json::Value, steps: usize) -> String {
+        match DpmSolverMultistep::new(&config(overrides), steps) {
+            Err(Error::Scheduler(message)) => message,
+            Err(other) => panic!("not a scheduler error: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn noise_prediction_forms_need_a_nonzero_final_sigma() {
+        for algorithm in ["dpmsolver", "sde-dpmsolver"] {
+            let message = refusal(serde_json::json!({ "algorithm_type": algorithm }), 10);
+            assert!(message.contains("sigma_min"), "{message}");
+            let message = refusal(
+                serde_json::json!({ "algorithm_type": algorithm, "final_sigmas_type": "zero" }),
+                10,
+            );
+            assert!(message.contains(algorithm), "{message}");
+            let ok = serde_json::json!({
+                "algorithm_type": algorithm, "final_sigmas_type": "sigma_min"
+            });
+            assert!(
+                DpmSolverMultistep::new(&config(ok), 10).is_ok(),
+                "{algorithm}"
+            );
+        }
+    }
+
+    #[test]
+    fn sde_dpmsolver_refuses_third_order_steps() {
+        let order3 = |algorithm: &str, lower_order_final: bool| {
+            serde_json::json!({
+                "algorithm_type": algorithm,
+                "final_sigmas_type": "sigma_min",
+                "solver_order": 3,
+                "lower_order_final": lower_order_final,
+            })
+        };
+        let message = refusal(order3("sde-dpmsolver", true), 5);
+        assert!(message.contains("third-order"), "{message}");
+        assert!(!refusal(order3("sde-dpmsolver", false), 3).is_empty());
+        // Up to 4 steps, lower_order_final keeps every step at order 2 or below.
+        for steps in 1..=4 {
+            let cfg = config(order3("sde-dpmsolver", true));
+            assert!(DpmSolverMultistep::new(&cfg, steps).is_ok(), "{steps}");
+        }
+        assert!(DpmSolverMultistep::new(&config(order3("sde-dpmsolver", false)), 2).is_ok());
+        for algorithm in ["dpmsolver", "dpmsolver++", "sde-dpmsolver++"] {
+            let cfg = config(order3(algorithm, true));
+            assert!(DpmSolverMultistep::new(&cfg, 25).is_ok(), "{algorithm}");
+        }
+    }
+
+    #[test]
+    fn noise_prediction_steps_stay_finite_to_the_end() {
+        let dev = candle_core::Device::Cpu;
+        for algorithm in ["dpmsolver", "sde-dpmsolver"] {
+            let cfg = config(serde_json::json!({
+                "algorithm_type": algorithm, "final_sigmas_type": "sigma_min"
+            }));
+            let mut scheduler = DpmSolverMultistep::new(&cfg, 6).unwrap();
+            let mut noise = BatchNoise::from_seeds(&[3]);
+            let mut x = noise.randn(&[2, 2], &dev, candle_core::DType::F32).unwrap();
+            for i in 0..scheduler.timesteps().len() {
+                let eps = (&x * 0.5).unwrap();
+                x = scheduler.step(&eps, i, &x, &mut noise).unwrap();
+            }
+            let values: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "{algorithm}");
+        }
     }
 }
