@@ -138,3 +138,21 @@ fn half_precision_steps_stay_close_to_f32() {
         assert!(diff < 1e-2, "{kind:?}: {diff}");
     }
 }
+
+#[test]
+fn every_named_kind_is_listed_once_in_all() {
+    use std::collections::HashSet;
+    let all: HashSet<SchedulerKind> = SchedulerKind::ALL.iter().copied().collect();
+    assert_eq!(
+        all.len(),
+        SchedulerKind::ALL.len(),
+        "a kind is listed twice"
+    );
+    for name in SchedulerSpec::accepted_names() {
+        let kind = SchedulerSpec::parse(name).unwrap().kind;
+        assert!(
+            all.contains(&kind),
+            "{name}: {kind:?} missing from SchedulerKind::ALL"
+        );
+    }
+}

@@ -1,9 +1,12 @@
 //! Diffusion samplers ("schedulers" in diffusers): they pick the timesteps the model is run at and
 //! turn each model prediction into the next, less noisy, latent.
 //!
-//! One file per family behind the [`Scheduler`] trait: DDIM, Euler (with Euler ancestral),
-//! DPM-Solver++ multistep and LCM, each numerically following its diffusers class. Names from every API
-//! dialect parse into one [`SchedulerSpec`]; [`build`] combines it with the model's
+//! One file per family behind the [`Scheduler`] trait, each numerically following its diffusers
+//! class: DDIM, DDPM, PNDM/PLMS, LMS, Euler and Euler ancestral, Heun, KDPM2 (+ ancestral),
+//! DPM-Solver multistep (dpmsolver, dpmsolver++, their SDE forms), DPM-Solver singlestep,
+//! DPM++ SDE, UniPC, DEIS and LCM. Samplers that have no meaning for a latent diffusion model
+//! (KarrasVe, ScoreSdeVe, IPNDM, DDIMInverse) are refused by name with the reason. Names from
+//! every API dialect parse into one [`SchedulerSpec`]; [`build`] combines it with the model's
 //! `scheduler_config.json` ([`SchedulerConfig`]) and a step count. Adding a scheduler is one file,
 //! one [`SchedulerKind`] arm and its names in [`SchedulerSpec::parse`]'s table.
 
@@ -98,6 +101,26 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
+    /// Every family, in the order the docs list them.
+    pub const ALL: [SchedulerKind; 16] = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Ddpm,
+        SchedulerKind::Pndm,
+        SchedulerKind::Plms,
+        SchedulerKind::Lms,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Heun,
+        SchedulerKind::Kdpm2,
+        SchedulerKind::Kdpm2Ancestral,
+        SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::DpmSolverSinglestep,
+        SchedulerKind::DpmSolverSde,
+        SchedulerKind::UniPcMultistep,
+        SchedulerKind::Deis,
+        SchedulerKind::Lcm,
+    ];
+
     /// The diffusers class this kind reproduces.
     pub fn class_name(self) -> &'static str {
         match self {
@@ -409,11 +432,14 @@ impl SchedulerSpec {
             })
             .ok_or_else(|| {
                 let accepted: Vec<&str> = NAMES.iter().map(|named| named.shown).collect();
+                let mut classes: Vec<&str> =
+                    SchedulerKind::ALL.iter().map(|k| k.class_name()).collect();
+                classes.dedup();
                 Error::Scheduler(format!(
-                    "unknown scheduler `{name}`; accepted: {} (or a diffusers class name with or without \
-                     the `Scheduler` suffix: DDIMScheduler, EulerDiscreteScheduler, \
-                     EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LCMScheduler)",
-                    accepted.join(", ")
+                    "unknown scheduler `{name}`; accepted: {} (or a diffusers class name with or \
+                     without the `Scheduler` suffix: {})",
+                    accepted.join(", "),
+                    classes.join(", ")
                 ))
             })
     }
