@@ -13,7 +13,7 @@ use candle_core::Tensor;
 use super::config::{ClassDefaults, FinalSigmas, PredictionType, TimestepSpacing, DDPM_DEFAULTS};
 use super::sigmas::{self, np_arange, np_linspace, np_round};
 use super::{at, step_noise, weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
-use crate::Result;
+use crate::{Error, Result};
 
 /// A sigma schedule in the k-diffusion parameterisation `x = x0 + sigma * noise`.
 #[derive(Debug, Clone)]
@@ -166,6 +166,13 @@ impl Euler {
     }
 
     pub fn ancestral(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        if config.prediction() == PredictionType::Sample {
+            return Err(Error::Scheduler(
+                "EulerAncestralDiscreteScheduler: prediction_type must be epsilon or \
+                 v_prediction. Given: sample"
+                    .into(),
+            ));
+        }
         // diffusers' ancestral class has no Karras or final-sigma options: plain interpolated
         // sigmas ending at zero.
         Ok(Self {

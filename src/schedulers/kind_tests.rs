@@ -156,3 +156,17 @@ fn every_named_kind_is_listed_once_in_all() {
         );
     }
 }
+
+#[test]
+fn sample_prediction_is_refused_where_diffusers_cannot_run_it() {
+    let config = SchedulerConfig::from_json(&serde_json::json!({"prediction_type": "sample"}))
+        .expect("a valid config literal");
+    for name in ["Euler a", "PNDM", "DPM2", "DPM2 a", "DPM++ SDE"] {
+        let spec = SchedulerSpec::parse(name).unwrap();
+        let err = match build(&spec, &config, 10) {
+            Ok(_) => panic!("{name}: `sample` prediction accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("sample"), "{name}: {err}");
+    }
+}
