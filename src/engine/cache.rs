@@ -78,6 +78,7 @@ impl<V> ModelCache<V> {
     }
 
     /// Cached ids, in no particular order.
+    #[cfg(test)]
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.id.as_str())
     }
@@ -135,10 +136,9 @@ mod tests {
     fn failed_load_caches_nothing() {
         let mut cache: ModelCache<u32> = ModelCache::new(50);
         cache.get_or_load("a", || Ok((1, 10))).unwrap();
-        let err = cache
-            .get_or_load("bad", || Err(Error::model("broken")))
-            .err()
-            .expect("load failed");
+        let Err(err) = cache.get_or_load("bad", || Err(Error::model("broken"))) else {
+            panic!("the load failed");
+        };
         assert!(err.to_string().contains("broken"));
         assert_eq!(ids(&cache), ["a"]);
         // The next request for it tries again.

@@ -345,19 +345,12 @@ fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
     while let Some(job) = shared.queue.pop() {
         job.send(JobEvent::Started);
         let result = catch_unwind(AssertUnwindSafe(|| run(&job)));
-        let outcome = match result {
-            Ok(Ok(())) => {
-                job.send(JobEvent::Finished);
-                Outcome::Completed
-            }
-            Ok(Err(Error::Cancelled)) => {
-                job.send(JobEvent::Failed(Error::Cancelled));
-                Outcome::Cancelled
-            }
+        let (outcome, last) = match result {
+            Ok(Ok(())) => (Outcome::Completed, JobEvent::Finished),
+            Ok(Err(Error::Cancelled)) => (Outcome::Cancelled, JobEvent::Failed(Error::Cancelled)),
             Ok(Err(e)) => {
                 tracing::warn!(job = job.id, model = job.model, "job failed: {e}");
-                job.send(JobEvent::Failed(e));
-                Outcome::Failed
+                (Outcome::Failed, JobEvent::Failed(e))
             }
             Err(panic) => {
                 let what = panic
@@ -366,13 +359,13 @@ fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic without a message".to_string());
                 tracing::error!(job = job.id, model = job.model, "job panicked: {what}");
-                job.send(JobEvent::Failed(Error::Internal(format!(
-                    "the job failed unexpectedly: {what}"
-                ))));
-                Outcome::Failed
+                let e = Error::Internal(format!("the job failed unexpectedly: {what}"));
+                (Outcome::Failed, JobEvent::Failed(e))
             }
         };
+        // Counted before the client hears of it, so stats read after the last event agree.
         shared.queue.finish(outcome);
+        job.send(last);
     }
 }
 
