@@ -28,6 +28,18 @@ fn engine(queue_capacity: usize) -> Engine {
     Engine::start(config, registry()).expect("engine starts")
 }
 
+/// Runs `jobs` one after the other; each must finish.
+async fn run_in_turn(engine: &Engine, models: &[&str]) {
+    for model in models {
+        let mut handle = engine.submit(job(model, request(2, 1, 1))).unwrap();
+        let events = events(&mut handle).await;
+        assert!(
+            matches!(events.last(), Some(JobEvent::Finished)),
+            "{model}: {events:?}"
+        );
+    }
+}
+
 fn request(steps: usize, num_images: usize, seed: u64) -> GenerationRequest {
     let mut req = GenerationRequest::new("a red cube on a table");
     req.width = 64;
@@ -314,4 +326,44 @@ async fn shutdown_past_its_deadline_cancels_running_and_waiting_jobs() {
     }
     let stats = engine.stats();
     assert_eq!((stats.cancelled, stats.completed, stats.running), (2, 0, 0));
+}
+
+#[tokio::test]
+async fn models_stay_cached_within_the_budget() {
+    let engine = engine(4);
+    run_in_turn(&engine, &["tiny-sd15", "tiny-sd2", "tiny-sd15", "tiny-sd2"]).await;
+    let stats = engine.stats();
+    assert_eq!((stats.model_loads, stats.model_evictions), (2, 0));
+}
+
+#[tokio::test]
+async fn the_least_recently_used_model_is_evicted_beyond_the_budget() {
+    let mut config = EngineConfig::new(vec![Device::Cpu]);
+    // Smaller than any model: the cache keeps only the model in use.
+    config.model_cache_bytes = 1;
+    let engine = Engine::start(config, registry()).unwrap();
+    run_in_turn(
+        &engine,
+        &["tiny-sd15", "tiny-sd15", "tiny-sd2", "tiny-sd15"],
+    )
+    .await;
+    let stats = engine.stats();
+    assert_eq!((stats.model_loads, stats.model_evictions), (3, 2));
+}
+
+#[tokio::test]
+async fn each_device_runs_its_own_job() {
+    let mut config = EngineConfig::new(vec![Device::Cpu, Device::Cpu]);
+    config.queue_capacity = 4;
+    let engine = Engine::start(config, registry()).unwrap();
+    let mut a = engine.submit(job("tiny-sd15", request(200, 1, 1))).unwrap();
+    let mut b = engine.submit(job("tiny-sd15", request(200, 1, 1))).unwrap();
+    // Both progress at once: one worker would finish the first 200 steps before starting the next.
+    wait_for_step(&mut a, 1).await;
+    wait_for_step(&mut b, 1).await;
+    assert_eq!(engine.stats().running, 2);
+    a.cancel();
+    b.cancel();
+    wait_until(&engine, "both jobs stop", |s| s.running == 0).await;
+    assert_eq!(engine.stats().cancelled, 2);
 }

@@ -15,6 +15,8 @@ pub(crate) struct ModelCache<V> {
     budget_bytes: usize,
     entries: Vec<Entry<V>>,
     clock: u64,
+    loads: u64,
+    evictions: u64,
 }
 
 impl<V> ModelCache<V> {
@@ -23,6 +25,8 @@ impl<V> ModelCache<V> {
             budget_bytes,
             entries: Vec::new(),
             clock: 0,
+            loads: 0,
+            evictions: 0,
         }
     }
 
@@ -38,6 +42,7 @@ impl<V> ModelCache<V> {
             Some(at) => at,
             None => {
                 let (value, bytes) = load()?;
+                self.loads += 1;
                 tracing::info!(model = id, bytes, "model loaded");
                 self.entries.push(Entry {
                     id: id.to_string(),
@@ -68,8 +73,19 @@ impl<V> ModelCache<V> {
                 .map(|(i, _)| i);
             let Some(i) = oldest else { break };
             let evicted = self.entries.swap_remove(i);
+            self.evictions += 1;
             tracing::info!(model = evicted.id, bytes = evicted.bytes, "model evicted");
         }
+    }
+
+    /// Models loaded since the cache was made.
+    pub fn loads(&self) -> u64 {
+        self.loads
+    }
+
+    /// Models evicted since the cache was made.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Summed size of the cached models.
@@ -109,6 +125,7 @@ mod tests {
             assert_eq!(*v, 1);
         }
         assert_eq!(loads, 1);
+        assert_eq!(cache.loads(), 1);
         assert_eq!(cache.bytes(), 10);
     }
 
@@ -122,6 +139,7 @@ mod tests {
         cache.get_or_load("c", || Ok((3, 40))).unwrap();
         assert_eq!(ids(&cache), ["a", "c"]);
         assert_eq!(cache.bytes(), 80);
+        assert_eq!((cache.loads(), cache.evictions()), (3, 1));
     }
 
     #[test]

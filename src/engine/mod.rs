@@ -173,6 +173,19 @@ struct Shared {
     queue: JobQueue<QueuedJob>,
     /// Set when shutdown passes its deadline: running jobs stop at their next step.
     abort: AtomicBool,
+    model_loads: AtomicU64,
+    model_evictions: AtomicU64,
+}
+
+impl Shared {
+    fn new(queue_capacity: usize) -> Self {
+        Self {
+            queue: JobQueue::new(queue_capacity),
+            abort: AtomicBool::new(false),
+            model_loads: AtomicU64::new(0),
+            model_evictions: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The client's side of an admitted job. Dropping it cancels the job.
@@ -232,10 +245,7 @@ impl Engine {
         if config.queue_capacity == 0 {
             return Err(Error::invalid("`queue_capacity` must be at least 1"));
         }
-        let shared = Arc::new(Shared {
-            queue: JobQueue::new(config.queue_capacity),
-            abort: AtomicBool::new(false),
-        });
+        let shared = Arc::new(Shared::new(config.queue_capacity));
         let mut workers = Vec::with_capacity(config.devices.len());
         for (index, device) in config.devices.into_iter().enumerate() {
             let shared = shared.clone();
@@ -243,14 +253,7 @@ impl Engine {
             let (dtype, budget) = (config.dtype, config.model_cache_bytes);
             let worker = std::thread::Builder::new()
                 .name(format!("sd-worker-{index}"))
-                .spawn(move || {
-                    let mut cache = ModelCache::new(budget);
-                    worker_loop(&shared, |job| {
-                        let model =
-                            cached_model(&mut cache, &registry, &job.model, &device, dtype)?;
-                        run_job(model, job, &shared.abort)
-                    });
-                })?;
+                .spawn(move || run_worker(&shared, &registry, &device, dtype, budget))?;
             workers.push(worker);
         }
         Ok(Engine {
@@ -296,7 +299,11 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.shared.queue.stats()
+        EngineStats {
+            model_loads: self.shared.model_loads.load(Ordering::Relaxed),
+            model_evictions: self.shared.model_evictions.load(Ordering::Relaxed),
+            ..self.shared.queue.stats()
+        }
     }
 
     /// Stops admitting jobs, lets waiting and running ones finish within `grace`, cancels the
@@ -339,6 +346,30 @@ impl Drop for Engine {
     }
 }
 
+/// A device's worker: jobs from the queue, models from its own cache.
+fn run_worker(
+    shared: &Shared,
+    registry: &Registry,
+    device: &Device,
+    dtype: DType,
+    cache_budget: usize,
+) {
+    let mut cache = ModelCache::new(cache_budget);
+    worker_loop(shared, |job| {
+        let (loads, evictions) = (cache.loads(), cache.evictions());
+        let model = cached_model(&mut cache, registry, &job.model, device, dtype);
+        let counts = [
+            (&shared.model_loads, cache.loads() - loads),
+            (&shared.model_evictions, cache.evictions() - evictions),
+        ];
+        for (counter, n) in counts {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        let model = model?;
+        run_job(&model, job, &shared.abort)
+    });
+}
+
 /// Takes jobs until the queue is closed and empty. `run` does the work; a panic inside it fails
 /// that job, not the worker.
 fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
@@ -370,29 +401,31 @@ fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
 }
 
 /// The model `name` (a registry id or alias) from the worker's cache, loaded on a miss.
-fn cached_model<'c>(
-    cache: &'c mut ModelCache<StableDiffusion>,
+fn cached_model(
+    cache: &mut ModelCache<Arc<StableDiffusion>>,
     registry: &Registry,
     name: &str,
     device: &Device,
     dtype: DType,
-) -> Result<&'c StableDiffusion> {
+) -> Result<Arc<StableDiffusion>> {
     let entry = registry.resolve_id(name)?;
-    cache.get_or_load(&entry.id, || {
-        let files = entry.load(device, dtype)?;
-        let bytes = [
-            Some(&files.unet),
-            Some(&files.vae),
-            Some(&files.text_encoder),
-            files.text_encoder_2.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|c| c.weights.size_in_bytes())
-        .sum();
-        let model = StableDiffusion::load(&files, device, dtype)?;
-        Ok((model, bytes))
-    })
+    cache
+        .get_or_load(&entry.id, || {
+            let files = entry.load(device, dtype)?;
+            let bytes = [
+                Some(&files.unet),
+                Some(&files.vae),
+                Some(&files.text_encoder),
+                files.text_encoder_2.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|c| c.weights.size_in_bytes())
+            .sum();
+            let model = StableDiffusion::load(&files, device, dtype)?;
+            Ok((Arc::new(model), bytes))
+        })
+        .cloned()
 }
 
 /// Denoises the job's images together, then decodes and sends them one by one.
@@ -427,10 +460,7 @@ mod tests {
     use super::*;
 
     fn shared(capacity: usize) -> Arc<Shared> {
-        Arc::new(Shared {
-            queue: JobQueue::new(capacity),
-            abort: AtomicBool::new(false),
-        })
+        Arc::new(Shared::new(capacity))
     }
 
     fn queued(id: u64) -> (QueuedJob, mpsc::UnboundedReceiver<JobEvent>) {

@@ -31,6 +31,9 @@ pub struct EngineStats {
     pub refused: u64,
     /// Submissions refused because the request exceeded the engine's limits.
     pub invalid: u64,
+    /// Model loads and evictions over all workers' caches.
+    pub model_loads: u64,
+    pub model_evictions: u64,
 }
 
 /// How a job a worker took ended.
