@@ -25,6 +25,9 @@ pub enum Error {
     /// The job was cancelled (its client went away) between two denoising steps.
     #[error("cancelled")]
     Cancelled,
+    /// A fault inside sd-serve (a job that panicked); the message is for the server's logs.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

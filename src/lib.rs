@@ -2,9 +2,11 @@
 //!
 //! Layers, each calling only downwards: `pipeline` (prompt -> image) over `models` (candle
 //! modules mirroring diffusers) and `schedulers`; `weights` turns files into a named tensor store;
-//! `registry` maps model ids to where their files are.
+//! `registry` maps model ids to where their files are; `engine` queues jobs onto one worker
+//! thread per device, each with its own model cache.
 
 pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod models;
 pub mod pipeline;

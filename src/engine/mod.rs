@@ -1,0 +1,562 @@
+//! The engine: owns the devices and runs generation jobs for the API dialects.
+//!
+//! [`Engine::submit`] admits a job into a bounded queue or refuses it at once; one OS thread per
+//! device takes jobs first in, first out, loads models into its own cache (LRU within a byte
+//! budget) and streams [`JobEvent`]s back: started, each denoising step, each image as soon as
+//! it is decoded, then finished or failed. A job whose [`JobHandle`] is dropped or cancelled is
+//! skipped if it has not started and stopped between denoising steps if it has. Candle work is
+//! blocking, so it never runs on the async runtime; the handle's receiver is the only async part.
+
+mod cache;
+mod queue;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use tokio::sync::mpsc;
+
+use crate::pipeline::{images, request, GenerationRequest, StableDiffusion};
+use crate::registry::Registry;
+use crate::{Error, Result};
+
+use cache::ModelCache;
+pub use queue::EngineStats;
+use queue::{JobQueue, Outcome, Queued, Refusal};
+
+/// Per-job limits the engine enforces at admission, on top of the pipeline's own checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    pub max_images: usize,
+    pub max_steps: usize,
+    /// Largest `width * height` of one image.
+    pub max_pixels: usize,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self {
+            max_images: request::MAX_IMAGES,
+            max_steps: request::MAX_STEPS,
+            max_pixels: request::MAX_SIDE * request::MAX_SIDE,
+        }
+    }
+}
+
+impl JobLimits {
+    fn check(&self, req: &GenerationRequest) -> Result<()> {
+        if req.num_images > self.max_images {
+            return Err(Error::invalid(format!(
+                "`num_images` must be <= {}. Given: {}",
+                self.max_images, req.num_images
+            )));
+        }
+        if req.steps > self.max_steps {
+            return Err(Error::invalid(format!(
+                "`steps` must be <= {}. Given: {}",
+                self.max_steps, req.steps
+            )));
+        }
+        let pixels = req.width.saturating_mul(req.height);
+        if pixels > self.max_pixels {
+            return Err(Error::invalid(format!(
+                "`width` x `height` must be <= {} pixels. Given: {}x{} = {pixels}",
+                self.max_pixels, req.width, req.height
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most jobs waiting or running at once; beyond it submissions are refused.
+    pub queue_capacity: usize,
+    /// One worker thread per device.
+    pub devices: Vec<Device>,
+    pub dtype: DType,
+    /// Weight bytes each worker keeps loaded; least recently used models go first beyond it.
+    pub model_cache_bytes: usize,
+    pub limits: JobLimits,
+}
+
+impl EngineConfig {
+    /// One worker per device, f16 on accelerators and f32 on the CPU, no cache limit.
+    pub fn new(devices: Vec<Device>) -> Self {
+        let dtype = if devices.iter().all(Device::is_cpu) {
+            DType::F32
+        } else {
+            DType::F16
+        };
+        Self {
+            queue_capacity: 32,
+            devices,
+            dtype,
+            model_cache_bytes: usize::MAX,
+            limits: JobLimits::default(),
+        }
+    }
+}
+
+/// A generation job: a registry id (or alias) and the canonical request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub model: String,
+    pub request: GenerationRequest,
+}
+
+/// What a job reports, in this order: `Started`, `Progress` after each denoising step, one
+/// `Image` per image, then `Finished`; or `Failed` at any point (`Error::Cancelled` when it
+/// was cancelled after it started).
+#[derive(Debug)]
+pub enum JobEvent {
+    Started,
+    Progress {
+        step: usize,
+        total: usize,
+    },
+    Image {
+        index: usize,
+        seed: u64,
+        image: image::RgbImage,
+    },
+    Finished,
+    Failed(Error),
+}
+
+/// Why a job was not admitted. Each dialect renders these as its own "busy" or "bad request".
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {capacity} jobs are waiting or running. Try again later")]
+    QueueFull { capacity: usize },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Invalid(Error),
+}
+
+/// A job in the queue, with the way back to its client.
+struct QueuedJob {
+    id: u64,
+    model: String,
+    request: GenerationRequest,
+    events: mpsc::UnboundedSender<JobEvent>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl QueuedJob {
+    fn is_wanted(&self) -> bool {
+        !self.cancel.load(Ordering::SeqCst) && !self.events.is_closed()
+    }
+
+    fn send(&self, event: JobEvent) {
+        // A client that went away is noticed through `is_wanted`; nothing to do here.
+        let _ = self.events.send(event);
+    }
+}
+
+impl Queued for QueuedJob {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn is_cancelled(&self) -> bool {
+        !self.is_wanted()
+    }
+}
+
+/// What the engine and its workers share.
+struct Shared {
+    queue: JobQueue<QueuedJob>,
+    /// Set when shutdown passes its deadline: running jobs stop at their next step.
+    abort: AtomicBool,
+    model_loads: AtomicU64,
+    model_evictions: AtomicU64,
+}
+
+impl Shared {
+    fn new(queue_capacity: usize) -> Self {
+        Self {
+            queue: JobQueue::new(queue_capacity),
+            abort: AtomicBool::new(false),
+            model_loads: AtomicU64::new(0),
+            model_evictions: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The client's side of an admitted job. Dropping it cancels the job.
+pub struct JobHandle {
+    id: u64,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+    cancel: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+impl JobHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event; `None` after the last one.
+    pub async fn recv(&mut self) -> Option<JobEvent> {
+        self.events.recv().await
+    }
+
+    /// Cancels the job: a waiting job leaves the queue at once (its handle receives
+    /// `Failed(Cancelled)`); a running one stops after its current denoising step.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        if let Some(job) = self.shared.queue.remove(self.id) {
+            job.send(JobEvent::Failed(Error::Cancelled));
+        }
+    }
+}
+
+impl Drop for JobHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl std::fmt::Debug for JobHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobHandle").field("id", &self.id).finish()
+    }
+}
+
+/// The job queue and its device workers.
+pub struct Engine {
+    shared: Arc<Shared>,
+    limits: JobLimits,
+    next_id: AtomicU64,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts one worker thread per device. Models load on first use.
+    pub fn start(config: EngineConfig, registry: Arc<Registry>) -> Result<Engine> {
+        if config.devices.is_empty() {
+            return Err(Error::invalid("the engine needs at least one device"));
+        }
+        if config.queue_capacity == 0 {
+            return Err(Error::invalid("`queue_capacity` must be at least 1"));
+        }
+        let shared = Arc::new(Shared::new(config.queue_capacity));
+        let mut workers = Vec::with_capacity(config.devices.len());
+        for (index, device) in config.devices.into_iter().enumerate() {
+            let shared = shared.clone();
+            let registry = registry.clone();
+            let (dtype, budget) = (config.dtype, config.model_cache_bytes);
+            let worker = std::thread::Builder::new()
+                .name(format!("sd-worker-{index}"))
+                .spawn(move || run_worker(&shared, &registry, &device, dtype, budget))?;
+            workers.push(worker);
+        }
+        Ok(Engine {
+            shared,
+            limits: config.limits,
+            next_id: AtomicU64::new(1),
+            workers: Mutex::new(workers),
+        })
+    }
+
+    /// Admits a job or refuses it at once; never waits for room.
+    pub fn submit(&self, job: Job) -> std::result::Result<JobHandle, SubmitError> {
+        if let Err(e) = self
+            .limits
+            .check(&job.request)
+            .and_then(|()| job.request.validate())
+        {
+            self.shared.queue.count_invalid();
+            return Err(SubmitError::Invalid(e));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, receiver) = mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let queued = QueuedJob {
+            id,
+            model: job.model,
+            request: job.request,
+            events,
+            cancel: cancel.clone(),
+        };
+        match self.shared.queue.push(queued) {
+            Ok(()) => Ok(JobHandle {
+                id,
+                events: receiver,
+                cancel,
+                shared: self.shared.clone(),
+            }),
+            Err(Refusal::Full) => Err(SubmitError::QueueFull {
+                capacity: self.shared.queue.capacity(),
+            }),
+            Err(Refusal::Closed) => Err(SubmitError::ShuttingDown),
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            model_loads: self.shared.model_loads.load(Ordering::Relaxed),
+            model_evictions: self.shared.model_evictions.load(Ordering::Relaxed),
+            ..self.shared.queue.stats()
+        }
+    }
+
+    /// Stops admitting jobs, lets waiting and running ones finish within `grace`, cancels the
+    /// rest (running ones stop after their current step) and joins the workers. Blocking: from
+    /// async code call it on a blocking thread. Returns true when every job finished in time.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        self.shared.queue.close();
+        let finished = self.shared.queue.wait_idle(Instant::now() + grace);
+        if !finished {
+            self.shared.abort.store(true, Ordering::SeqCst);
+            for job in self.shared.queue.drain() {
+                job.send(JobEvent::Failed(Error::Cancelled));
+            }
+        }
+        let workers: Vec<_> = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for worker in workers {
+            if worker.join().is_err() {
+                tracing::error!("an engine worker thread panicked outside a job");
+            }
+        }
+        finished
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let running = !self
+            .workers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if running {
+            self.shutdown(Duration::ZERO);
+        }
+    }
+}
+
+/// A device's worker: jobs from the queue, models from its own cache.
+fn run_worker(
+    shared: &Shared,
+    registry: &Registry,
+    device: &Device,
+    dtype: DType,
+    cache_budget: usize,
+) {
+    let mut cache = ModelCache::new(cache_budget);
+    worker_loop(shared, |job| {
+        let (loads, evictions) = (cache.loads(), cache.evictions());
+        let model = cached_model(&mut cache, registry, &job.model, device, dtype);
+        let counts = [
+            (&shared.model_loads, cache.loads() - loads),
+            (&shared.model_evictions, cache.evictions() - evictions),
+        ];
+        for (counter, n) in counts {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        let model = model?;
+        run_job(&model, job, &shared.abort)
+    });
+}
+
+/// Takes jobs until the queue is closed and empty. `run` does the work; a panic inside it fails
+/// that job, not the worker.
+fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
+    while let Some(job) = shared.queue.pop() {
+        job.send(JobEvent::Started);
+        let result = catch_unwind(AssertUnwindSafe(|| run(&job)));
+        let (outcome, last) = match result {
+            Ok(Ok(())) => (Outcome::Completed, JobEvent::Finished),
+            Ok(Err(Error::Cancelled)) => (Outcome::Cancelled, JobEvent::Failed(Error::Cancelled)),
+            Ok(Err(e)) => {
+                tracing::warn!(job = job.id, model = job.model, "job failed: {e}");
+                (Outcome::Failed, JobEvent::Failed(e))
+            }
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_string());
+                tracing::error!(job = job.id, model = job.model, "job panicked: {what}");
+                let e = Error::Internal(format!("the job failed unexpectedly: {what}"));
+                (Outcome::Failed, JobEvent::Failed(e))
+            }
+        };
+        // Counted before the client hears of it, so stats read after the last event agree.
+        shared.queue.finish(outcome);
+        job.send(last);
+    }
+}
+
+/// The model `name` (a registry id or alias) from the worker's cache, loaded on a miss.
+fn cached_model(
+    cache: &mut ModelCache<Arc<StableDiffusion>>,
+    registry: &Registry,
+    name: &str,
+    device: &Device,
+    dtype: DType,
+) -> Result<Arc<StableDiffusion>> {
+    let entry = registry.resolve_id(name)?;
+    cache
+        .get_or_load(&entry.id, || {
+            let files = entry.load(device, dtype)?;
+            let bytes = [
+                Some(&files.unet),
+                Some(&files.vae),
+                Some(&files.text_encoder),
+                files.text_encoder_2.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|c| c.weights.size_in_bytes())
+            .sum();
+            let model = StableDiffusion::load(&files, device, dtype)?;
+            Ok((Arc::new(model), bytes))
+        })
+        .cloned()
+}
+
+/// Denoises the job's images together, then decodes and sends them one by one.
+fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Result<()> {
+    let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
+    if !keep_going() {
+        return Err(Error::Cancelled);
+    }
+    let mut progress = |step, total| {
+        if !keep_going() {
+            return false;
+        }
+        job.send(JobEvent::Progress { step, total });
+        true
+    };
+    let latents = model.denoise_latents(&job.request, &mut progress)?;
+    for (index, seed) in job.request.seeds().into_iter().enumerate() {
+        if !keep_going() {
+            return Err(Error::Cancelled);
+        }
+        let pixels = model.decode(&latents.narrow(0, index, 1)?)?;
+        let image = images::unit_to_rgb(&pixels)?
+            .pop()
+            .expect("one latent decodes to one image; this is a bug");
+        job.send(JobEvent::Image { index, seed, image });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(capacity: usize) -> Arc<Shared> {
+        Arc::new(Shared::new(capacity))
+    }
+
+    fn queued(id: u64) -> (QueuedJob, mpsc::UnboundedReceiver<JobEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = QueuedJob {
+            id,
+            model: "m".into(),
+            request: GenerationRequest::new("p"),
+            events,
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        (job, rx)
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<JobEvent>) -> Vec<JobEvent> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_panicking_job_fails_and_the_worker_goes_on() {
+        let shared = shared(4);
+        let (panics, mut rx1) = queued(1);
+        let (fine, mut rx2) = queued(2);
+        shared.queue.push(panics).unwrap();
+        shared.queue.push(fine).unwrap();
+        shared.queue.close();
+        worker_loop(&shared, |job| {
+            if job.id == 1 {
+                panic!("boom");
+            }
+            Ok(())
+        });
+        let first = drain(&mut rx1);
+        assert!(matches!(first[0], JobEvent::Started));
+        match &first[1] {
+            JobEvent::Failed(Error::Internal(msg)) => assert!(msg.contains("boom"), "{msg}"),
+            other => panic!("expected an internal failure, got {other:?}"),
+        }
+        let second = drain(&mut rx2);
+        assert!(matches!(second.last(), Some(JobEvent::Finished)));
+        let s = shared.queue.stats();
+        assert_eq!((s.failed, s.completed, s.running), (1, 1, 0));
+    }
+
+    #[test]
+    fn outcomes_are_counted_by_kind() {
+        let shared = shared(4);
+        let mut receivers = Vec::new();
+        for id in 1..=3 {
+            let (job, rx) = queued(id);
+            shared.queue.push(job).unwrap();
+            receivers.push(rx);
+        }
+        shared.queue.close();
+        worker_loop(&shared, |job| match job.id {
+            1 => Ok(()),
+            2 => Err(Error::Cancelled),
+            _ => Err(Error::model("missing")),
+        });
+        let s = shared.queue.stats();
+        assert_eq!((s.completed, s.cancelled, s.failed), (1, 1, 1));
+        let last = drain(&mut receivers[2]).pop();
+        assert!(matches!(last, Some(JobEvent::Failed(Error::Model(_)))));
+    }
+
+    #[test]
+    fn a_job_whose_receiver_is_gone_is_skipped() {
+        let shared = shared(4);
+        let (gone, rx) = queued(1);
+        drop(rx);
+        shared.queue.push(gone).unwrap();
+        shared.queue.close();
+        let mut ran = 0;
+        worker_loop(&shared, |_| {
+            ran += 1;
+            Ok(())
+        });
+        assert_eq!(ran, 0);
+        assert_eq!(shared.queue.stats().cancelled, 1);
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let limits = JobLimits {
+            max_images: 4,
+            max_steps: 50,
+            max_pixels: 512 * 512,
+        };
+        let mut req = GenerationRequest::new("p");
+        assert!(limits.check(&req).is_ok());
+        req.num_images = 5;
+        let e = limits.check(&req).unwrap_err().to_string();
+        assert!(e.contains("`num_images` must be <= 4. Given: 5"), "{e}");
+        req.num_images = 1;
+        req.width = 1024;
+        let e = limits.check(&req).unwrap_err().to_string();
+        assert!(e.contains("1024x512"), "{e}");
+    }
+}
