@@ -10,6 +10,7 @@ pub mod models;
 pub mod pipeline;
 pub mod registry;
 pub mod schedulers;
+pub mod store;
 pub mod weights;
 
 pub use error::{Error, Result};
