@@ -4,6 +4,7 @@
 //! modules mirroring diffusers) and `schedulers`; `weights` turns files into a named tensor store;
 //! `registry` maps model ids to where their files are.
 
+pub mod api;
 pub mod bench;
 pub mod error;
 pub mod models;
