@@ -492,6 +492,12 @@ async fn loopback_fetch_only_when_private_urls_allowed() {
         .unwrap();
     assert_eq!(image.to_rgb8(), test_image().to_rgb8());
 
+    // A host name is resolved once and the request goes to the checked addresses.
+    let by_name = format!("http://localhost:{}/img.png", server.port);
+    let checked = check_url(&by_name, &limits).await.unwrap();
+    assert!(checked.addrs.iter().all(|a| a.ip().is_loopback()));
+    assert_eq!(fetch_bytes(&by_name, &limits).await.unwrap(), png);
+
     // Redirects are followed, and each hop is checked again.
     assert_eq!(
         fetch_bytes(&server.url("/redirect"), &limits)
