@@ -5,6 +5,7 @@
 //! `registry` maps model ids to where their files are; `engine` queues jobs onto one worker
 //! thread per device, each with its own model cache.
 
+pub mod api;
 pub mod bench;
 pub mod engine;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod models;
 pub mod pipeline;
 pub mod registry;
 pub mod schedulers;
+pub mod store;
 pub mod weights;
 
 pub use error::{Error, Result};

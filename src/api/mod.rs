@@ -1,0 +1,3 @@
+//! The HTTP dialects and what they share.
+
+pub mod media;
