@@ -9,9 +9,9 @@
 
 use candle_core::Tensor;
 
-use super::config::{DpmAlgorithm, TimestepSpacing, DDPM_DEFAULTS};
+use super::config::{DpmAlgorithm, DDPM_DEFAULTS};
 use super::dpm_multistep::{alpha_sigma, lambda};
-use super::sigmas::{self, interp_unit_grid, np_arange, np_linspace, np_round};
+use super::sigmas::{self, interp_unit_grid, multistep_timesteps, np_round};
 use super::{
     at, prediction_coefficients, weighted_sum, BatchNoise, PredictionType, Scheduler,
     SchedulerConfig,
@@ -30,34 +30,6 @@ pub struct Deis {
     history: Vec<Tensor>,
     /// Steps taken so far, capped at `solver_order`.
     lower_order_nums: usize,
-}
-
-/// The integer timesteps of the multistep solvers, per spacing: `steps` of the `steps + 1`
-/// evenly spaced points, dropping the one at 0.
-fn multistep_timesteps(
-    config: &SchedulerConfig,
-    spacing: TimestepSpacing,
-    steps: usize,
-) -> Vec<f64> {
-    let n = config.num_train();
-    match spacing {
-        TimestepSpacing::Linspace => {
-            let mut grid = np_linspace(0.0, n as f64 - 1.0, steps + 1, true);
-            grid.remove(0);
-            grid.into_iter().rev().map(np_round).collect()
-        }
-        TimestepSpacing::Leading => {
-            let ratio = (n / (steps + 1)) as f64;
-            (1..=steps)
-                .rev()
-                .map(|i| i as f64 * ratio + config.offset() as f64)
-                .collect()
-        }
-        TimestepSpacing::Trailing => np_arange(n as f64, 0.0, -(n as f64 / steps as f64))
-            .into_iter()
-            .map(|t| np_round(t) - 1.0)
-            .collect(),
-    }
 }
 
 impl Deis {

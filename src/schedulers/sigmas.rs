@@ -9,7 +9,8 @@
 
 use crate::{Error, Result};
 
-use super::config::{BetaSchedule, FinalSigmas};
+use super::config::{BetaSchedule, FinalSigmas, TimestepSpacing};
+use super::SchedulerConfig;
 
 /// The training noise schedule: `alphas_cumprod[t]` for t in 0..num_train_timesteps, as float32
 /// values held in f64.
@@ -283,6 +284,34 @@ pub fn log_sigmas_f32(train_sigmas: &[f64]) -> Vec<f64> {
 /// Round half to even, as numpy's `round` does.
 pub fn np_round(x: f64) -> f64 {
     x.round_ties_even()
+}
+
+/// The integer timesteps of the multistep solvers, per spacing: `steps` of the `steps + 1`
+/// evenly spaced points, dropping the one at 0.
+pub(crate) fn multistep_timesteps(
+    config: &SchedulerConfig,
+    spacing: TimestepSpacing,
+    steps: usize,
+) -> Vec<f64> {
+    let n = config.num_train();
+    match spacing {
+        TimestepSpacing::Linspace => {
+            let mut grid = np_linspace(0.0, n as f64 - 1.0, steps + 1, true);
+            grid.remove(0);
+            grid.into_iter().rev().map(np_round).collect()
+        }
+        TimestepSpacing::Leading => {
+            let ratio = (n / (steps + 1)) as f64;
+            (1..=steps)
+                .rev()
+                .map(|i| i as f64 * ratio + config.offset() as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => np_arange(n as f64, 0.0, -(n as f64 / steps as f64))
+            .into_iter()
+            .map(|t| np_round(t) - 1.0)
+            .collect(),
+    }
 }
 
 #[cfg(test)]

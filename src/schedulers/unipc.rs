@@ -10,10 +10,10 @@
 
 use candle_core::Tensor;
 
-use super::config::{FinalSigmas, SolverType, TimestepSpacing, DDPM_DEFAULTS};
+use super::config::{FinalSigmas, SolverType, DDPM_DEFAULTS};
 use super::dpm_multistep::{alpha_sigma, lambda};
 use super::dpm_singlestep::vp_add_noise;
-use super::sigmas::{self, interp_unit_grid, np_arange, np_linspace, np_round};
+use super::sigmas::{self, interp_unit_grid, multistep_timesteps, np_round};
 use super::{
     at, prediction_coefficients, weighted_sum, BatchNoise, PredictionType, Scheduler,
     SchedulerConfig,
@@ -107,24 +107,7 @@ impl UniPc {
         let defaults = DDPM_DEFAULTS;
         let train = config.train_schedule(&defaults, true)?;
         let n = config.num_train();
-        let mut timesteps: Vec<f64> = match config.spacing(&defaults) {
-            TimestepSpacing::Linspace => {
-                let mut grid = np_linspace(0.0, n as f64 - 1.0, steps + 1, true);
-                grid.remove(0);
-                grid.into_iter().rev().map(np_round).collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = (n / (steps + 1)) as f64;
-                (1..=steps)
-                    .rev()
-                    .map(|i| i as f64 * ratio + config.offset() as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => np_arange(n as f64, 0.0, -(n as f64 / steps as f64))
-                .into_iter()
-                .map(|t| np_round(t) - 1.0)
-                .collect(),
-        };
+        let mut timesteps = multistep_timesteps(config, config.spacing(&defaults), steps);
         let steps = timesteps.len();
         let train_sigmas = train.sigmas_f32();
         let final_sigmas = config.final_sigmas_type.unwrap_or(FinalSigmas::Zero);
