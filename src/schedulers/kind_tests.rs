@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::tests::sd15_config;
 use super::{build, BatchNoise, SchedulerConfig, SchedulerKind, SchedulerSpec};
 use crate::Error;
 
@@ -20,22 +21,6 @@ const KINDS: [SchedulerKind; 11] = [
     SchedulerKind::UniPcMultistep,
     SchedulerKind::DpmSolverSde,
 ];
-
-fn sd15_config() -> SchedulerConfig {
-    SchedulerConfig::from_json(&serde_json::json!({
-        "_class_name": "PNDMScheduler",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": false,
-        "skip_prk_steps": true,
-        "steps_offset": 1,
-        "trained_betas": null,
-        "clip_sample": false
-    }))
-    .unwrap()
-}
 
 #[test]
 fn names_select_the_kinds() {

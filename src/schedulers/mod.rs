@@ -680,7 +680,8 @@ mod tests {
         }
     }
 
-    fn sd15_config() -> SchedulerConfig {
+    /// SD1.5's scheduler_config.json, as the hub repo has it.
+    pub(super) fn sd15_config() -> SchedulerConfig {
         SchedulerConfig::from_json(&serde_json::json!({
             "_class_name": "PNDMScheduler",
             "beta_end": 0.012,
