@@ -1,4 +1,4 @@
-//! `sd-serve`: the command line. `generate` writes images, `models` lists the registry,
+//! `sd-serve`: the command line. `serve` runs the API server, `generate` writes images, `models` lists the registry,
 //! `bench` measures full-size architectures on a device.
 
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ struct DeviceArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the four hosted image APIs over HTTP and WebSocket.
+    Serve(Box<ServeArgs>),
     /// Generate images from a prompt and write them as PNG.
     Generate(Box<GenerateArgs>),
     /// List the models of the registry.
@@ -46,6 +48,40 @@ enum Command {
     },
     /// Time full-size SD1.5 / SDXL architectures with random weights; prints JSON.
     Bench(sd_serve::bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML config file (every field optional; see the README). Flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:7860.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The models.toml registry; default: the built-in one.
+    #[arg(long)]
+    models: Option<PathBuf>,
+    /// An accepted API key; repeat for several. None at all: every request is accepted.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// Base of image links in responses, e.g. https://img.example.com. Default: http://<listen>.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Where images and job records are kept.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// `cpu`, `cuda`, `cuda:N` or `metal`; repeat for one worker per device.
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// `f32`, `f16` or `bf16`; default: f16 on a GPU, f32 on the CPU.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Most jobs waiting or running at once; beyond it requests are refused as busy.
+    #[arg(long)]
+    queue_capacity: Option<usize>,
+    /// Let image URLs, webhooks and upload endpoints reach private and loopback addresses.
+    #[arg(long)]
+    allow_private_urls: bool,
 }
 
 #[derive(clap::Args)]
@@ -105,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Serve(args) => serve(*args),
         Command::Generate(args) => generate(*args),
         Command::Models { models } => list_models(models.as_deref()),
         Command::Bench(args) => {
@@ -113,6 +150,56 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => sd_serve::config::ServerConfig::from_file(path)?,
+        None => sd_serve::config::ServerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(models) = args.models {
+        config.models = Some(models);
+    }
+    if !args.api_keys.is_empty() {
+        config.api_keys = args.api_keys;
+    }
+    if let Some(url) = args.public_url {
+        config.public_url = Some(url);
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if !args.devices.is_empty() {
+        config.devices = args.devices;
+    }
+    if let Some(dtype) = args.dtype {
+        config.dtype = Some(dtype);
+    }
+    if let Some(n) = args.queue_capacity {
+        config.queue_capacity = n;
+    }
+    if args.allow_private_urls {
+        config.media.allow_private_urls = true;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let server = sd_serve::api::Server::bind(config).await?;
+        tracing::info!(
+            "listening on {} (image links: {})",
+            server.local_addr(),
+            server.state().base_url()
+        );
+        // Tests and scripts read the bound port (for `--listen 127.0.0.1:0`) from this line.
+        println!("sd-serve listening on {}", server.local_addr());
+        server.run(sd_serve::api::shutdown_signal()).await?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
 }
 
 fn registry(models: Option<&Path>) -> anyhow::Result<Registry> {

@@ -17,7 +17,7 @@ pub(crate) trait Queued {
 }
 
 /// Job counts: current `queued` and `running`, totals since start for the rest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EngineStats {
     /// Admitted jobs waiting for a worker.
     pub queued: usize,

@@ -2,6 +2,8 @@
 //! comparisons, scratch folders and an offline environment.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
