@@ -9,7 +9,7 @@
 //! link-local, CGNAT, multicast and unspecified addresses (also in their IPv4-mapped forms) unless
 //! [`MediaLimits::allow_private_urls`] is set, then connect to exactly the checked addresses, so a
 //! second DNS answer cannot redirect the request. Redirects are followed by hand, each hop checked
-//! the same way. [`check_url`] and [`fetch_bytes`] serve webhooks and upload endpoints too.
+//! the same way. [`send`] POSTs or PUTs to webhooks and upload endpoints under the same checks.
 
 use std::io::Cursor;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -530,8 +530,48 @@ async fn fetch_following_redirects(url: &str, limits: &MediaLimits) -> Result<Ve
     )))
 }
 
-/// One GET that can only connect to the checked addresses.
-async fn pinned_get(checked: &CheckedUrl, limits: &MediaLimits) -> Result<reqwest::Response> {
+/// Sends `body` to a client URL (a webhook POST, an upload-endpoint PUT) under `limits`: the
+/// URL is checked like an image URL and the connection pinned to the checked addresses;
+/// redirects are not followed (a body is never re-sent elsewhere); the whole exchange has the
+/// fetch time limit. Returns the HTTP status, failing on anything but 2xx.
+pub async fn send(
+    method: reqwest::Method,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    limits: &MediaLimits,
+) -> Result<u16> {
+    let deadline = tokio::time::Instant::now() + limits.fetch_timeout;
+    let exchange = async {
+        let checked = check_url(url, limits).await?;
+        let client = pinned_client(&checked, limits)?;
+        let response = client
+            .request(method, checked.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| MediaError::Fetch(describe_reqwest_error(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(MediaError::Fetch(format!(
+                "the server answered HTTP {status}"
+            )));
+        }
+        Ok(status.as_u16())
+    };
+    tokio::time::timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| {
+            MediaError::Fetch(format!(
+                "no answer within {} s",
+                limits.fetch_timeout.as_secs_f32()
+            ))
+        })?
+}
+
+/// A client that can only connect to the checked addresses and follows no redirect.
+fn pinned_client(checked: &CheckedUrl, limits: &MediaLimits) -> Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -540,10 +580,14 @@ async fn pinned_get(checked: &CheckedUrl, limits: &MediaLimits) -> Result<reqwes
     if let Some(url::Host::Domain(domain)) = checked.url.host() {
         builder = builder.resolve_to_addrs(domain, &checked.addrs);
     }
-    let client = builder
+    builder
         .build()
-        .map_err(|e| MediaError::Fetch(format!("HTTP client: {e}")))?;
-    client
+        .map_err(|e| MediaError::Fetch(format!("HTTP client: {e}")))
+}
+
+/// One GET that can only connect to the checked addresses.
+async fn pinned_get(checked: &CheckedUrl, limits: &MediaLimits) -> Result<reqwest::Response> {
+    pinned_client(checked, limits)?
         .get(checked.url.clone())
         .send()
         .await
