@@ -25,8 +25,9 @@ pub struct TestServer {
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    // Kept last: removed after the server is gone.
-    _data: Scratch,
+    /// The data folder (images, job records); removed when the server is dropped, unless
+    /// [`TestServer::stop`] hands it back.
+    data: Option<Scratch>,
 }
 
 /// The configuration tests start from: tiny models, CPU, one key, private URLs allowed (the
@@ -80,7 +81,7 @@ impl TestServer {
             state,
             stop: Some(stop),
             task: Some(task),
-            _data: data,
+            data: Some(data),
         }
     }
 
@@ -93,8 +94,16 @@ impl TestServer {
         format!("ws://{}{path}", self.addr)
     }
 
-    /// Shuts down gracefully and waits until the server has finished.
-    pub async fn stop(mut self) {
+    /// The data folder.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data
+            .as_ref()
+            .expect("data folder present while running")
+    }
+
+    /// Shuts down gracefully, waits until the server has finished, and hands back its data
+    /// folder (a new server can be started on it to test a restart).
+    pub async fn stop(mut self) -> Scratch {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -104,6 +113,7 @@ impl TestServer {
                 .expect("server stops in time")
                 .expect("server task");
         }
+        self.data.take().expect("data folder present until stopped")
     }
 }
 
