@@ -218,7 +218,8 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
             ModelSource::Hub { repo, revision, .. } => format!("hf:{repo}@{revision}"),
             ModelSource::Folder(path) => path.display().to_string(),
             ModelSource::SingleFile { location, file, .. } => match location {
-                Location::Local(dir) => dir.join(file).display().to_string(),
+                // A local single file's `file` is already its whole path.
+                Location::Local(_) => file.display().to_string(),
                 Location::Hub { repo, revision } => {
                     format!("hf:{repo}@{revision}/{}", file.display())
                 }
