@@ -25,8 +25,8 @@ pub struct TestServer {
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    // Kept last: removed after the server is gone.
-    _data: Scratch,
+    // Kept last: removed after the server is gone (taken by `restart`).
+    _data: Option<Scratch>,
 }
 
 /// The configuration tests start from: tiny models, CPU, one key, private URLs allowed (the
@@ -80,7 +80,7 @@ impl TestServer {
             state,
             stop: Some(stop),
             task: Some(task),
-            _data: data,
+            _data: Some(data),
         }
     }
 
@@ -95,6 +95,22 @@ impl TestServer {
 
     /// Shuts down gracefully and waits until the server has finished.
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    /// Stops gracefully, then starts a new server with the same configuration on the same data
+    /// folder (on a new port), as an operator restarting it would.
+    pub async fn restart(mut self) -> TestServer {
+        self.shut_down().await;
+        let config = self.state.config().clone();
+        let data = self
+            ._data
+            .take()
+            .expect("the data folder is kept until the server drops");
+        Self::start_config(config, data).await
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
