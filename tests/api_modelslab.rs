@@ -468,7 +468,7 @@ async fn bad_input_names_the_field_and_the_limit() {
         (
             "application/json",
             vec![b' '; 100 * 1024],
-            "could not be read",
+            "larger than the limit of 65536 bytes",
         ),
     ] {
         let r = post_raw(&server, TEXT2IMG, content_type, raw).await;

@@ -168,7 +168,7 @@ async fn start(
     family: Family,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, JobError> {
-    let body = json_object(body)?;
+    let body = json_object(&state, body)?;
     authorize(&state, &body)?;
     request::check_endpoint(endpoint)?;
     let mut parsed = request::parse(&state, &body, endpoint, family.model_required())?;
@@ -216,34 +216,44 @@ async fn fetch(
     id: Option<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match json_object(body).and_then(|body| {
-        authorize(&state, &body)?;
-        Ok(body)
-    }) {
-        Ok(body) => body,
-        Err(e) => return reply(error_body(&e.message)),
-    };
-    let id = match id {
-        Some(id) => id,
-        None => {
-            match params::string_value("request_id", body.get("request_id").unwrap_or(&Value::Null))
-            {
-                Ok(Some(id)) if !id.trim().is_empty() => id,
-                Ok(_) => return reply(error_body("`request_id` is required")),
-                Err(e) => return reply(error_body(&e.message)),
-            }
-        }
-    };
-    reply(jobs::fetch(&state, family, &id).await)
+    match fetch_id(&state, id, body) {
+        Ok(id) => reply(jobs::fetch(&state, family, &id).await),
+        Err(e) => reply(error_body(&e.message)),
+    }
+}
+
+/// The id to fetch, from the path or the body's `request_id`, once the key is checked.
+fn fetch_id(
+    state: &AppState,
+    id: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<String, JobError> {
+    let body = json_object(state, body)?;
+    authorize(state, &body)?;
+    if let Some(id) = id {
+        return Ok(id);
+    }
+    let request_id = body.get("request_id").unwrap_or(&Value::Null);
+    params::string_value("request_id", request_id)?
+        .filter(|id| !id.trim().is_empty())
+        .ok_or_else(|| JobError::invalid("request_id", "`request_id` is required"))
 }
 
 /// The body as a JSON object; anything else is the dialect's error, never axum's text reply.
-fn json_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, JobError> {
+fn json_object(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, JobError> {
     let bytes = body.map_err(|e| {
-        JobError::invalid(
-            "body",
-            format!("the request body could not be read: {}", e.body_text()),
-        )
+        let message = if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the request body is larger than the limit of {} bytes",
+                state.config().limits.max_body_bytes
+            )
+        } else {
+            format!("the request body could not be read: {}", e.body_text())
+        };
+        JobError::invalid("body", message)
     })?;
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
