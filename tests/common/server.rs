@@ -26,7 +26,7 @@ pub struct TestServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     /// The data folder (images, job records); removed when the server is dropped, unless
-    /// [`TestServer::stop`] hands it back.
+    /// [`TestServer::stop`] hands it back or [`TestServer::restart`] reuses it.
     data: Option<Scratch>,
 }
 
@@ -104,6 +104,23 @@ impl TestServer {
     /// Shuts down gracefully, waits until the server has finished, and hands back its data
     /// folder (a new server can be started on it to test a restart).
     pub async fn stop(mut self) -> Scratch {
+        self.shut_down().await;
+        self.data.take().expect("data folder present until stopped")
+    }
+
+    /// Stops gracefully, then starts a new server with the same configuration on the same data
+    /// folder (on a new port), as an operator restarting it would.
+    pub async fn restart(mut self) -> TestServer {
+        self.shut_down().await;
+        let config = self.state.config().clone();
+        let data = self
+            .data
+            .take()
+            .expect("the data folder is kept until the server drops");
+        Self::start_config(config, data).await
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -113,7 +130,6 @@ impl TestServer {
                 .expect("server stops in time")
                 .expect("server task");
         }
-        self.data.take().expect("data folder present until stopped")
     }
 }
 

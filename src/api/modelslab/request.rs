@@ -1,0 +1,662 @@
+//! A ModelsLab generation body parsed once into typed values, with the API's documented limits
+//! and the effective parameters (`meta`) the response reports.
+//!
+//! The clients send numbers and booleans as JSON values or as strings ("512", "7.5", "yes");
+//! both are accepted. Fields that change the image and that this server cannot apply yet (LoRA,
+//! VAE, ControlNet, masks, upscaling, ...) are refused by name unless they carry their "off"
+//! value; flags that only tune the hosted service (`tomesd`, `enhance_prompt`, `multi_lingual`,
+//! `safety_checker`) are accepted and reported in `meta` as not applied ("no").
+
+use image::RgbImage;
+use serde_json::{json, Map, Value};
+
+use crate::api::media::ImageInput;
+use crate::api::output::{JobError, JobErrorKind};
+use crate::api::{params, random_seed, AppState};
+use crate::pipeline::request::VAE_SCALE_FACTOR;
+use crate::pipeline::{GenerationRequest, InitImage};
+use crate::registry::ModelEntry;
+use crate::schedulers::{DpmAlgorithm, SchedulerConfig, SchedulerKind, SchedulerSpec};
+
+/// "Width of the image. Maximum: 1024." (the same for the height).
+pub const MAX_SIDE: i64 = 1024;
+/// "Number of images to return in the response. Maximum: 4."
+pub const MAX_SAMPLES: i64 = 4;
+/// The v6 text says "21 or 31"; the ControlNet and enterprise texts give "minimum: 1; maximum:
+/// 50". Every value in 1..=50 is accepted (the server's own `max_steps` may lower it).
+pub const MAX_STEPS: i64 = 50;
+/// "Scale for classifier-free guidance (minimum: 1; maximum: 20)".
+pub const MIN_GUIDANCE: f64 = 1.0;
+pub const MAX_GUIDANCE: f64 = 20.0;
+/// "Clip skip value. Range: 1–8." Counted the way the hosted API's users count it: 1 uses the
+/// last CLIP layer, 2 the penultimate one (diffusers' `clip_skip` is this value minus one).
+pub const MAX_CLIP_SKIP: i64 = 8;
+/// Prompt strength of img2img when the request leaves it out.
+pub const DEFAULT_STRENGTH: f64 = 0.7;
+/// Image side when neither the request nor the model's defaults give one.
+pub const DEFAULT_SIDE: usize = 512;
+
+/// What a generation route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Text2Img,
+    Img2Img,
+    Inpaint,
+    ControlNet,
+}
+
+/// A generation request as typed values. The output size of img2img may depend on the init
+/// image, so the canonical request is built once that is loaded ([`Parsed::into_request`]).
+#[derive(Debug)]
+pub struct Parsed {
+    /// The registry id to submit to.
+    pub model: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    default_size: (usize, usize),
+    steps: usize,
+    guidance_scale: f64,
+    scheduler: Option<SchedulerSpec>,
+    seed: u64,
+    samples: usize,
+    /// diffusers' convention (layers skipped after the last one).
+    clip_skip: Option<usize>,
+    /// The client's string: a URL, base64 or a data URI.
+    pub init_image: Option<String>,
+    strength: f64,
+    /// `temp: "yes"`: the images expire after 24 hours.
+    pub temp: bool,
+    /// `instant_response: "yes"`: answer "processing" at once.
+    pub instant: bool,
+    pub webhook: Option<String>,
+    pub track_id: Value,
+    /// The effective parameters, reported as `meta`.
+    pub meta: Map<String, Value>,
+}
+
+/// Read access to the body's fields; an absent field reads as `null`.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, field: &str) -> &Value {
+        self.0.get(field).unwrap_or(&Value::Null)
+    }
+
+    fn int(&self, field: &str, lo: i64, hi: i64) -> Result<Option<i64>, JobError> {
+        params::i64_value(field, self.get(field))?
+            .map(|v| params::check_range(field, v, lo, hi))
+            .transpose()
+    }
+
+    fn float(&self, field: &str) -> Result<Option<f64>, JobError> {
+        params::f64_value(field, self.get(field))
+    }
+
+    fn flag(&self, field: &str) -> Result<Option<bool>, JobError> {
+        params::bool_value(field, self.get(field))
+    }
+
+    /// A string field; blank is absent.
+    fn text(&self, field: &str) -> Result<Option<String>, JobError> {
+        Ok(params::string_value(field, self.get(field))?.filter(|s| !s.trim().is_empty()))
+    }
+
+    /// Whether an option that has an "off" value is on: anything but null, an empty string or
+    /// list, `false`, or the strings "null" / "none".
+    fn is_set(&self, field: &str) -> bool {
+        match self.get(field) {
+            Value::Null | Value::Bool(false) => false,
+            Value::String(s) => {
+                let s = s.trim();
+                !(s.is_empty() || s.eq_ignore_ascii_case("null") || s.eq_ignore_ascii_case("none"))
+            }
+            Value::Array(items) => !items.is_empty(),
+            Value::Object(map) => !map.is_empty(),
+            Value::Number(_) | Value::Bool(true) => true,
+        }
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Options that change the image and that this server cannot apply yet, refused when set.
+const NOT_SUPPORTED: &[(&str, &str)] = &[
+    ("lora_model", "LoRA models"),
+    ("vae", "custom VAEs"),
+    ("mask_image", "inpainting"),
+    ("controlnet_model", "ControlNet"),
+    ("controlnet_type", "ControlNet"),
+    ("control_image", "ControlNet"),
+    ("embeddings", "textual inversion embeddings"),
+    ("embeddings_model", "textual inversion embeddings"),
+    ("ip_adapter_id", "IP-Adapter"),
+    ("ip_adapter_image", "IP-Adapter"),
+];
+
+/// Yes/no options that change the image, refused when "yes".
+const NOT_SUPPORTED_FLAGS: &[(&str, &str)] = &[
+    ("upscale", "upscaling"),
+    ("panorama", "panorama generation"),
+    ("self_attention", "self-attention guidance"),
+    ("highres_fix", "high-resolution fix"),
+];
+
+/// Yes/no options of the hosted service that do not change what this server draws: validated,
+/// then reported as not applied.
+const ACCEPTED_FLAGS: &[&str] = &[
+    "safety_checker",
+    "tomesd",
+    "enhance_prompt",
+    "multi_lingual",
+    "auto_hint",
+    "guess_mode",
+];
+
+/// Refuses what `endpoint` cannot do at all on this server.
+pub fn check_endpoint(endpoint: Endpoint) -> Result<(), JobError> {
+    match endpoint {
+        Endpoint::Inpaint => Err(JobError::not_supported("mask_image", "inpainting")),
+        Endpoint::ControlNet => Err(JobError::not_supported("controlnet_model", "ControlNet")),
+        Endpoint::Text2Img | Endpoint::Img2Img => Ok(()),
+    }
+}
+
+/// Parses a generation body. `model_required`: the route has no default model (dreambooth).
+pub fn parse(
+    state: &AppState,
+    body: &Map<String, Value>,
+    endpoint: Endpoint,
+    model_required: bool,
+) -> Result<Parsed, JobError> {
+    let f = Fields(body);
+    for &(field, what) in NOT_SUPPORTED {
+        if f.is_set(field) {
+            return Err(JobError::not_supported(field, what));
+        }
+    }
+    for &(field, what) in NOT_SUPPORTED_FLAGS {
+        if f.flag(field)? == Some(true) {
+            return Err(JobError::not_supported(field, what));
+        }
+    }
+    for &field in ACCEPTED_FLAGS {
+        f.flag(field)?;
+    }
+    f.float("controlnet_conditioning_scale")?;
+    lora_strength(f.get("lora_strength"))?;
+
+    let (model_id, model) = model(state, &f, model_required)?;
+    let defaults = &model.defaults;
+
+    let prompt = params::string_value("prompt", f.get("prompt"))?.unwrap_or_default();
+    if endpoint == Endpoint::Text2Img && prompt.trim().is_empty() {
+        return Err(JobError::invalid("prompt", "`prompt` is required"));
+    }
+    let negative_prompt = f
+        .text("negative_prompt")?
+        .or_else(|| defaults.negative_prompt.clone());
+
+    let side = |field: &str| -> Result<Option<usize>, JobError> {
+        let Some(v) = f.int(field, VAE_SCALE_FACTOR as i64, MAX_SIDE)? else {
+            return Ok(None);
+        };
+        if v % VAE_SCALE_FACTOR as i64 != 0 {
+            return Err(JobError::invalid(
+                field,
+                format!("`{field}` must be a multiple of {VAE_SCALE_FACTOR}. Given: {v}"),
+            ));
+        }
+        Ok(Some(v as usize))
+    };
+    let width = side("width")?;
+    let height = side("height")?;
+    let default_size = (
+        defaults.width.map_or(DEFAULT_SIDE, |w| w as usize),
+        defaults.height.map_or(DEFAULT_SIDE, |h| h as usize),
+    );
+
+    let limits = &state.config().limits;
+    let max_samples = MAX_SAMPLES.min(limits.max_images as i64).max(1);
+    let samples = f.int("samples", 1, max_samples)?.unwrap_or(1) as usize;
+    let max_steps = MAX_STEPS.min(limits.max_steps as i64).max(1);
+    let steps = match f.int("num_inference_steps", 1, max_steps)? {
+        Some(s) => s as usize,
+        None => defaults.steps.map_or(30, |s| s as usize),
+    };
+    let guidance_scale = match f.float("guidance_scale")? {
+        Some(g) => params::check_range("guidance_scale", g, MIN_GUIDANCE, MAX_GUIDANCE)?,
+        None => defaults.guidance.unwrap_or(7.5),
+    };
+    let seed = seed(f.get("seed"))?;
+
+    let (scheduler, scheduler_name, karras, algorithm) =
+        scheduler(&f, defaults.scheduler.as_deref())?;
+
+    let clip_skip_sent = f.int("clip_skip", 1, MAX_CLIP_SKIP)?.map(|n| n as usize);
+    let clip_skip = match clip_skip_sent {
+        Some(n) => Some(n - 1).filter(|&k| k > 0),
+        None => defaults.clip_skip.map(|k| k as usize).filter(|&k| k > 0),
+    };
+    let clip_skip_shown = clip_skip_sent.or(defaults.clip_skip.map(|k| k as usize + 1));
+
+    let init_image = f.text("init_image")?;
+    match endpoint {
+        Endpoint::Img2Img if init_image.is_none() => {
+            return Err(JobError::invalid(
+                "init_image",
+                "`init_image` is required for img2img: a link, base64 or a data URI",
+            ));
+        }
+        Endpoint::Text2Img if init_image.is_some() => {
+            return Err(JobError::invalid(
+                "init_image",
+                "`init_image` is not used by text2img; send the request to img2img",
+            ));
+        }
+        _ => {}
+    }
+    let strength = match f.float("strength")? {
+        Some(s) if !(s > 0.0 && s <= 1.0) => {
+            return Err(JobError::invalid(
+                "strength",
+                format!("`strength` must be > 0 and <= 1. Given: {s}"),
+            ));
+        }
+        Some(s) => s,
+        None => DEFAULT_STRENGTH,
+    };
+
+    let base64 = f.flag("base64")?.unwrap_or(false);
+    let temp = f.flag("temp")?.unwrap_or(false);
+    let instant = f.flag("instant_response")?.unwrap_or(false);
+    let webhook = f.text("webhook")?.map(|w| webhook(&w)).transpose()?;
+    let track_id = match f.get("track_id") {
+        v @ (Value::Null | Value::String(_) | Value::Number(_)) => v.clone(),
+        other => {
+            return Err(JobError::invalid(
+                "track_id",
+                format!("`track_id` must be a string or a number. Given: {other}"),
+            ))
+        }
+    };
+
+    let init_shown =
+        init_image
+            .as_ref()
+            .map(|s| match ImageInput::from_client_string(s.as_str()) {
+                ImageInput::Url(url) => Value::String(url),
+                _ => Value::String("(base64 image)".into()),
+            });
+    let mut meta = Map::new();
+    let mut put = |k: &str, v: Value| {
+        meta.insert(k.to_string(), v);
+    };
+    put("model_id", json!(model_id));
+    put("prompt", json!(prompt));
+    put("negative_prompt", json!(negative_prompt));
+    put("n_samples", json!(samples));
+    put("steps", json!(steps));
+    put("num_inference_steps", json!(steps));
+    put("guidance_scale", json!(guidance_scale));
+    put("seed", json!(seed));
+    put("scheduler", json!(scheduler_name));
+    put("use_karras_sigmas", json!(karras.map(yes_no)));
+    put("algorithm_type", json!(algorithm.map(DpmAlgorithm::name)));
+    put("clip_skip", json!(clip_skip_shown));
+    if endpoint == Endpoint::Img2Img {
+        put("init_image", json!(init_shown));
+        put("strength", json!(strength));
+    }
+    for flag in [
+        "safety_checker",
+        "tomesd",
+        "enhance_prompt",
+        "multi_lingual",
+    ] {
+        put(flag, json!("no"));
+    }
+    for flag in ["upscale", "panorama", "self_attention"] {
+        put(flag, json!("no"));
+    }
+    put("lora_model", Value::Null);
+    put("vae", Value::Null);
+    put("base64", json!(yes_no(base64)));
+    put("temp", json!(yes_no(temp)));
+    put("instant_response", json!(yes_no(instant)));
+    put("webhook", json!(webhook));
+    put("track_id", track_id.clone());
+
+    Ok(Parsed {
+        model: model.id.clone(),
+        prompt,
+        negative_prompt,
+        width,
+        height,
+        default_size,
+        steps,
+        guidance_scale,
+        scheduler,
+        seed,
+        samples,
+        clip_skip,
+        init_image,
+        strength,
+        temp,
+        instant,
+        webhook,
+        track_id,
+        meta,
+    })
+}
+
+impl Parsed {
+    /// The canonical request, sized from the request, else the init image (scaled to fit
+    /// 1024 and rounded down to a multiple of 8), else the model's defaults. The init image is
+    /// resized to the output size.
+    pub fn into_request(
+        mut self,
+        init: Option<RgbImage>,
+    ) -> Result<(GenerationRequest, Map<String, Value>), JobError> {
+        let fitted = init
+            .as_ref()
+            .map(|img| fit(img.width(), img.height()))
+            .transpose()?;
+        let (dw, dh) = fitted.unwrap_or(self.default_size);
+        let width = self.width.unwrap_or(dw);
+        let height = self.height.unwrap_or(dh);
+        self.meta.insert("width".into(), json!(width));
+        self.meta.insert("height".into(), json!(height));
+        self.meta.insert("W".into(), json!(width));
+        self.meta.insert("H".into(), json!(height));
+        let init_image = init.map(|img| {
+            let image = if (img.width() as usize, img.height() as usize) == (width, height) {
+                img
+            } else {
+                image::imageops::resize(
+                    &img,
+                    width as u32,
+                    height as u32,
+                    image::imageops::FilterType::Lanczos3,
+                )
+            };
+            InitImage {
+                image,
+                strength: self.strength,
+            }
+        });
+        let request = GenerationRequest {
+            negative_prompt: self.negative_prompt,
+            width,
+            height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            scheduler: self.scheduler,
+            seed: self.seed,
+            num_images: self.samples,
+            clip_skip: self.clip_skip,
+            init_image,
+            latents: None,
+            ..GenerationRequest::new(self.prompt)
+        };
+        Ok((request, self.meta))
+    }
+}
+
+/// The output size for an init image of `w` x `h`: scaled down to fit 1024 on its longer
+/// side, each side rounded down to a multiple of 8.
+fn fit(w: u32, h: u32) -> Result<(usize, usize), JobError> {
+    let scale = (MAX_SIDE as f64 / w.max(h) as f64).min(1.0);
+    let round = |v: u32| ((v as f64 * scale) as usize) / VAE_SCALE_FACTOR * VAE_SCALE_FACTOR;
+    let (fw, fh) = (round(w), round(h));
+    if fw == 0 || fh == 0 {
+        return Err(JobError::invalid(
+            "init_image",
+            format!(
+                "`init_image` is {w}x{h}; without `width` and `height` it must be at least \
+                 {VAE_SCALE_FACTOR} pixels on each side"
+            ),
+        ));
+    }
+    Ok((fw, fh))
+}
+
+/// The model to run: `model_id` (a registry id or alias), else the registry's first model.
+fn model(
+    state: &AppState,
+    f: &Fields<'_>,
+    required: bool,
+) -> Result<(String, ModelEntry), JobError> {
+    let id = match f.text("model_id")? {
+        Some(id) => id,
+        None if required => {
+            return Err(JobError::invalid("model_id", "`model_id` is required"));
+        }
+        None => state
+            .registry()
+            .models()
+            .next()
+            .map(|m| m.id.clone())
+            .ok_or_else(|| {
+                JobError::new(
+                    JobErrorKind::UnknownModel,
+                    "no model is configured on this server",
+                )
+            })?,
+    };
+    let entry = state.model_entry(&id)?;
+    Ok((id, entry))
+}
+
+/// `null`, absent, `""` or `-1`: a random seed; else any integer in 0..=2^64-1.
+fn seed(v: &Value) -> Result<u64, JobError> {
+    if matches!(params::i64_value("seed", v), Ok(Some(-1))) {
+        return Ok(random_seed(u32::MAX as u64));
+    }
+    Ok(params::u64_value("seed", v)?.unwrap_or_else(|| random_seed(u32::MAX as u64)))
+}
+
+/// Families whose diffusers classes take `use_karras_sigmas`.
+fn takes_karras(kind: SchedulerKind) -> bool {
+    matches!(
+        kind,
+        SchedulerKind::Euler
+            | SchedulerKind::Lms
+            | SchedulerKind::Heun
+            | SchedulerKind::Kdpm2
+            | SchedulerKind::Kdpm2Ancestral
+            | SchedulerKind::DpmSolverMultistep
+            | SchedulerKind::DpmSolverSinglestep
+            | SchedulerKind::DpmSolverSde
+            | SchedulerKind::UniPcMultistep
+            | SchedulerKind::Deis
+    )
+}
+
+type SchedulerChoice = (
+    Option<SchedulerSpec>,
+    Option<String>,
+    Option<bool>,
+    Option<DpmAlgorithm>,
+);
+
+/// The scheduler: `scheduler` with `use_karras_sigmas` (default yes, applied where the family
+/// takes it) and `algorithm_type` (DPMSolverMultistep only); without `scheduler`, the model's
+/// default one (`model_default`) unchanged. Returns the spec, its name, and the effective Karras
+/// and algorithm choices (`None` where they do not apply or are unknown).
+fn scheduler(f: &Fields<'_>, model_default: Option<&str>) -> Result<SchedulerChoice, JobError> {
+    let karras_sent = f.flag("use_karras_sigmas")?;
+    let algorithm_sent = match f.text("algorithm_type")? {
+        Some(name) if !name.trim().eq_ignore_ascii_case("none") => Some(algorithm(&name)?),
+        _ => None,
+    };
+    let Some(name) = f.text("scheduler")? else {
+        let Some(name) = model_default else {
+            return Ok((None, None, None, None));
+        };
+        let spec = params::scheduler("scheduler", name)?;
+        let karras =
+            takes_karras(spec.kind).then(|| spec.overrides.use_karras_sigmas.unwrap_or(false));
+        let algorithm = spec.overrides.algorithm_type;
+        return Ok((Some(spec), Some(name.to_string()), karras, algorithm));
+    };
+    let mut spec = params::scheduler("scheduler", &name)?;
+    let karras = if takes_karras(spec.kind) {
+        let karras = karras_sent
+            .or(spec.overrides.use_karras_sigmas)
+            .unwrap_or(true);
+        spec.overrides.use_karras_sigmas = Some(karras);
+        Some(karras)
+    } else {
+        None
+    };
+    if spec.kind == SchedulerKind::DpmSolverMultistep {
+        if let Some(algorithm) = algorithm_sent {
+            spec.overrides.algorithm_type = Some(algorithm);
+        }
+    }
+    let algorithm = (spec.kind == SchedulerKind::DpmSolverMultistep)
+        .then_some(spec.overrides.algorithm_type)
+        .flatten();
+    Ok((Some(spec), Some(name), karras, algorithm))
+}
+
+fn algorithm(name: &str) -> Result<DpmAlgorithm, JobError> {
+    SchedulerConfig::from_json(&json!({ "algorithm_type": name.trim() }))
+        .ok()
+        .and_then(|config| config.algorithm_type)
+        .ok_or_else(|| {
+            JobError::invalid(
+                "algorithm_type",
+                format!(
+                    "`algorithm_type` must be dpmsolver++ (also spelled dpmsolver+++), \
+                     sde-dpmsolver++, dpmsolver, sde-dpmsolver or none. Given: {name:?}"
+                ),
+            )
+        })
+}
+
+/// `lora_strength`: a number or comma-separated numbers (only checked: LoRA is refused when a
+/// model is named).
+fn lora_strength(v: &Value) -> Result<(), JobError> {
+    match v {
+        Value::String(s) => {
+            for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+                params::f64_str("lora_strength", part)?;
+            }
+            Ok(())
+        }
+        other => params::f64_value("lora_strength", other).map(|_| ()),
+    }
+}
+
+/// A webhook must be an http(s) URL; where it points is checked when it is called.
+fn webhook(url: &str) -> Result<String, JobError> {
+    match url::Url::parse(url.trim()) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => Ok(url.trim().to_string()),
+        _ => Err(JobError::invalid(
+            "webhook",
+            format!("`webhook` must be an http or https URL. Given: {url:?}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_images_fit_1024_in_multiples_of_8() {
+        assert_eq!(fit(75, 66).unwrap(), (72, 64));
+        assert_eq!(fit(512, 512).unwrap(), (512, 512));
+        assert_eq!(fit(2048, 1000).unwrap(), (1024, 496));
+        assert_eq!(fit(1000, 4000).unwrap(), (256, 1024));
+        let e = fit(7, 64).unwrap_err();
+        assert_eq!(e.parameter.as_deref(), Some("init_image"));
+    }
+
+    fn choice(
+        body: Value,
+        model_default: Option<&str>,
+    ) -> (Option<SchedulerKind>, Option<bool>, Option<DpmAlgorithm>) {
+        let map = body.as_object().unwrap().clone();
+        let (spec, _, karras, algorithm) = scheduler(&Fields(&map), model_default).unwrap();
+        if let Some(spec) = &spec {
+            // What is reported is what the engine gets.
+            assert_eq!(
+                spec.overrides.use_karras_sigmas.is_some_and(|k| k),
+                karras == Some(true)
+            );
+        }
+        (spec.map(|s| s.kind), karras, algorithm)
+    }
+
+    #[test]
+    fn karras_sigmas_default_to_yes_where_the_scheduler_takes_them() {
+        use SchedulerKind::*;
+        let euler = json!({"scheduler": "EulerDiscreteScheduler"});
+        assert_eq!(choice(euler, None), (Some(Euler), Some(true), None));
+        let euler_no = json!({"scheduler": "EulerDiscreteScheduler", "use_karras_sigmas": "no"});
+        assert_eq!(choice(euler_no, None), (Some(Euler), Some(false), None));
+        // Classes without the option: not applied, reported as not applicable.
+        let ddim = json!({"scheduler": "DDIMScheduler", "use_karras_sigmas": "yes"});
+        assert_eq!(choice(ddim, None), (Some(Ddim), None, None));
+        let ancestral = json!({"scheduler": "EulerAncestralDiscreteScheduler"});
+        assert_eq!(choice(ancestral, None), (Some(EulerAncestral), None, None));
+        // A name that fixes the choice keeps it unless the field overrides it.
+        let named = json!({"scheduler": "DPM++ 2M"});
+        assert_eq!(
+            choice(named, None),
+            (
+                Some(DpmSolverMultistep),
+                Some(false),
+                Some(DpmAlgorithm::DpmSolverPlusPlus)
+            )
+        );
+        // The model's own default scheduler is used as it is.
+        assert_eq!(
+            choice(json!({}), Some("Euler a")),
+            (Some(EulerAncestral), None, None)
+        );
+        assert_eq!(
+            choice(json!({"use_karras_sigmas": "yes"}), None),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn algorithm_type_applies_to_dpm_solver_multistep_only() {
+        use SchedulerKind::*;
+        let sde = json!({"scheduler": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"});
+        assert_eq!(
+            choice(sde, None),
+            (
+                Some(DpmSolverMultistep),
+                Some(true),
+                Some(DpmAlgorithm::SdeDpmSolverPlusPlus)
+            )
+        );
+        let none = json!({"scheduler": "DPMSolverMultistepScheduler", "algorithm_type": "none"});
+        assert_eq!(
+            choice(none, None),
+            (Some(DpmSolverMultistep), Some(true), None)
+        );
+        let unipc =
+            json!({"scheduler": "UniPCMultistepScheduler", "algorithm_type": "dpmsolver+++"});
+        assert_eq!(
+            choice(unipc, None),
+            (Some(UniPcMultistep), Some(true), None)
+        );
+        let bad = json!({"scheduler": "DDIMScheduler", "algorithm_type": "fast"});
+        let map = bad.as_object().unwrap().clone();
+        let e = scheduler(&Fields(&map), None).unwrap_err();
+        assert_eq!(e.parameter.as_deref(), Some("algorithm_type"));
+    }
+}
