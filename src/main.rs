@@ -188,6 +188,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let signal = sd_serve::api::shutdown_signal()?;
         let server = sd_serve::api::Server::bind(config).await?;
         tracing::info!(
             "listening on {} (image links: {})",
@@ -196,7 +197,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         // Tests and scripts read the bound port (for `--listen 127.0.0.1:0`) from this line.
         println!("sd-serve listening on {}", server.local_addr());
-        server.run(sd_serve::api::shutdown_signal()).await?;
+        server.run(signal).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
