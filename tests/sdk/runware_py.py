@@ -85,6 +85,34 @@ class Suite:
             await asyncio.sleep(0.05)
         raise AssertionError("no {taskType: ping, pong: true} reply within 5 s")
 
+    async def pong_while_generating(self):
+        # The SDK tears the socket down after 30 s without a pong, so pings must be answered while
+        # a generation runs, not after it.
+        # About 3.5 s on two CPU cores with a release build.
+        req = request(steps=10, numberResults=2, outputType="base64Data", outputFormat="PNG")
+        job = asyncio.ensure_future(self.infer(req))
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        before = self.rw._last_pong_time
+        sent = time.monotonic()
+        await self.rw.send([{"taskType": "ping", "ping": True}])
+        pong_at = None
+        while not job.done() or pong_at is None:
+            if pong_at is None and self.rw._last_pong_time > before:
+                pong_at = time.monotonic()
+            if time.monotonic() - t0 > self.timeout:
+                break
+            await asyncio.sleep(0.02)
+        images = await job
+        generation = time.monotonic() - t0
+        expect(len(images) == 2, f"got {len(images)} images")
+        expect(pong_at is not None, "no pong")
+        latency = pong_at - sent
+        if generation < 1.5:
+            print(f"       (generation took {generation:.2f}s: too short to tell; pong after {latency:.2f}s)")
+            return
+        expect(latency < 1.0, f"pong took {latency:.2f}s while a {generation:.1f}s generation ran")
+
     async def text_to_image_two(self):
         req = request(numberResults=2, seed=SEED, outputType="URL", outputFormat="PNG", includeCost=True)
         images = await self.infer(req)
@@ -203,6 +231,7 @@ async def main():
         await s.rw.disconnect()
         c.finish()
     await c.arun("ping -> pong", s.pong)
+    await c.arun("pong answered while a generation runs", s.pong_while_generating)
     await c.arun("text-to-image 128x128, 2 results, URLs, seeds, cost", s.text_to_image_two)
     await c.arun("defaults: 1 result, URL, JPG", s.defaults)
     await c.arun("outputType base64Data", s.base64_data)
