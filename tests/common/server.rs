@@ -25,8 +25,9 @@ pub struct TestServer {
     pub base: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    config: ServerConfig,
     // Kept last: removed after the server is gone.
-    _data: Scratch,
+    data: Option<Scratch>,
 }
 
 /// The configuration tests start from: tiny models, CPU, one key, private URLs allowed (the
@@ -62,7 +63,7 @@ impl TestServer {
 
     /// Starts a server on `config` whose data folder is `data`.
     pub async fn start_config(config: ServerConfig, data: Scratch) -> TestServer {
-        let server = Server::bind(config).await.expect("server binds");
+        let server = Server::bind(config.clone()).await.expect("server binds");
         let addr = server.local_addr();
         let state = server.state().clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -80,7 +81,8 @@ impl TestServer {
             state,
             stop: Some(stop),
             task: Some(task),
-            _data: data,
+            config,
+            data: Some(data),
         }
     }
 
@@ -95,6 +97,18 @@ impl TestServer {
 
     /// Shuts down gracefully and waits until the server has finished.
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    /// Shuts down gracefully, then starts a new server with the same configuration on the same
+    /// data folder (on a new port), as after a restart.
+    pub async fn restart(mut self) -> TestServer {
+        self.shut_down().await;
+        let data = self.data.take().expect("a server has its data folder");
+        Self::start_config(self.config.clone(), data).await
+    }
+
+    async fn shut_down(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
