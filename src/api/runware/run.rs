@@ -210,11 +210,11 @@ impl Admitted {
             Ok(()) => {
                 let types: Vec<&str> = self.output_types.iter().map(|t| t.name()).collect();
                 let result = json!({ "outputType": types, "items": items });
-                self.record.succeed(&self.state, result).await;
+                self.record.succeed(result).await;
             }
             Err(e) => {
                 let e = e.task(Some(IMAGE_INFERENCE), Some(&self.task_uuid));
-                self.record.fail(&self.state, &e).await;
+                self.record.fail(&e).await;
                 outbox.send(Reply::Error(e));
             }
         }
@@ -370,9 +370,9 @@ struct RecordGuard {
 }
 
 impl RecordGuard {
-    async fn succeed(&mut self, state: &AppState, result: Value) {
+    async fn succeed(&mut self, result: Value) {
         self.settled = true;
-        let store = state.store().clone();
+        let store = self.state.store().clone();
         let id = self.id.clone();
         let written =
             tokio::task::spawn_blocking(move || store.update_job_result(&id, &result)).await;
@@ -384,9 +384,9 @@ impl RecordGuard {
         }
     }
 
-    async fn fail(&mut self, state: &AppState, error: &RunwareError) {
+    async fn fail(&mut self, error: &RunwareError) {
         self.settled = true;
-        let store = state.store().clone();
+        let store = self.state.store().clone();
         let id = self.id.clone();
         let text = serde_json::to_string(error).unwrap_or_else(|_| error.message.clone());
         let written = tokio::task::spawn_blocking(move || store.update_job_error(&id, &text)).await;
