@@ -1194,3 +1194,58 @@ async fn websocket_shutdown_refuses_new_tasks_and_delivers_running_ones() {
     assert_eq!(refused[0]["taskUUID"], late["taskUUID"]);
     stopping.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_that_leaves_cancels_its_task() {
+    let server = TestServer::start("rw-http-cancel").await;
+    let task = inference(json!({"steps": 40, "numberResults": 4}));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(server.url("/v1"))
+        .bearer_auth(KEY)
+        .json(&json!([task]))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the request times out on the client");
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.state.engine().stats().cancelled == 0 {
+        assert!(std::time::Instant::now() < deadline, "the job is cancelled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, body) = post(
+        &server,
+        &json!([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}]),
+    )
+    .await;
+    let e = &errors(&body)[0];
+    assert_eq!(e["code"], "taskCancelled", "{body}");
+    assert_eq!(e["taskUUID"], task["taskUUID"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_results_are_kept_only_for_the_resume_window() {
+    let server = TestServer::start_with("rw-ws-expiry", |c| c.runware.resume_buffer_secs = 1).await;
+    let (mut ws, session) = ws_auth(&server, None).await;
+    ws_send(&mut ws, &json!([inference(json!({"steps": 2}))])).await;
+    drop(ws);
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.state.engine().stats().completed == 0 {
+        assert!(std::time::Instant::now() < deadline, "the job completes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (mut ws, resumed) = ws_auth(&server, Some(&session)).await;
+    assert_ne!(resumed, session, "the session expired with its results");
+    ws_send(&mut ws, &json!([{"taskType": "ping", "ping": true}])).await;
+    assert_eq!(
+        data(&ws_recv(&mut ws).await)[0]["taskType"],
+        "ping",
+        "nothing else was kept"
+    );
+    server.stop().await;
+}

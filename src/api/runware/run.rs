@@ -583,7 +583,8 @@ async fn get_response(state: &AppState, task: &GetResponseTask) -> Reply {
             RunwareError::new(
                 "taskCancelled",
                 format!(
-                    "task {uuid} did not finish: the server stopped before its images were made"
+                    "task {uuid} did not finish: it was cancelled, or the server stopped, \
+                     before its images were made"
                 ),
             )
             .class(ErrorClass::Server)
