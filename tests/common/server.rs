@@ -63,7 +63,7 @@ impl TestServer {
 
     /// Starts a server on `config` whose data folder is `data`.
     pub async fn start_config(config: ServerConfig, data: Scratch) -> TestServer {
-        let server = Server::bind(config).await.expect("server binds");
+        let server = Server::bind(config.clone()).await.expect("server binds");
         let addr = server.local_addr();
         let state = server.state().clone();
         let (stop, stopped) = oneshot::channel::<()>();

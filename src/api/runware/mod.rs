@@ -1,28 +1,28 @@
-//! Placeholder: Runware task arrays.
+//! Runware task arrays: `POST /v1` over HTTP and `GET /v1` upgraded to a WebSocket.
+//!
+//! A payload is a JSON array of task objects, each with a `taskType`: `authentication`, `ping`,
+//! `imageInference`, `imageUpload` and `getResponse` are served. Results are `data` items, one
+//! per image; failures are `errors` items naming the task (`taskType`, `taskUUID`), the
+//! parameter and the limit. `task` parses and validates, `run` executes (shared by both
+//! transports), `http` and `ws` speak the transports, `session` keeps WebSocket sessions
+//! resumable.
 
-use std::time::Duration;
+mod error;
+mod http;
+mod run;
+mod session;
+mod task;
+mod ws;
 
+use axum::routing::get;
 use axum::Router;
 
 use super::AppState;
 
+pub use error::{ErrorBody, ErrorClass, RunwareError};
+pub use session::{Session, Sessions};
+
+/// `POST /v1` (HTTP) and `GET /v1` (WebSocket).
 pub fn routes() -> Router<AppState> {
-    Router::new()
-}
-
-/// WebSocket sessions kept for resuming.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    buffer: Duration,
-}
-
-impl Sessions {
-    pub fn new(buffer: Duration) -> Self {
-        Self { buffer }
-    }
-
-    /// How long undelivered results are kept.
-    pub fn buffer(&self) -> Duration {
-        self.buffer
-    }
+    Router::new().route("/v1", get(ws::upgrade).post(http::post))
 }
