@@ -300,6 +300,29 @@ fn legacy_diffusers_names_merge_like_peft_names() {
     }
 }
 
+/// `before + weight * scale * up @ down` of one kohya layer, computed here from the file's tensors.
+fn kohya_update(
+    raw: &HashMap<String, Tensor>,
+    key: &str,
+    before: &Tensor,
+    weight: f64,
+    scale: f64,
+) -> Tensor {
+    let down = raw[&format!("{key}.lora_down.weight")]
+        .to_dtype(DType::F32)
+        .unwrap();
+    let up = raw[&format!("{key}.lora_up.weight")]
+        .to_dtype(DType::F32)
+        .unwrap();
+    let delta = up
+        .flatten_from(1)
+        .unwrap()
+        .matmul(&down.flatten_from(1).unwrap())
+        .unwrap();
+    let delta = (delta * (weight * scale)).unwrap();
+    (before + delta.reshape(before.dims()).unwrap()).unwrap()
+}
+
 #[test]
 fn conv_updates_fit_linear_layers_of_the_same_size() {
     // SD1's proj_in / proj_out are 1x1 convolutions, SD2's linear layers of the same size (the
@@ -310,25 +333,73 @@ fn conv_updates_fit_linear_layers_of_the_same_size() {
     let name = "down_blocks.1.attentions.1.proj_in.weight";
     let before = files.unet.weights.get(name).unwrap().clone();
     assert_eq!(before.rank(), 2);
-    let merged = merge_loras(&mut files, &[(&kohya, 0.6)]).unwrap();
     let key = "lora_unet_down_blocks_1_attentions_1_proj_in";
-    let down = raw[&format!("{key}.lora_down.weight")]
-        .to_dtype(DType::F32)
-        .unwrap();
-    let up = raw[&format!("{key}.lora_up.weight")]
-        .to_dtype(DType::F32)
-        .unwrap();
-    assert_eq!(down.rank(), 4, "the file holds a 1x1 convolution");
-    let alpha = raw[&format!("{key}.alpha")].to_dtype(DType::F32).unwrap();
-    let scale = alpha.to_scalar::<f32>().unwrap() as f64 / down.dim(0).unwrap() as f64;
-    let delta = up
-        .flatten_from(1)
-        .unwrap()
-        .matmul(&down.flatten_from(1).unwrap())
-        .unwrap();
-    let expected = (&before + (delta * (0.6 * scale)).unwrap()).unwrap();
+    assert_eq!(
+        raw[&format!("{key}.lora_down.weight")].rank(),
+        4,
+        "a 1x1 convolution"
+    );
+    let merged = merge_loras(&mut files, &[(&kohya, 0.6)]).unwrap();
+    // alpha 2, rank 4.
+    let expected = kohya_update(&raw, key, &before, 0.6, 0.5);
     let got = files.unet.weights.get(name).unwrap();
     assert!(max_abs_diff(got, &expected) < 1e-6);
+    merged.unmerge(&mut files);
+}
+
+#[test]
+fn kohya_alpha_is_per_layer_and_defaults_to_rank() {
+    // diffusers keeps one alpha per file (see the fixtures README); kohya and A1111 scale each
+    // layer by its own alpha / rank, and by 1 where a layer has no alpha.
+    let mut raw = tensors("sd15_kohya");
+    let no_alpha = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let alpha_one = "lora_te_text_model_encoder_layers_1_mlp_fc1";
+    raw.remove(&format!("{no_alpha}.alpha")).unwrap();
+    raw.insert(
+        format!("{alpha_one}.alpha"),
+        Tensor::new(1f32, &Device::Cpu).unwrap(),
+    );
+    let edited = Lora::from_tensors("edited", raw.clone(), None).unwrap();
+    let mut files = files("tiny-sd15", DType::F32);
+    // (component, kohya layer, weight, alpha / rank)
+    let cases = [
+        (
+            LoraTarget::Unet,
+            no_alpha,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            1.0,
+        ),
+        (
+            LoraTarget::TextEncoder,
+            alpha_one,
+            "text_model.encoder.layers.1.mlp.fc1.weight",
+            0.25,
+        ),
+        (
+            LoraTarget::Unet,
+            "lora_unet_mid_block_attentions_0_proj_out",
+            "mid_block.attentions.0.proj_out.weight",
+            0.5,
+        ),
+    ];
+    let before: Vec<Tensor> = cases
+        .iter()
+        .map(|(t, _, name, _)| {
+            component(&files, target_name(*t))
+                .get(name)
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    let merged = merge_loras(&mut files, &[(&edited, -1.5)]).unwrap();
+    for ((target, key, name, scale), before) in cases.iter().zip(&before) {
+        let expected = kohya_update(&raw, key, before, -1.5, *scale);
+        let store = component(&files, target_name(*target));
+        assert!(
+            max_abs_diff(store.get(name).unwrap(), &expected) < 1e-6,
+            "{key}"
+        );
+    }
     merged.unmerge(&mut files);
 }
 

@@ -199,6 +199,7 @@ impl Lora {
         let format = match formats.as_slice() {
             [one] => *one,
             [LoraFormat::Peft, LoraFormat::DiffusersLegacy] => LoraFormat::Peft,
+            [] => return Err(fail("the file holds alphas but no LoRA layers".into())),
             _ => {
                 return Err(fail(format!(
                     "mixes LoRA layouts ({formats:?}) in one file"
