@@ -440,6 +440,24 @@ fn unmatched_layers_are_listed_and_nothing_is_merged() {
     let e = Lora::from_tensors("odd", t, None).unwrap_err().to_string();
     assert!(e.contains("unet.conv_in.weight"), "{e}");
 
+    // A pair that is not rank-r matrices is refused, not indexed blindly.
+    let mut t = tensors("sd15_kohya");
+    t.insert(
+        "lora_unet_conv_in.lora_down.weight".into(),
+        Tensor::new(1f32, &Device::Cpu).unwrap(),
+    );
+    t.insert(
+        "lora_unet_conv_in.lora_up.weight".into(),
+        Tensor::zeros((8, 4), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let e = Lora::from_tensors("scalar", t, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_unet_conv_in") && e.contains("rank-r"),
+        "{e}"
+    );
+
     // LyCORIS LoHa is named, not ignored.
     let mut t = tensors("sd15_kohya");
     t.insert(
@@ -572,10 +590,33 @@ fn sdxl_switch_time() {
     let start = Instant::now();
     merged.unmerge(&mut files);
     let unmerge_s = start.elapsed().as_secs_f64();
+
+    // What a switch by reloading would cost at least: the UNet's weights read back from a
+    // safetensors file that is still in the page cache.
+    let scratch = common::scratch("lora-timing");
+    let path = scratch.join("unet.safetensors");
+    let tensors: HashMap<String, Tensor> = files
+        .unet
+        .weights
+        .names()
+        .map(|n| (n.to_string(), files.unet.weights.get(n).unwrap().clone()))
+        .collect();
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    drop(tensors);
+    let start = Instant::now();
+    // SAFETY: the file is written above and not modified while mapped.
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }.unwrap();
+    let reloaded: Vec<Tensor> = mapped
+        .tensors()
+        .iter()
+        .map(|(name, _)| mapped.load(name, &Device::Cpu).unwrap())
+        .collect();
+    let reload_s = start.elapsed().as_secs_f64();
+    drop(reloaded);
     eprintln!(
         "SDXL UNet ({:.2}B params, {dtype:?}, CPU): rank-{rank} LoRA on {layers} attention \
          layers ({:.2} GB kept for unmerge): merge {merge_s:.2} s, UNet rebuild {rebuild_s:.3} s, \
-         unmerge {unmerge_s:.4} s",
+         unmerge {unmerge_s:.4} s; reading the UNet from a cached file {reload_s:.2} s",
         params as f64 / 1e9,
         backup as f64 / 1e9
     );

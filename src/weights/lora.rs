@@ -219,7 +219,7 @@ impl Lora {
             let (target, dotted) = module_target(&key, format)
                 .ok_or_else(|| fail(format!("layer `{key}` names no UNet or text encoder")))?;
             let down_shape = down.dims().to_vec();
-            let rank = down_shape[0];
+            let rank = down_shape.first().copied().unwrap_or(0);
             let up_dims = up.dims().to_vec();
             let up_ok = matches!(up_dims.as_slice(), [_, r] | [_, r, 1, 1] if *r == rank);
             if !matches!(down_shape.len(), 2 | 4) || !up_ok || rank == 0 {
