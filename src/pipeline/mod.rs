@@ -56,14 +56,28 @@ impl GenerationOutput {
     }
 }
 
+fn build_text_model(component: &Component, dtype: DType, device: &Device) -> Result<ClipTextModel> {
+    let config = ClipTextConfig::from_json(&component.config)?;
+    ClipTextModel::new(component.weights.var_builder(dtype, device), &config)
+}
+
+fn build_unet(
+    component: &Component,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
+    let config: UNet2DConditionConfig = serde_json::from_value(component.config.clone())
+        .map_err(|e| Error::model(format!("unet config.json: {e}")))?;
+    UNet2DConditionModel::new(component.weights.var_builder(dtype, device), &config)
+}
+
 fn load_text_encoder(
     component: &Component,
     tokenizer: &TokenizerFiles,
     dtype: DType,
     device: &Device,
 ) -> Result<TextEncoder> {
-    let config = ClipTextConfig::from_json(&component.config)?;
-    let model = ClipTextModel::new(component.weights.var_builder(dtype, device), &config)?;
+    let model = build_text_model(component, dtype, device)?;
     let tokenizer = ClipTokenizer::new(
         &tokenizer.tokenizer_json,
         &tokenizer.pad_token,
@@ -89,10 +103,7 @@ impl StableDiffusion {
                 "SDXL models have two text encoders, SD1/SD2 models one",
             ));
         }
-        let unet_config: UNet2DConditionConfig = serde_json::from_value(files.unet.config.clone())
-            .map_err(|e| Error::model(format!("unet config.json: {e}")))?;
-        let unet =
-            UNet2DConditionModel::new(files.unet.weights.var_builder(dtype, device), &unet_config)?;
+        let unet = build_unet(&files.unet, dtype, device)?;
         let vae_config = AutoencoderKlConfig::from_json(&files.vae.config)?;
         let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
             DType::F32
@@ -131,6 +142,31 @@ impl StableDiffusion {
             default_scheduler,
             force_zeros_for_empty_prompt,
         })
+    }
+
+    /// Rebuilds the UNet and the text encoders from `files` after their weights changed (a LoRA
+    /// merged or unmerged, see [`crate::weights::lora`]); tokenizers, VAE and scheduler are kept.
+    /// No weight is copied: the modules share the stores' tensors.
+    pub fn rebuild_adapted(&mut self, files: &PipelineFiles) -> Result<()> {
+        if files.family != self.family
+            || files.text_encoder_2.is_some() != self.text_encoder_2.is_some()
+        {
+            return Err(Error::model(
+                "rebuild_adapted needs the files this model was loaded from",
+            ));
+        }
+        let unet = build_unet(&files.unet, self.dtype, &self.device)?;
+        let text_model = build_text_model(&files.text_encoder, self.dtype, &self.device)?;
+        let text_model_2 = match &files.text_encoder_2 {
+            Some(c) => Some(build_text_model(c, self.dtype, &self.device)?),
+            None => None,
+        };
+        self.unet = unet;
+        self.text_encoder.model = text_model;
+        if let (Some(encoder), Some(model)) = (self.text_encoder_2.as_mut(), text_model_2) {
+            encoder.model = model;
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {

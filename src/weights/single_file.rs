@@ -250,7 +250,7 @@ fn unet_resnet_param(p: &str) -> String {
 /// (`.0` resnet, `.1` attention) and, except the last block, one more layer holding the
 /// downsampler (`.0.op`). Each up block has `layers_per_block + 1` layers; its upsampler (`.N.conv`)
 /// sits after the resnet and the attention, if any, of its last layer.
-fn unet_key(rest: &str, layers_per_block: usize) -> Option<String> {
+pub(crate) fn unet_key(rest: &str, layers_per_block: usize) -> Option<String> {
     const TOP: &[(&str, &str)] = &[
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
