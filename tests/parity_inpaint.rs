@@ -12,7 +12,7 @@ use sd_serve::pipeline::{
 };
 use sd_serve::schedulers::SchedulerSpec;
 
-use common::{fixtures, load_goldens, manifest, max_abs_diff, pipeline};
+use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline};
 
 /// Same bounds as the txt2img/img2img parity (`parity_pipeline.rs`): 3-5 UNet evaluations with
 /// guidance and two or three VAE passes (encoding the seed and the masked seed, decoding) in f32,
@@ -28,33 +28,14 @@ fn seed_image() -> image::RgbImage {
         .to_rgb8()
 }
 
+/// The golden case's request with its mask.
 fn request_for(case: &serde_json::Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
-    let u = |k: &str| case[k].as_u64().unwrap_or_else(|| panic!("case field {k}")) as usize;
-    let mut req = GenerationRequest::new(s("prompt").expect("prompt"));
-    req.negative_prompt = s("negative_prompt");
-    req.width = u("width");
-    req.height = u("height");
-    req.steps = u("steps");
-    req.guidance_scale = case["guidance"].as_f64().expect("guidance");
-    req.seed = case["seed"].as_u64().expect("seed");
-    req.num_images = u("num_images");
-    req.scheduler = Some(
-        SchedulerSpec::parse(case["scheduler"].as_str().expect("scheduler"))
-            .expect("golden scheduler name parses"),
-    );
-    let image = image::open(fixtures().join(s("init_image").expect("init image")))
-        .expect("init image")
-        .to_rgb8();
-    let mask = image::open(fixtures().join(s("mask_image").expect("mask image")))
-        .expect("mask image")
-        .to_luma8();
-    req.init_image = Some(InitImage {
-        image,
-        strength: case["strength"].as_f64().expect("strength"),
-    });
+    let mut req = golden_request(case);
+    let mask = case["mask_image"].as_str().expect("mask image");
     req.mask = Some(MaskImage {
-        image: mask,
+        image: image::open(fixtures().join(mask))
+            .expect("mask image")
+            .to_luma8(),
         margin: None,
     });
     req

@@ -192,8 +192,8 @@ impl Canvas {
                 outpaint,
             ))),
             (Some(mask), None) => {
-                let image = resized_rgb(&init.image, width, height);
-                let mask_image = resized_gray(&mask.image, width, height);
+                let image = resized(&init.image, width, height);
+                let mask_image = resized(&mask.image, width, height);
                 Ok(Some(match mask.margin {
                     None => Canvas {
                         image,
@@ -218,7 +218,7 @@ impl Canvas {
             return generated;
         };
         let region = paste.region;
-        let generated = resized_rgb(&generated, region.width, region.height);
+        let generated = resized(&generated, region.width, region.height);
         let mut out = paste.base.clone();
         for (x, y, g) in generated.enumerate_pixels() {
             let (ox, oy) = (region.x + x, region.y + y);
@@ -330,15 +330,12 @@ pub fn check(req: &GenerationRequest) -> Result<()> {
     Ok(())
 }
 
-fn resized_rgb(image: &RgbImage, width: u32, height: u32) -> RgbImage {
-    if image.dimensions() == (width, height) {
-        image.clone()
-    } else {
-        imageops::resize(image, width, height, FilterType::Lanczos3)
-    }
-}
-
-fn resized_gray(image: &GrayImage, width: u32, height: u32) -> GrayImage {
+/// `image` at `width` x `height` (Lanczos, as PIL resizes masks and images for diffusers).
+fn resized<P: image::Pixel + 'static>(
+    image: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+    width: u32,
+    height: u32,
+) -> image::ImageBuffer<P, Vec<P::Subpixel>> {
     if image.dimensions() == (width, height) {
         image.clone()
     } else {
@@ -445,8 +442,8 @@ fn margin_canvas(image: RgbImage, mask: GrayImage, margin: u32) -> Canvas {
         Luma([soft.max(binary_mask.get_pixel(x, y).0[0])])
     });
     Canvas {
-        image: resized_rgb(&crop_rgb, width, height),
-        mask: resized_gray(&crop_mask, width, height),
+        image: resized(&crop_rgb, width, height),
+        mask: resized(&crop_mask, width, height),
         paste: Some(PasteBack {
             base: image,
             region,
