@@ -316,12 +316,11 @@ impl StableDiffusion {
                     (Some(encoded), false) => scheduler.add_noise(encoded, &eps, start)?,
                     _ => (&eps * scheduler.init_noise_sigma())?,
                 };
-                let mask = canvas.mask_tensor(&self.device)?;
-                let kept = (1.0 - &mask)?;
-                let masked_pixels = pixels.broadcast_mul(&kept)?;
-                let masked = self.encode_sampled(&masked_pixels, &latent_shape, &mut noise)?;
                 let latent_mask = canvas.latent_mask(&self.device)?;
                 if inpainting_unet {
+                    let mask = canvas.mask_tensor(&self.device)?;
+                    let masked_pixels = pixels.broadcast_mul(&(1.0 - &mask)?)?;
+                    let masked = self.encode_sampled(&masked_pixels, &latent_shape, &mut noise)?;
                     let rows = if guided { 2 } else { 1 } * req.num_images;
                     let (lh, lw) = (latent_shape[1], latent_shape[2]);
                     let mask_rows = latent_mask.broadcast_as((rows, 1, lh, lw))?;
@@ -331,6 +330,10 @@ impl StableDiffusion {
                             .to_dtype(self.dtype)?,
                     );
                 } else {
+                    // diffusers samples the masked image's latents here too, unused by an
+                    // ordinary UNet: the same draw keeps each generator where diffusers' is
+                    // (Euler a and other stochastic steps go on from it), without the encoding.
+                    noise.randn(&latent_shape, &self.device, DType::F32)?;
                     let encoded = encoded
                         .expect("an ordinary UNet inpaints from the seed's latents; this is a bug");
                     known = Some((
