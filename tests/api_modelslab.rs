@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 const TEXT2IMG: &str = "/api/v6/images/text2img";
 const IMG2IMG: &str = "/api/v6/images/img2img";
+const INPAINT: &str = "/api/v6/images/inpaint";
 
 /// POSTs `body` as JSON; every ModelsLab answer is HTTP 200 with a JSON body.
 async fn post_json(server: &TestServer, path: &str, body: &Value) -> Value {
@@ -392,7 +393,7 @@ async fn bad_input_names_the_field_and_the_limit() {
         (
             TEXT2IMG,
             with("mask_image", json!("aGVsbG8=")),
-            "`mask_image` is not supported yet",
+            "send the request to the inpaint endpoint",
         ),
         (
             TEXT2IMG,
@@ -405,9 +406,14 @@ async fn bad_input_names_the_field_and_the_limit() {
             "`panorama` is not supported yet",
         ),
         (
-            "/api/v6/images/inpaint",
+            INPAINT,
             with("mask_image", json!("aGVsbG8=")),
-            "`mask_image` is not supported yet",
+            "`init_image` is required for inpaint",
+        ),
+        (
+            INPAINT,
+            img2img.clone(),
+            "`mask_image` is required for inpaint",
         ),
         (
             "/api/v6/images/controlnet",
@@ -556,6 +562,92 @@ async fn img2img_from_base64_a_data_uri_and_a_link() {
         outputs.push(bytes);
     }
     assert_eq!(outputs[0], outputs[1]);
+    server.stop().await;
+}
+
+/// A PNG mask of `w` x `h`: white (repainted) in the right half.
+fn mask_png(w: u32, h: u32) -> Vec<u8> {
+    let img =
+        image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x >= w / 2 { 255 } else { 0 }]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inpaint_with_a_mask_and_its_errors() {
+    let server = TestServer::start("ml-inpaint").await;
+    let init = png(75, 66);
+    let (side, _hooks) = side_server(init.clone()).await;
+    let data_uri = |bytes: &[u8]| {
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    };
+    let body = |init_image: String, mask: &[u8], model: &str| {
+        json!({
+            "key": KEY,
+            "model_id": model,
+            "prompt": "a painting",
+            "init_image": init_image,
+            "mask_image": data_uri(mask),
+            "width": "64",
+            "height": "64",
+            "strength": "1.0",
+            "num_inference_steps": "2",
+            "samples": "2",
+            "seed": 7,
+        })
+    };
+    // A linked init image and a data URI mask of its size, resized together to 64x64; the
+    // 4-channel and the 9-channel inpainting model.
+    for model in ["tiny-sd15", "tiny-sd15-inpaint"] {
+        let r = post_json(
+            &server,
+            INPAINT,
+            &body(format!("{side}/init.png"), &mask_png(75, 66), model),
+        )
+        .await;
+        assert_success(&r);
+        assert_eq!(r["meta"]["mask_image"], "(base64 image)", "{r}");
+        assert_eq!(r["meta"]["init_image"], format!("{side}/init.png"));
+        let outputs = r["output"].as_array().unwrap();
+        assert_eq!(outputs.len(), 2, "{r}");
+        for url in outputs {
+            let img = decode(&download(url.as_str().unwrap()).await);
+            assert_eq!((img.width(), img.height()), (64, 64), "{model}");
+        }
+    }
+
+    // A mask of another size than the init image is refused, naming both sizes.
+    let r = post_json(
+        &server,
+        INPAINT,
+        &body(data_uri(&init), &mask_png(64, 64), "tiny-sd15"),
+    )
+    .await;
+    assert_error(
+        &r,
+        "`mask_image` must be the size of `init_image` (75x66). Given: 64x64",
+    );
+    let mut unreadable = body(data_uri(&init), &mask_png(75, 66), "tiny-sd15");
+    unreadable["mask_image"] = json!("not base64!");
+    assert_error(
+        &post_json(&server, INPAINT, &unreadable).await,
+        "`mask_image`",
+    );
+    // The 9-channel model cannot run img2img: it needs a mask.
+    let r = post_json(
+        &server,
+        IMG2IMG,
+        &json!({"key": KEY, "model_id": "tiny-sd15-inpaint", "prompt": "x", "init_image": data_uri(&init),
+                "width": 64, "height": 64, "num_inference_steps": 2}),
+    )
+    .await;
+    assert_error(&r, "inpainting model");
     server.stop().await;
 }
 

@@ -567,19 +567,36 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
             "unsupportedParameter",
             "controlNet",
         ),
+        (json!({"maskImage": "abc"}), "missingSeedImage", "seedImage"),
+        (json!({"maskMargin": 64}), "missingMaskImage", "maskImage"),
         (
-            json!({"maskImage": "abc"}),
-            "unsupportedParameter",
-            "maskImage",
+            json!({"outpainting": {"top": 64}}),
+            "missingSeedImage",
+            "seedImage",
         ),
         (
-            json!({"maskMargin": 64}),
-            "unsupportedParameter",
+            json!({"maskMargin": 20, "maskImage": "abc", "seedImage": "abc", "steps": 2}),
+            "invalidMaskMargin",
             "maskMargin",
         ),
         (
-            json!({"outpainting": {"top": 64}}),
-            "unsupportedParameter",
+            json!({"outpainting": {"top": 30}, "seedImage": "abc", "steps": 2}),
+            "invalidOutpainting",
+            "outpainting",
+        ),
+        (
+            json!({"outpainting": {"left": 64, "blur": 33}, "seedImage": "abc", "steps": 2}),
+            "invalidOutpainting",
+            "outpainting",
+        ),
+        (
+            json!({"outpainting": {"left": 64, "middle": 64}, "seedImage": "abc", "steps": 2}),
+            "invalidOutpainting",
+            "outpainting",
+        ),
+        (
+            json!({"outpainting": 64, "seedImage": "abc", "steps": 2}),
+            "invalidOutpainting",
             "outpainting",
         ),
         (
@@ -759,6 +776,108 @@ async fn http_image_upload_and_seed_images_in_every_form() {
             ("invalidImage", "image")
         ]
     );
+
+    server.stop().await;
+}
+
+/// A mask of `w` x `h` with the box at (x, y) of `bw` x `bh` white (repainted), as PNG bytes.
+fn mask_png(w: u32, h: u32, (x, y, bw, bh): (u32, u32, u32, u32)) -> Vec<u8> {
+    let img = image::GrayImage::from_fn(w, h, |px, py| {
+        let inside = px >= x && px < x + bw && py >= y && py < y + bh;
+        image::Luma([if inside { 255 } else { 0 }])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_inpaint_mask_margin_and_outpaint() {
+    let server = TestServer::start("rw-http-inpaint").await;
+    let seed = test_png(128, 128);
+    let mask = data_uri(&mask_png(128, 128, (40, 40, 32, 24)));
+    let common = json!({
+        "seed": 7, "steps": 2, "strength": 1.0, "outputFormat": "PNG",
+        "outputType": "base64Data", "seedImage": data_uri(&seed),
+    });
+    let with = |extra: Value| {
+        let mut t = inference(common.clone());
+        for (k, v) in extra.as_object().unwrap() {
+            t[k] = v.clone();
+        }
+        t
+    };
+    let inpaint = with(json!({"maskImage": mask}));
+    let margin = with(json!({"maskImage": mask, "maskMargin": 32}));
+    // The 9-channel inpainting model, by its registry id.
+    let nine = with(json!({"maskImage": mask, "model": "tiny-sd15-inpaint"}));
+    let outpaint = with(json!({
+        "outpainting": {"right": 64, "bottom": 64, "blur": 8}, "width": 192, "height": 192,
+    }));
+    let tasks = [&inpaint, &margin, &nine, &outpaint];
+    let (status, body) = post(&server, &json!(tasks)).await;
+    assert_eq!(status, 200, "{body}");
+    let pixels = |t: &Value| {
+        let item = data(&body)
+            .iter()
+            .find(|i| i["taskUUID"] == t["taskUUID"])
+            .unwrap_or_else(|| panic!("no result for {}", t["taskUUID"]));
+        decode(&b64(item["imageBase64Data"].as_str().unwrap())).to_rgb8()
+    };
+    for t in [&inpaint, &margin, &nine] {
+        assert_eq!(pixels(t).dimensions(), (128, 128));
+    }
+    let seed_rgb = decode(&seed).to_rgb8();
+    let extended = pixels(&outpaint);
+    assert_eq!(extended.dimensions(), (192, 192));
+    // Away from the seams the seed image is kept pixel for pixel.
+    for (x, y) in [(0, 0), (60, 100), (110, 5)] {
+        assert_eq!(extended.get_pixel(x, y), seed_rgb.get_pixel(x, y));
+    }
+    // maskMargin pastes the generated crop back: far from the mask the seed stays.
+    assert_eq!(
+        pixels(&margin).get_pixel(2, 125),
+        seed_rgb.get_pixel(2, 125)
+    );
+
+    // Bad inputs, each named.
+    let small_mask = with(json!({"maskImage": data_uri(&mask_png(64, 64, (0, 0, 8, 8)))}));
+    let wrong_size = with(json!({"outpainting": {"right": 64}}));
+    let not_64 = with(json!({"outpainting": {"top": 32}}));
+    let bad_mask = with(json!({"maskImage": "!!!not an image!!!"}));
+    let (status, body) = post(&server, &json!([small_mask, wrong_size, not_64, bad_mask])).await;
+    assert_eq!(status, 400, "{body}");
+    let found = |t: &Value| {
+        errors(&body)
+            .iter()
+            .find(|e| e["taskUUID"] == t["taskUUID"])
+            .unwrap_or_else(|| panic!("no error for {}", t["taskUUID"]))
+            .clone()
+    };
+    let e = found(&small_mask);
+    assert_eq!(
+        (e["code"].as_str(), e["parameter"].as_str()),
+        (Some("invalidMaskImage"), Some("maskImage"))
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("128x128") && message.contains("64x64"),
+        "{message}"
+    );
+    let e = found(&wrong_size);
+    assert_eq!(e["code"], "invalidOutpainting", "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("192x128") && message.contains("Given: 128x128"),
+        "{message}"
+    );
+    let e = found(&not_64);
+    assert_eq!(e["code"], "invalidOutpainting", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("multiple of 64"),
+        "{e}"
+    );
+    assert_eq!(found(&bad_mask)["code"], "invalidMaskImage");
 
     server.stop().await;
 }

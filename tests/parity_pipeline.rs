@@ -4,13 +4,15 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
+use sd_serve::pipeline::{GenerationRequest, StableDiffusion};
 use std::collections::HashMap;
 
 use sd_serve::schedulers::dpm_sde::DpmSolverSde;
 use sd_serve::schedulers::{Scheduler, SchedulerConfig, SchedulerSpec};
 
-use common::{fixtures, flat64, load_goldens, manifest, max_abs_diff, pipeline, StandInSdeNoise};
+use common::{
+    flat64, golden_request, load_goldens, manifest, max_abs_diff, pipeline, StandInSdeNoise,
+};
 
 /// Pipeline outputs go through 4-10 UNet evaluations with guidance and a VAE decode in f32; the
 /// reference sums in another order (oneDNN vs gemm), which leaves rounding differences of a few
@@ -19,31 +21,6 @@ const IMAGE_TOL: f32 = 2e-5;
 /// Latents are compared unnormalised: Euler/DPM start at sigma_max ~ 14.6, so the same relative
 /// rounding is ~15x larger in absolute terms. Seen: <= 7.2e-5.
 const LATENT_TOL: f32 = 2e-4;
-
-fn request_for(case: &serde_json::Value) -> GenerationRequest {
-    let s = |k: &str| case[k].as_str().map(str::to_string);
-    let u = |k: &str| case[k].as_u64().unwrap_or_else(|| panic!("case field {k}")) as usize;
-    let mut req = GenerationRequest::new(s("prompt").expect("prompt"));
-    req.negative_prompt = s("negative_prompt");
-    req.width = u("width");
-    req.height = u("height");
-    req.steps = u("steps");
-    req.guidance_scale = case["guidance"].as_f64().expect("guidance");
-    req.seed = case["seed"].as_u64().expect("seed");
-    req.num_images = u("num_images");
-    req.clip_skip = case["clip_skip"].as_u64().map(|v| v as usize);
-    let mut spec = SchedulerSpec::parse(case["scheduler"].as_str().expect("scheduler"))
-        .expect("golden scheduler name parses");
-    spec.overrides = SchedulerConfig::from_json(&case["scheduler_overrides"])
-        .expect("golden scheduler overrides parse");
-    req.scheduler = Some(spec);
-    if let Some(strength) = case["strength"].as_f64() {
-        let path = fixtures().join(case["init_image"].as_str().expect("init image path"));
-        let image = image::open(&path).expect("init.png").to_rgb8();
-        req.init_image = Some(InitImage { image, strength });
-    }
-    req
-}
 
 #[test]
 fn pipelines_match_diffusers() {
@@ -57,7 +34,7 @@ fn pipelines_match_diffusers() {
         let name = case["name"].as_str().expect("name");
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let sd = pipeline(case["model"].as_str().expect("model"));
-        let mut req = request_for(case);
+        let mut req = golden_request(case);
         if let Some(latents) = golden.get("latents_input") {
             req.latents = Some(latents.clone());
         }
@@ -114,7 +91,7 @@ fn final_latents_match_diffusers() {
         }
         let golden = load_goldens(case["file"].as_str().unwrap());
         let sd = pipeline(case["model"].as_str().unwrap());
-        let mut req = request_for(case);
+        let mut req = golden_request(case);
         if let Some(latents) = golden.get("latents_input") {
             req.latents = Some(latents.clone());
         }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
-use crate::pipeline::{images, request, GenerationRequest, StableDiffusion};
+use crate::pipeline::{images, request, Canvas, GenerationRequest, StableDiffusion};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
@@ -442,6 +442,8 @@ fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Resu
         true
     };
     let latents = model.denoise_latents(&job.request, &mut progress)?;
+    // Outpainting and `maskMargin` blend each generated picture back into the seed image.
+    let canvas = Canvas::for_request(&job.request)?.filter(Canvas::pastes_back);
     for (index, seed) in job.request.seeds().into_iter().enumerate() {
         if !keep_going() {
             return Err(Error::Cancelled);
@@ -450,6 +452,10 @@ fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Resu
         let image = images::unit_to_rgb(&pixels)?
             .pop()
             .expect("one latent decodes to one image; this is a bug");
+        let image = match &canvas {
+            Some(canvas) => canvas.finish(image),
+            None => image,
+        };
         job.send(JobEvent::Image { index, seed, image });
     }
     Ok(())

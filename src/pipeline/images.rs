@@ -60,3 +60,23 @@ pub fn unit_to_rgb(images: &Tensor) -> Result<Vec<image::RgbImage>> {
         })
         .collect()
 }
+
+/// 8-bit RGB images of one size to float images `[N, H, W, 3]` in 0..1.
+pub fn rgb_to_unit(images: &[image::RgbImage], device: &Device) -> Result<Tensor> {
+    let first = images
+        .first()
+        .ok_or_else(|| Error::Image("no image to convert".into()))?;
+    let (w, h) = first.dimensions();
+    let mut data = Vec::with_capacity(images.len() * (w * h * 3) as usize);
+    for image in images {
+        if image.dimensions() != (w, h) {
+            return Err(Error::Image("images of one batch differ in size".into()));
+        }
+        data.extend(image.as_raw().iter().map(|&v| v as f32 / 255.0));
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), h as usize, w as usize, 3),
+        device,
+    )?)
+}

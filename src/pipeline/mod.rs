@@ -3,6 +3,7 @@
 
 pub mod conditioning;
 pub mod images;
+pub mod inpaint;
 pub mod noise;
 pub mod prompt;
 pub mod request;
@@ -17,6 +18,7 @@ use crate::weights::{Component, Family, PipelineFiles, TokenizerFiles};
 use crate::{Error, Result};
 
 use conditioning::{PromptEmbeddings, TextEncoder};
+pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
 pub use request::{GenerationRequest, InitImage};
@@ -230,7 +232,14 @@ impl StableDiffusion {
         progress: Progress,
     ) -> Result<GenerationOutput> {
         let latents = self.denoise_latents(req, progress)?;
-        let images = self.decode(&latents)?;
+        let mut images = self.decode(&latents)?;
+        if let Some(canvas) = inpaint::Canvas::for_request(req)?.filter(|c| c.pastes_back()) {
+            let finished: Vec<_> = images::unit_to_rgb(&images)?
+                .into_iter()
+                .map(|image| canvas.finish(image))
+                .collect();
+            images = images::rgb_to_unit(&finished, &self.device)?;
+        }
         Ok(GenerationOutput {
             images,
             seeds: req.seeds(),
@@ -284,36 +293,92 @@ impl StableDiffusion {
                 )));
             }
         }
-        let (start, mut latents) = match &req.init_image {
-            None => {
-                let initial = match &req.latents {
-                    Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
-                    None => noise.randn(&latent_shape, &self.device, DType::F32)?,
-                };
+        let canvas = inpaint::Canvas::for_request(req)?;
+        let unet_channels = self.unet.in_channels();
+        // An inpainting UNet also reads the mask and the masked image's latents.
+        let inpainting_unet = unet_channels == 2 * latent_channels + 1;
+        if !inpainting_unet && unet_channels != latent_channels {
+            return Err(Error::model(format!(
+                "the UNet takes {unet_channels} input channels: expected {latent_channels} \
+                 (latents) or {} (latents, mask, masked image)",
+                2 * latent_channels + 1
+            )));
+        }
+        if inpainting_unet && canvas.is_none() {
+            return Err(Error::invalid(
+                "this is an inpainting model: it needs a seed image and a mask (or outpainting)",
+            ));
+        }
+        // Whether each step puts the known region back (inpainting with an ordinary UNet): the
+        // seed latents, the noise they are brought to each level with, and the latent mask.
+        let mut known: Option<(Tensor, Tensor, Tensor)> = None;
+        // What an inpainting UNet reads beside the latents, `[mask; masked image latents]`.
+        let mut unet_extra: Option<Tensor> = None;
+        let initial_noise = |noise: &mut BatchNoise| -> Result<Tensor> {
+            match &req.latents {
+                Some(l) => Ok(l.to_device(&self.device)?.to_dtype(DType::F32)?),
+                None => noise.randn(&latent_shape, &self.device, DType::F32),
+            }
+        };
+        let (start, mut latents) = match (&req.init_image, &canvas) {
+            (None, _) => {
+                let initial = initial_noise(&mut noise)?;
                 (0, (initial * scheduler.init_noise_sigma())?)
             }
-            Some(init) => {
-                // diffusers: run the last int(steps * strength) steps of the schedule.
-                let run = ((req.steps as f64 * init.strength) as usize).min(req.steps);
-                let start = (req.steps - run) * scheduler.order();
+            (Some(init), None) => {
+                let start = Self::start_index(req.steps, init.strength, scheduler.as_ref());
                 let pixels =
-                    images::image_to_tensor(&init.image, req.width, req.height, &self.device)?
-                        .to_dtype(self.vae_dtype)?;
-                let dist = self.vae.encode(&pixels)?;
-                // One encoding, sampled per image with that image's own generator.
-                let mean = dist.mean.to_dtype(DType::F32)?;
-                let std = dist.std.to_dtype(DType::F32)?;
-                let eps = noise.randn(&latent_shape, &self.device, DType::F32)?;
-                let sampled = eps.broadcast_mul(&std)?.broadcast_add(&mean)?;
-                let mut encoded = (sampled * self.vae_config.scaling_factor)?;
-                if let Some(shift) = self.vae_config.shift_factor {
-                    encoded = (encoded - shift * self.vae_config.scaling_factor)?;
-                }
-                let initial = match &req.latents {
-                    Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
-                    None => noise.randn(&latent_shape, &self.device, DType::F32)?,
-                };
+                    images::image_to_tensor(&init.image, req.width, req.height, &self.device)?;
+                let encoded = self.encode_sampled(&pixels, &latent_shape, &mut noise)?;
+                let initial = initial_noise(&mut noise)?;
                 (start, scheduler.add_noise(&encoded, &initial, start)?)
+            }
+            (Some(init), Some(canvas)) => {
+                let start = Self::start_index(req.steps, init.strength, scheduler.as_ref());
+                // diffusers starts from pure noise at strength 1 (the seed's latents are not
+                // mixed in at all), otherwise from the seed's latents noised to the first step.
+                let full_strength = init.strength >= 1.0;
+                let pixels =
+                    images::image_to_tensor(&canvas.image, req.width, req.height, &self.device)?;
+                // Each image's generator draws, in diffusers' order: the seed's latent sample
+                // (when used), the starting noise, the masked image's latent sample.
+                let encoded = if !inpainting_unet || !full_strength {
+                    Some(self.encode_sampled(&pixels, &latent_shape, &mut noise)?)
+                } else {
+                    None
+                };
+                let eps = initial_noise(&mut noise)?;
+                let latents = match (&encoded, full_strength || req.latents.is_some()) {
+                    (Some(encoded), false) => scheduler.add_noise(encoded, &eps, start)?,
+                    _ => (&eps * scheduler.init_noise_sigma())?,
+                };
+                let latent_mask = canvas.latent_mask(&self.device)?;
+                if inpainting_unet {
+                    let mask = canvas.mask_tensor(&self.device)?;
+                    let masked_pixels = pixels.broadcast_mul(&(1.0 - &mask)?)?;
+                    let masked = self.encode_sampled(&masked_pixels, &latent_shape, &mut noise)?;
+                    let rows = if guided { 2 } else { 1 } * req.num_images;
+                    let (lh, lw) = (latent_shape[1], latent_shape[2]);
+                    let mask_rows = latent_mask.broadcast_as((rows, 1, lh, lw))?;
+                    let masked_rows = Tensor::cat(&vec![&masked; rows / req.num_images], 0)?;
+                    unet_extra = Some(
+                        Tensor::cat(&[&mask_rows.contiguous()?, &masked_rows], 1)?
+                            .to_dtype(self.dtype)?,
+                    );
+                } else {
+                    // diffusers samples the masked image's latents here too, unused by an
+                    // ordinary UNet: the same draw keeps each generator where diffusers' is
+                    // (Euler a and other stochastic steps go on from it), without the encoding.
+                    noise.randn(&latent_shape, &self.device, DType::F32)?;
+                    let encoded = encoded
+                        .expect("an ordinary UNet inpaints from the seed's latents; this is a bug");
+                    known = Some((
+                        encoded.to_dtype(self.dtype)?,
+                        eps.to_dtype(self.dtype)?,
+                        latent_mask.to_dtype(self.dtype)?,
+                    ));
+                }
+                (start, latents)
             }
         };
         latents = latents.to_dtype(self.dtype)?;
@@ -331,7 +396,10 @@ impl StableDiffusion {
             } else {
                 latents.clone()
             };
-            let model_input = scheduler.scale_model_input(&model_input, index)?;
+            let mut model_input = scheduler.scale_model_input(&model_input, index)?;
+            if let Some(extra) = &unet_extra {
+                model_input = Tensor::cat(&[&model_input, extra], 1)?;
+            }
             let prediction =
                 self.unet
                     .forward(&model_input, t, &cond.hidden, cond.added.as_ref())?;
@@ -344,12 +412,50 @@ impl StableDiffusion {
                 prediction
             };
             latents = scheduler.step(&prediction, index, &latents, &mut noise)?;
+            if let Some((encoded, eps, mask)) = &known {
+                // The known region is the seed's latents at the next step's noise level (clean
+                // after the last step); only the masked region keeps what was denoised.
+                let reference = if index + 1 < timesteps.len() {
+                    scheduler.add_noise(encoded, eps, index + 1)?
+                } else {
+                    encoded.clone()
+                };
+                let kept = (1.0 - mask)?;
+                latents = (reference.broadcast_mul(&kept)? + latents.broadcast_mul(mask)?)?;
+            }
             if !progress(index - start + 1, total) {
                 return Err(Error::Cancelled);
             }
         }
 
         Ok(latents)
+    }
+
+    /// Where img2img and inpainting start in the scheduler's timesteps: diffusers runs the last
+    /// `int(steps * strength)` steps.
+    fn start_index(steps: usize, strength: f64, scheduler: &dyn Scheduler) -> usize {
+        let run = ((steps as f64 * strength) as usize).min(steps);
+        (steps - run) * scheduler.order()
+    }
+
+    /// Pixels `[1, 3, H, W]` to scaled latents `[N, C, H/8, W/8]`: one encoding, sampled once
+    /// per image with that image's own generator (diffusers' `latent_dist.sample`).
+    fn encode_sampled(
+        &self,
+        pixels: &Tensor,
+        latent_shape: &[usize],
+        noise: &mut BatchNoise,
+    ) -> Result<Tensor> {
+        let dist = self.vae.encode(&pixels.to_dtype(self.vae_dtype)?)?;
+        let mean = dist.mean.to_dtype(DType::F32)?;
+        let std = dist.std.to_dtype(DType::F32)?;
+        let eps = noise.randn(latent_shape, &self.device, DType::F32)?;
+        let sampled = eps.broadcast_mul(&std)?.broadcast_add(&mean)?;
+        let mut encoded = (sampled * self.vae_config.scaling_factor)?;
+        if let Some(shift) = self.vae_config.shift_factor {
+            encoded = (encoded - shift * self.vae_config.scaling_factor)?;
+        }
+        Ok(encoded)
     }
 
     /// Latents to float images `[N, H, W, 3]` in 0..1.

@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::inpaint::{self, MaskImage, Outpaint};
 use crate::schedulers::SchedulerSpec;
 use crate::{Error, Result};
 
@@ -40,6 +41,11 @@ pub struct GenerationRequest {
     /// Number of final CLIP layers skipped (diffusers' convention: 1 = penultimate layer).
     pub clip_skip: Option<usize>,
     pub init_image: Option<InitImage>,
+    /// Inpainting: which pixels of `init_image` to repaint (needs `init_image`).
+    pub mask: Option<MaskImage>,
+    /// Outpainting: how far to extend `init_image`; `width` x `height` must be its size plus
+    /// the extension.
+    pub outpaint: Option<Outpaint>,
     /// Explicit initial latents `[num_images, C, height/8, width/8]`, unscaled standard normal
     /// noise as diffusers' `latents=` takes them. Replaces drawing noise from the seed.
     pub latents: Option<Tensor>,
@@ -60,6 +66,8 @@ impl GenerationRequest {
             num_images: 1,
             clip_skip: None,
             init_image: None,
+            mask: None,
+            outpaint: None,
             latents: None,
         }
     }
@@ -110,6 +118,7 @@ impl GenerationRequest {
                 )));
             }
         }
+        inpaint::check(self)?;
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,

@@ -11,9 +11,10 @@ use std::sync::Once;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use sd_serve::pipeline::noise::BatchNoise;
-use sd_serve::pipeline::StableDiffusion;
+use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
 use sd_serve::registry::Registry;
 use sd_serve::schedulers::dpm_sde::SdeNoise;
+use sd_serve::schedulers::{SchedulerConfig, SchedulerSpec};
 use sd_serve::weights::WeightStore;
 
 // ---- Fixture files ----
@@ -251,6 +252,34 @@ pub fn registry() -> Registry {
 }
 
 /// A tiny fixture model by registry id, in f32 on the CPU.
+/// The request of a golden pipeline case (manifest `pipelines` or `inpaint`): prompts, size,
+/// steps, guidance, seed, images, clip skip, scheduler with its overrides, and the init image
+/// with its strength where the case has one.
+pub fn golden_request(case: &serde_json::Value) -> GenerationRequest {
+    let s = |k: &str| case[k].as_str().map(str::to_string);
+    let u = |k: &str| case[k].as_u64().unwrap_or_else(|| panic!("case field {k}")) as usize;
+    let mut req = GenerationRequest::new(s("prompt").expect("prompt"));
+    req.negative_prompt = s("negative_prompt");
+    req.width = u("width");
+    req.height = u("height");
+    req.steps = u("steps");
+    req.guidance_scale = case["guidance"].as_f64().expect("guidance");
+    req.seed = case["seed"].as_u64().expect("seed");
+    req.num_images = u("num_images");
+    req.clip_skip = case["clip_skip"].as_u64().map(|v| v as usize);
+    let mut spec = SchedulerSpec::parse(case["scheduler"].as_str().expect("scheduler"))
+        .expect("golden scheduler name parses");
+    spec.overrides = SchedulerConfig::from_json(&case["scheduler_overrides"])
+        .expect("golden scheduler overrides parse");
+    req.scheduler = Some(spec);
+    if let Some(strength) = case["strength"].as_f64() {
+        let path = fixtures().join(case["init_image"].as_str().expect("init image path"));
+        let image = image::open(&path).expect("init image").to_rgb8();
+        req.init_image = Some(InitImage { image, strength });
+    }
+    req
+}
+
 pub fn pipeline(model: &str) -> StableDiffusion {
     let files = registry()
         .resolve(model)

@@ -27,7 +27,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::media::{load_rgb, ImageInput};
+use super::media::{load_image, load_rgb, ImageInput};
 use super::output::{JobError, OutputSpec};
 use super::{params, AppState};
 use crate::store::TEMP_LINK_TTL;
@@ -180,11 +180,20 @@ async fn start(
         ),
         None => None,
     };
+    let mask = match parsed.mask_image.take() {
+        Some(image) => Some(
+            load_image(ImageInput::from_client_string(image), state.media())
+                .await
+                .map_err(|e| JobError::invalid("mask_image", format!("`mask_image`: {e}")))?
+                .to_luma8(),
+        ),
+        None => None,
+    };
     let model = parsed.model.clone();
     let (temp, instant) = (parsed.temp, parsed.instant);
     let webhook = parsed.webhook.take();
     let track_id = parsed.track_id.take();
-    let (generation, meta) = parsed.into_request(init)?;
+    let (generation, meta) = parsed.into_request(init, mask)?;
     let output = OutputSpec {
         ttl: temp.then_some(TEMP_LINK_TTL),
         ..OutputSpec::default()

@@ -3,18 +3,18 @@
 //!
 //! The clients send numbers and booleans as JSON values or as strings ("512", "7.5", "yes");
 //! both are accepted. Fields that change the image and that this server cannot apply yet (LoRA,
-//! VAE, ControlNet, masks, upscaling, ...) are refused by name unless they carry their "off"
+//! VAE, ControlNet, upscaling, ...) are refused by name unless they carry their "off"
 //! value; flags that only tune the hosted service (`tomesd`, `enhance_prompt`, `multi_lingual`,
 //! `safety_checker`) are accepted and reported in `meta` as not applied ("no").
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde_json::{json, Map, Value};
 
 use crate::api::media::ImageInput;
 use crate::api::output::{JobError, JobErrorKind};
 use crate::api::{params, random_seed, AppState};
 use crate::pipeline::request::VAE_SCALE_FACTOR;
-use crate::pipeline::{GenerationRequest, InitImage};
+use crate::pipeline::{GenerationRequest, InitImage, MaskImage};
 use crate::registry::ModelEntry;
 use crate::schedulers::{DpmAlgorithm, SchedulerConfig, SchedulerKind, SchedulerSpec};
 
@@ -65,6 +65,8 @@ pub struct Parsed {
     clip_skip: Option<usize>,
     /// The client's string: a URL, base64 or a data URI.
     pub init_image: Option<String>,
+    /// Inpaint: the mask in the same forms, white = repaint.
+    pub mask_image: Option<String>,
     strength: f64,
     /// `temp: "yes"`: the images expire after 24 hours.
     pub temp: bool,
@@ -131,7 +133,6 @@ fn yes_no(b: bool) -> &'static str {
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("lora_model", "LoRA models"),
     ("vae", "custom VAEs"),
-    ("mask_image", "inpainting"),
     ("controlnet_model", "ControlNet"),
     ("controlnet_type", "ControlNet"),
     ("control_image", "ControlNet"),
@@ -163,9 +164,8 @@ const ACCEPTED_FLAGS: &[&str] = &[
 /// Refuses what `endpoint` cannot do at all on this server.
 pub fn check_endpoint(endpoint: Endpoint) -> Result<(), JobError> {
     match endpoint {
-        Endpoint::Inpaint => Err(JobError::not_supported("mask_image", "inpainting")),
         Endpoint::ControlNet => Err(JobError::not_supported("controlnet_model", "ControlNet")),
-        Endpoint::Text2Img | Endpoint::Img2Img => Ok(()),
+        Endpoint::Text2Img | Endpoint::Img2Img | Endpoint::Inpaint => Ok(()),
     }
 }
 
@@ -248,11 +248,31 @@ pub fn parse(
     let clip_skip_shown = clip_skip_sent.or(defaults.clip_skip.map(|k| k as usize + 1));
 
     let init_image = f.text("init_image")?;
+    let mask_image = f.text("mask_image")?;
     match endpoint {
         Endpoint::Img2Img if init_image.is_none() => {
             return Err(JobError::invalid(
                 "init_image",
                 "`init_image` is required for img2img: a link, base64 or a data URI",
+            ));
+        }
+        Endpoint::Inpaint if init_image.is_none() => {
+            return Err(JobError::invalid(
+                "init_image",
+                "`init_image` is required for inpaint: a link, base64 or a data URI",
+            ));
+        }
+        Endpoint::Inpaint if mask_image.is_none() => {
+            return Err(JobError::invalid(
+                "mask_image",
+                "`mask_image` is required for inpaint: a link, base64 or a data URI of a mask \
+                 the size of `init_image` (white is repainted)",
+            ));
+        }
+        Endpoint::Text2Img | Endpoint::Img2Img if mask_image.is_some() => {
+            return Err(JobError::invalid(
+                "mask_image",
+                "`mask_image` is used by inpainting; send the request to the inpaint endpoint",
             ));
         }
         Endpoint::Text2Img if init_image.is_some() => {
@@ -288,13 +308,15 @@ pub fn parse(
         }
     };
 
-    let init_shown =
-        init_image
+    let shown = |image: &Option<String>| {
+        image
             .as_ref()
             .map(|s| match ImageInput::from_client_string(s.as_str()) {
                 ImageInput::Url(url) => Value::String(url),
                 _ => Value::String("(base64 image)".into()),
-            });
+            })
+    };
+    let init_shown = shown(&init_image);
     let mut meta = Map::new();
     let mut put = |k: &str, v: Value| {
         meta.insert(k.to_string(), v);
@@ -311,9 +333,12 @@ pub fn parse(
     put("use_karras_sigmas", json!(karras.map(yes_no)));
     put("algorithm_type", json!(algorithm.map(DpmAlgorithm::name)));
     put("clip_skip", json!(clip_skip_shown));
-    if endpoint == Endpoint::Img2Img {
+    if matches!(endpoint, Endpoint::Img2Img | Endpoint::Inpaint) {
         put("init_image", json!(init_shown));
         put("strength", json!(strength));
+    }
+    if endpoint == Endpoint::Inpaint {
+        put("mask_image", json!(shown(&mask_image)));
     }
     for flag in [
         "safety_checker",
@@ -348,6 +373,7 @@ pub fn parse(
         samples,
         clip_skip,
         init_image,
+        mask_image,
         strength,
         temp,
         instant,
@@ -360,11 +386,24 @@ pub fn parse(
 impl Parsed {
     /// The canonical request, sized from the request, else the init image (scaled to fit
     /// 1024 and rounded down to a multiple of 8), else the model's defaults. The init image is
-    /// resized to the output size.
+    /// resized to the output size, and the mask with it; the mask must have the init image's
+    /// size (a mask of another size does not line up with the picture it masks).
     pub fn into_request(
         mut self,
         init: Option<RgbImage>,
+        mask: Option<GrayImage>,
     ) -> Result<(GenerationRequest, Map<String, Value>), JobError> {
+        if let (Some(init), Some(mask)) = (&init, &mask) {
+            let ((iw, ih), (mw, mh)) = (init.dimensions(), mask.dimensions());
+            if (iw, ih) != (mw, mh) {
+                return Err(JobError::invalid(
+                    "mask_image",
+                    format!(
+                        "`mask_image` must be the size of `init_image` ({iw}x{ih}). Given: {mw}x{mh}"
+                    ),
+                ));
+            }
+        }
         let fitted = init
             .as_ref()
             .map(|img| fit(img.width(), img.height()))
@@ -392,6 +431,19 @@ impl Parsed {
                 strength: self.strength,
             }
         });
+        let mask = mask.map(|image| MaskImage {
+            image: if image.dimensions() == (width as u32, height as u32) {
+                image
+            } else {
+                image::imageops::resize(
+                    &image,
+                    width as u32,
+                    height as u32,
+                    image::imageops::FilterType::Lanczos3,
+                )
+            },
+            margin: None,
+        });
         let request = GenerationRequest {
             negative_prompt: self.negative_prompt,
             width,
@@ -403,6 +455,7 @@ impl Parsed {
             num_images: self.samples,
             clip_skip: self.clip_skip,
             init_image,
+            mask,
             latents: None,
             ..GenerationRequest::new(self.prompt)
         };

@@ -23,6 +23,7 @@ use crate::api::media::{self, ImageFormat, ImageInput, MediaError};
 use crate::api::output::{JobError, JobErrorKind, OutputSpec, Produced, Running};
 use crate::api::AppState;
 use crate::pipeline::request::InitImage;
+use crate::pipeline::{GenerationRequest, MaskImage, Outpaint};
 use crate::store::{ImageId, JobRecord, JobStatus, StoreError};
 
 /// The dialect name of Runware job records.
@@ -143,11 +144,19 @@ impl Admitted {
         let lcm = task.is_lcm();
         let mut request = task.request;
         if let Some(seed_image) = &task.seed_image {
-            let image = load_seed_image(state, seed_image, request.width, request.height).await?;
-            request.init_image = Some(InitImage {
+            let image = load_image(state, "seedImage", seed_image).await?.to_rgb8();
+            let mask = match &task.mask_image {
+                Some(given) => Some(load_image(state, "maskImage", given).await?.to_luma8()),
+                None => None,
+            };
+            let inputs = SeedInputs {
                 image,
+                mask,
                 strength: task.strength,
-            });
+                mask_margin: task.mask_margin,
+                outpainting: task.outpainting,
+            };
+            fit_seed_image(&mut request, inputs).await?;
         }
         let cost = task.include_cost.then(|| {
             state.config().pricing.cost(
@@ -426,15 +435,12 @@ impl Drop for RecordGuard {
     }
 }
 
-/// The seed image as RGB pixels of the requested size: a stored image's UUID, a data URI,
-/// base64 data or a URL.
-async fn load_seed_image(
+/// An image a task names: a stored image's UUID, a data URI, base64 data or a URL.
+async fn load_image(
     state: &AppState,
+    field: &str,
     given: &str,
-    width: usize,
-    height: usize,
-) -> Result<RgbImage, RunwareError> {
-    let field = "seedImage";
+) -> Result<image::DynamicImage, RunwareError> {
     let image = if uuid::Uuid::parse_str(given.trim()).is_ok() {
         let store = state.store().clone();
         let id = given.trim().to_string();
@@ -446,7 +452,7 @@ async fn load_seed_image(
             return Err(RunwareError::invalid(
                 field,
                 format!(
-                    "`seedImage` {given} is not the UUID of an uploaded or generated image on \
+                    "`{field}` {given} is not the UUID of an uploaded or generated image on \
                      this server"
                 ),
             ));
@@ -461,18 +467,89 @@ async fn load_seed_image(
     } else {
         media::load_image(ImageInput::from_client_string(given), state.media()).await
     };
-    let image = image.map_err(|e| media_error(field, e))?;
-    let (w, h) = (width as u32, height as u32);
-    tokio::task::spawn_blocking(move || {
-        let rgb = image.to_rgb8();
-        if rgb.dimensions() == (w, h) {
-            rgb
-        } else {
-            image::imageops::resize(&rgb, w, h, image::imageops::FilterType::Lanczos3)
+    image.map_err(|e| media_error(field, e))
+}
+
+/// The images and settings an image-conditioned task brings.
+struct SeedInputs {
+    image: RgbImage,
+    mask: Option<image::GrayImage>,
+    strength: f64,
+    mask_margin: Option<u32>,
+    outpainting: Option<Outpaint>,
+}
+
+/// Puts the seed image (and mask) on the request. img2img and inpainting resize the seed image
+/// to `width` x `height` (the pipeline resizes the mask with it); outpainting keeps it as it is,
+/// so its size plus the extension must be `width` x `height`. A mask must have the seed image's
+/// size: Runware masks are drawn on the seed image, so another size is a client mistake.
+async fn fit_seed_image(
+    request: &mut GenerationRequest,
+    inputs: SeedInputs,
+) -> Result<(), RunwareError> {
+    let SeedInputs {
+        image,
+        mask,
+        strength,
+        mask_margin,
+        outpainting,
+    } = inputs;
+    let (iw, ih) = image.dimensions();
+    if let Some(mask) = &mask {
+        let (mw, mh) = mask.dimensions();
+        if (mw, mh) != (iw, ih) {
+            return Err(RunwareError::invalid(
+                "maskImage",
+                format!(
+                    "`maskImage` must be the size of `seedImage` ({iw}x{ih}). Given: {mw}x{mh}"
+                ),
+            ));
         }
-    })
-    .await
-    .map_err(|e| store_failed(&e.to_string()))
+    }
+    let (w, h) = (request.width as u32, request.height as u32);
+    if let Some(outpaint) = &outpainting {
+        let (ow, oh) = outpaint.output_size(iw, ih);
+        if (ow, oh) != (w, h) {
+            return Err(RunwareError::invalid(
+                "outpainting",
+                format!(
+                    "`width` and `height` must be the `seedImage` size ({iw}x{ih}) plus the \
+                     `outpainting` extension: {ow}x{oh}. Given: {w}x{h}"
+                ),
+            ));
+        }
+        if outpaint.blur > iw.min(ih) / 2 {
+            return Err(RunwareError::invalid(
+                "outpainting",
+                format!(
+                    "`outpainting.blur` must be at most half the `seedImage`'s smaller side ({}). \
+                     Given: {}",
+                    iw.min(ih) / 2,
+                    outpaint.blur
+                ),
+            ));
+        }
+    }
+    let image = if outpainting.is_some() || mask.is_some() {
+        image
+    } else {
+        tokio::task::spawn_blocking(move || {
+            if image.dimensions() == (w, h) {
+                image
+            } else {
+                image::imageops::resize(&image, w, h, image::imageops::FilterType::Lanczos3)
+            }
+        })
+        .await
+        .map_err(|e| store_failed(&e.to_string()))?
+    };
+    request.init_image = Some(InitImage { image, strength });
+    request.mask = mask.map(|image| MaskImage {
+        image,
+        margin: mask_margin,
+    });
+    request.outpaint = outpainting;
+    Ok(())
 }
 
 fn media_error(field: &str, e: MediaError) -> RunwareError {

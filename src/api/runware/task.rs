@@ -14,7 +14,7 @@ use super::error::RunwareError;
 use crate::api::media::ImageFormat;
 use crate::api::output::JobError;
 use crate::api::{params, AppState};
-use crate::pipeline::GenerationRequest;
+use crate::pipeline::{inpaint, GenerationRequest, Outpaint};
 use crate::registry::ModelEntry;
 use crate::schedulers::{SchedulerKind, SchedulerSpec};
 
@@ -45,6 +45,12 @@ pub const OUTPUT_QUALITY: (i64, i64) = (20, 99);
 pub const DEFAULT_OUTPUT_QUALITY: u8 = 95;
 pub const STRENGTH: (f64, f64) = (0.0, 1.0);
 pub const DEFAULT_STRENGTH: f64 = 0.8;
+pub const MASK_MARGIN: (i64, i64) = (
+    inpaint::MIN_MASK_MARGIN as i64,
+    inpaint::MAX_MASK_MARGIN as i64,
+);
+/// `outpainting.blur`, in pixels.
+pub const OUTPAINT_BLUR: (i64, i64) = (0, inpaint::MAX_OUTPAINT_BLUR as i64);
 
 /// One parsed task.
 #[derive(Debug)]
@@ -106,6 +112,10 @@ pub struct InferenceTask {
     pub request: GenerationRequest,
     pub seed_image: Option<String>,
     pub strength: f64,
+    /// Inpainting: the mask, as the client sent it (same forms as `seedImage`).
+    pub mask_image: Option<String>,
+    pub mask_margin: Option<u32>,
+    pub outpainting: Option<Outpaint>,
     pub output_types: Vec<OutputType>,
     pub output_format: ImageFormat,
     pub output_quality: u8,
@@ -247,16 +257,15 @@ const HANDLED: &[&str] = &[
     "uploadEndpoint",
     "seedImage",
     "strength",
+    "maskImage",
+    "maskMargin",
+    "outpainting",
     "deliveryMethod",
 ];
 
 /// Documented parameters this server cannot honour yet, with what they ask for. Their "off"
 /// values (null, false, empty string, list or object) are accepted.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("maskImage", "inpainting with a mask image"),
-    ("maskMargin", "inpainting with a mask margin"),
-    ("outpainting", "outpainting"),
-    ("outpaint", "outpainting"),
     ("controlNet", "ControlNet guidance"),
     ("lora", "LoRA adapters"),
     ("lycoris", "LyCORIS adapters"),
@@ -446,6 +455,39 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
         ));
     }
 
+    let mask_image = fields.string("maskImage")?.filter(|s| !s.trim().is_empty());
+    let mask_margin = fields
+        .int("maskMargin")?
+        .map(|m| range("maskMargin", m, MASK_MARGIN.0, MASK_MARGIN.1))
+        .transpose()?
+        .map(|m| m as u32);
+    let outpainting = fields.outpainting()?;
+    if seed_image.is_none() {
+        for (name, given, what) in [
+            ("maskImage", mask_image.is_some(), "inpainting"),
+            ("outpainting", outpainting.is_some(), "outpainting"),
+        ] {
+            if given {
+                return Err(RunwareError::missing(
+                    "seedImage",
+                    format!("`seedImage` is required with `{name}`: the image {what} works on"),
+                ));
+            }
+        }
+    }
+    if mask_margin.is_some() && mask_image.is_none() {
+        return Err(RunwareError::missing(
+            "maskImage",
+            "`maskImage` is required with `maskMargin`: the margin is taken around the mask",
+        ));
+    }
+    if mask_margin.is_some() && outpainting.is_some() {
+        return Err(RunwareError::invalid(
+            "maskMargin",
+            "`maskMargin` applies to inpainting only; it cannot be combined with `outpainting`",
+        ));
+    }
+
     let mut request = GenerationRequest::new(prompt);
     request.negative_prompt = negative_prompt.or_else(|| defaults.negative_prompt.clone());
     request.width = width;
@@ -463,6 +505,9 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
         request,
         seed_image,
         strength,
+        mask_image,
+        mask_margin,
+        outpainting,
         output_types,
         output_format,
         output_quality,
@@ -619,6 +664,79 @@ impl Fields<'_> {
             ));
         }
         Ok(v as usize)
+    }
+
+    /// `outpainting`: `top`, `right`, `bottom`, `left` (pixels, multiples of 64, >= 0) and
+    /// `blur` (0..32, default 0); absent when the object is absent or all zero.
+    fn outpainting(&self) -> Result<Option<Outpaint>, RunwareError> {
+        let field = "outpainting";
+        let object = match self.get(field) {
+            None => return Ok(None),
+            Some(Value::Object(o)) => o,
+            Some(other) => {
+                return Err(RunwareError::invalid(
+                    field,
+                    format!(
+                        "`outpainting` must be an object with `top`, `right`, `bottom`, `left` \
+                         and `blur`. Given: {}",
+                        kind_of(other)
+                    ),
+                ))
+            }
+        };
+        if let Some(unknown) = object
+            .keys()
+            .find(|k| !["top", "right", "bottom", "left", "blur"].contains(&k.as_str()))
+        {
+            return Err(RunwareError::invalid(
+                field,
+                format!(
+                    "`outpainting.{unknown}` is not an outpainting field: use `top`, `right`, \
+                     `bottom`, `left` and `blur`"
+                ),
+            ));
+        }
+        let inner = Fields(object);
+        let invalid = |e: RunwareError| RunwareError::invalid(field, e.message.clone());
+        let side = |name: &str| -> Result<u32, RunwareError> {
+            let v = inner.int(name).map_err(invalid)?.unwrap_or(0);
+            let multiple = inpaint::OUTPAINT_MULTIPLE as i64;
+            if v < 0 || v % multiple != 0 || v > SIDE.1 {
+                return Err(RunwareError::invalid(
+                    field,
+                    format!(
+                        "`outpainting.{name}` must be a multiple of {multiple} between 0 and {}. \
+                         Given: {v}",
+                        SIDE.1
+                    ),
+                ));
+            }
+            Ok(v as u32)
+        };
+        let outpaint = Outpaint {
+            top: side("top")?,
+            right: side("right")?,
+            bottom: side("bottom")?,
+            left: side("left")?,
+            blur: 0,
+        };
+        let blur = match inner.int("blur").map_err(invalid)? {
+            None => 0,
+            Some(b) if (OUTPAINT_BLUR.0..=OUTPAINT_BLUR.1).contains(&b) => b as u32,
+            Some(b) => {
+                return Err(RunwareError::invalid(
+                    field,
+                    format!(
+                        "`outpainting.blur` must be between {} and {}. Given: {b}",
+                        OUTPAINT_BLUR.0, OUTPAINT_BLUR.1
+                    ),
+                ))
+            }
+        };
+        if outpaint.sides().iter().all(|&(_, v)| v == 0) {
+            return Ok(None);
+        }
+        Ok(Some(Outpaint { blur, ..outpaint }))
     }
 
     /// `outputType`: one name or a list of names; `URL` when absent.
