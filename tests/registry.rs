@@ -60,7 +60,23 @@ fn fixture_registry_resolves_ids_with_defaults() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(reg.models().count(), 5);
+    let ids: Vec<&str> = reg.models().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "tiny-sd15",
+            "tiny-sd2",
+            "tiny-sdxl",
+            "tiny-sd15-single",
+            "tiny-sdxl-single",
+            "tiny-sd15-curated",
+            "tiny-sd15-inpaint"
+        ]
+    );
+    assert_eq!(
+        reg.resolve_id("civitai:102438@133677").unwrap().id,
+        "tiny-sd15"
+    );
 }
 
 #[test]

@@ -201,22 +201,39 @@ async fn start(
     let started = Instant::now();
     let running = state.submit(&model, generation, output)?;
     let meta = Value::Object(meta);
-    let id = jobs::create(&state, &meta, temp).await?;
     let wait = if instant {
         std::time::Duration::ZERO
     } else {
         state.config().modelslab.wait()
     };
-    let job = Arc::new(jobs::Job {
-        state,
-        id,
-        family,
-        meta,
-        webhook,
-        track_id,
-        started,
-    });
-    Ok(jobs::respond(job, running, wait).await)
+    let detached = webhook.is_some();
+    let tracked = state.clone();
+    let work = async move {
+        let id = jobs::create(&state, &meta, temp).await?;
+        let job = Arc::new(jobs::Job {
+            state,
+            id,
+            family,
+            meta,
+            webhook,
+            track_id,
+            started,
+        });
+        Ok(jobs::respond(job, running, wait).await)
+    };
+    if detached {
+        // A job with a webhook belongs to the webhook from admission on: run it as a tracked
+        // task so that a client leaving at any point (even before the job is recorded) does
+        // not cancel it.
+        tracked.tasks().spawn(work).await.map_err(|e| {
+            JobError::new(
+                super::JobErrorKind::Failed,
+                format!("the job's task failed: {e}"),
+            )
+        })?
+    } else {
+        work.await
+    }
 }
 
 async fn fetch(
