@@ -40,7 +40,10 @@ def random_init(module):
 def bench(arch, side, steps, iters, device, dtype):
     unet = random_init(UNet2DConditionModel.from_config(load(arch, "unet"))).to(device, dtype).eval()
     vae_cfg = load(arch, "vae")
-    vae_dtype = torch.float32 if dtype == torch.float16 and vae_cfg.get("force_upcast") else dtype
+    # diffusers' SDXL pipelines decode in f32 when the VAE says force_upcast (default true); the
+    # SD 1.x/2.x pipeline never upcasts. sd-serve does the same.
+    upcast = arch == "sdxl" and dtype == torch.float16 and vae_cfg.get("force_upcast", True)
+    vae_dtype = torch.float32 if upcast else dtype
     vae = random_init(AutoencoderKL.from_config(vae_cfg)).to(device, vae_dtype).eval()
     encoders = [random_init(CLIPTextModel(CLIPTextConfig(**load(arch, "text_encoder")))).to(device, dtype)]
     if arch == "sdxl":

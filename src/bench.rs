@@ -238,11 +238,7 @@ fn bench_arch(
     let unet_config: UNet2DConditionConfig = config(family, "unet")?;
     let vae_config: AutoencoderKlConfig = config(family, "vae")?;
     let unet = UNet2DConditionModel::new(random_vb(dtype, device), &unet_config)?;
-    let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
-        DType::F32
-    } else {
-        dtype
-    };
+    let vae_dtype = crate::pipeline::vae_dtype(family, dtype, &vae_config);
     let vae = AutoencoderKl::new(random_vb(vae_dtype, device), &vae_config)?;
     let mut encoders = vec![config::<ClipTextConfig>(family, "text_encoder")?];
     if family == Family::Sdxl {
