@@ -1,5 +1,8 @@
 """The reference figures for `sd-serve bench`: the same full-size architectures with random
 weights, timed the same way in diffusers/PyTorch on the same machine, printed as JSON.
+Attention runs through PyTorch's scaled_dot_product_attention (diffusers' AttnProcessor2_0);
+on CUDA the peak of `torch.cuda.max_memory_allocated` is reported too.
+`compare_diffusers.py` runs this and `sd-serve bench` back to back and prints the ratios.
 
     python benches/diffusers_reference.py --arch sd15 --steps 2 --unet-iters 2 [--device cuda --dtype f16]
 
@@ -13,6 +16,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "src" / "weights" / "configs"
@@ -38,10 +42,17 @@ def random_init(module):
 
 @torch.no_grad()
 def bench(arch, side, steps, iters, device, dtype):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     unet = random_init(UNet2DConditionModel.from_config(load(arch, "unet"))).to(device, dtype).eval()
+    unet.set_attn_processor(AttnProcessor2_0())
     vae_cfg = load(arch, "vae")
-    vae_dtype = torch.float32 if dtype == torch.float16 and vae_cfg.get("force_upcast") else dtype
+    # diffusers' SDXL pipelines decode in f32 when the VAE says force_upcast (default true); the
+    # SD 1.x/2.x pipeline never upcasts. sd-serve does the same.
+    upcast = arch == "sdxl" and dtype == torch.float16 and vae_cfg.get("force_upcast", True)
+    vae_dtype = torch.float32 if upcast else dtype
     vae = random_init(AutoencoderKL.from_config(vae_cfg)).to(device, vae_dtype).eval()
+    vae.set_attn_processor(AttnProcessor2_0())
     encoders = [random_init(CLIPTextModel(CLIPTextConfig(**load(arch, "text_encoder")))).to(device, dtype)]
     if arch == "sdxl":
         encoders.append(random_init(CLIPTextModelWithProjection(CLIPTextConfig(**load(arch, "text_encoder_2")))).to(device, dtype))
@@ -87,9 +98,11 @@ def bench(arch, side, steps, iters, device, dtype):
     vae.decode(x.to(vae_dtype) / vae.config.scaling_factor).sample.float().sum().item()
     sync(device)
     vae_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return dict(arch=arch, width=side, height=side, dtype=str(dtype), steps=steps,
                 unet_steps_per_second=unet_sps, text_encode_seconds=text_s, vae_decode_seconds=vae_s,
-                end_to_end_seconds_per_image=text_s + denoise_s + vae_s)
+                end_to_end_seconds_per_image=text_s + denoise_s + vae_s,
+                peak_memory_allocated_bytes=peak)
 
 
 def main():

@@ -94,23 +94,64 @@ fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
 }
 
-/// Parses `--device` / `--dtype`, defaulting to the first GPU this build supports.
+/// Opens a GPU, with an error that says why it cannot be used.
+fn open_gpu(kind: &str, ordinal: usize) -> Result<Device> {
+    let opened = match kind {
+        "cuda" => Device::new_cuda(ordinal),
+        _ => Device::new_metal(ordinal),
+    };
+    opened.map_err(|e| {
+        let reason = match &e {
+            candle_core::Error::NotCompiledWithCudaSupport => {
+                "this sd-serve was built without CUDA (build it with `--features cuda`)".to_string()
+            }
+            candle_core::Error::NotCompiledWithMetalSupport => {
+                "this sd-serve was built without Metal (build it with `--features metal`)"
+                    .to_string()
+            }
+            _ => {
+                let detail = e.to_string();
+                if detail.contains("CUDA_ERROR_NO_DEVICE") {
+                    "no CUDA device is visible to this process (is the NVIDIA driver loaded, \
+                     and the GPU passed through to this container?)"
+                        .to_string()
+                } else if detail.contains("CUDA_ERROR_INVALID_DEVICE") {
+                    format!("there is no CUDA device {ordinal} (devices count from 0)")
+                } else {
+                    detail
+                }
+            }
+        };
+        Error::Device(format!("cannot open {kind}:{ordinal}: {reason}"))
+    })
+}
+
+/// Parses `--device` / `--dtype`. Without `--device`: the first GPU this build supports, else
+/// (none compiled in, or none that opens) the CPU.
 pub fn select_device(device: Option<&str>, dtype: Option<&str>) -> Result<(Device, DType)> {
     let device = match device {
         None => {
-            if candle_core::utils::cuda_is_available() {
-                Device::new_cuda(0)?
+            let gpu = if candle_core::utils::cuda_is_available() {
+                Some(open_gpu("cuda", 0))
             } else if candle_core::utils::metal_is_available() {
-                Device::new_metal(0)?
+                Some(open_gpu("metal", 0))
             } else {
-                Device::Cpu
+                None
+            };
+            match gpu {
+                Some(Ok(device)) => device,
+                Some(Err(e)) => {
+                    tracing::warn!("{e}; running on the CPU");
+                    Device::Cpu
+                }
+                None => Device::Cpu,
             }
         }
         Some("cpu") => Device::Cpu,
-        Some("metal") => Device::new_metal(0)?,
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("metal") => open_gpu("metal", 0)?,
+        Some("cuda") => open_gpu("cuda", 0)?,
         Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => Device::new_cuda(ordinal)?,
+            Some(Ok(ordinal)) => open_gpu("cuda", ordinal)?,
             _ => {
                 return Err(Error::invalid(format!(
                     "`--device` must be cpu, cuda, cuda:N or metal. Given: {other}"
@@ -197,11 +238,7 @@ fn bench_arch(
     let unet_config: UNet2DConditionConfig = config(family, "unet")?;
     let vae_config: AutoencoderKlConfig = config(family, "vae")?;
     let unet = UNet2DConditionModel::new(random_vb(dtype, device), &unet_config)?;
-    let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
-        DType::F32
-    } else {
-        dtype
-    };
+    let vae_dtype = crate::pipeline::vae_dtype(family, dtype, &vae_config);
     let vae = AutoencoderKl::new(random_vb(vae_dtype, device), &vae_config)?;
     let mut encoders = vec![config::<ClipTextConfig>(family, "text_encoder")?];
     if family == Family::Sdxl {

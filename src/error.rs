@@ -18,6 +18,9 @@ pub enum Error {
     /// A scheduler name or option that is not accepted.
     #[error("{0}")]
     Scheduler(String),
+    /// A device that cannot be opened (not in this build, absent, or refused by the driver).
+    #[error("{0}")]
+    Device(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("image: {0}")]

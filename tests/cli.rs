@@ -121,6 +121,25 @@ fn bad_arguments_get_clear_messages() {
     }
 }
 
+/// A GPU this build cannot open is refused with the reason, before any model is loaded.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_in_a_build_without_it_is_refused_with_the_reason() {
+    let run = sd_serve()
+        .args([
+            "bench", "--device", "cuda:0", "--arch", "sd15", "--size", "64",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("cannot open cuda:0: this sd-serve was built without CUDA"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn models_lists_the_registry() {
     let run = sd_serve()

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use sd_serve::schedulers::dpm_sde::DpmSolverSde;
 use sd_serve::schedulers::{Scheduler, SchedulerConfig, SchedulerSpec};
+use sd_serve::weights::Component;
 
 use common::{
     flat64, golden_request, load_goldens, manifest, max_abs_diff, pipeline, StandInSdeNoise,
@@ -185,4 +186,123 @@ fn invalid_requests_are_refused_with_the_field_named() {
     req.latents = Some(Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap());
     let err = sd.generate(&req, &mut |_, _| true).unwrap_err().to_string();
     assert!(err.contains("`latents`"), "{err}");
+}
+
+fn no_upcast(vae: &mut Component) {
+    vae.config["force_upcast"] = false.into();
+}
+
+/// A tiny fixture model loaded for `dtype`, with its VAE config edited by `edit_vae` first.
+fn pipeline_in(
+    model: &str,
+    dtype: DType,
+    edit_vae: impl FnOnce(&mut Component),
+) -> StableDiffusion {
+    let mut files = common::registry()
+        .resolve(model)
+        .and_then(|entry| entry.load(&Device::Cpu, dtype))
+        .unwrap_or_else(|e| panic!("{model}: {e}"));
+    edit_vae(&mut files.vae);
+    StableDiffusion::load(&files, &Device::Cpu, dtype).unwrap_or_else(|e| panic!("{model}: {e}"))
+}
+
+/// Final latents of a short f32 txt2img run: what the decoder sees in real use.
+fn sdxl_latents() -> Tensor {
+    let sd = pipeline("tiny-sdxl");
+    let mut req = GenerationRequest::new("a lighthouse at dusk");
+    req.width = 64;
+    req.height = 48;
+    req.steps = 4;
+    req.seed = 7;
+    req.num_images = 2;
+    sd.denoise_latents(&req, &mut |_, _| true).unwrap()
+}
+
+#[test]
+fn sdxl_vae_in_an_f16_pipeline_decodes_in_f32() {
+    let f32_pipe = pipeline("tiny-sdxl");
+    let f16_pipe = pipeline_in("tiny-sdxl", DType::F16, |_| {});
+    assert_eq!(f16_pipe.dtype(), DType::F16);
+    assert_eq!(f16_pipe.vae_dtype(), DType::F32);
+
+    let latents = sdxl_latents();
+    let reference = f32_pipe.decode(&latents).unwrap();
+    let upcast = f16_pipe.decode(&latents).unwrap();
+    assert_eq!(upcast.dtype(), DType::F32);
+    assert!(common::all_finite(&upcast));
+    // The upcast VAE is the f32 VAE: the fixture's weights are f16-exact, so loading them for an
+    // f16 pipeline and widening loses nothing, and the same f32 latents go through the same f32
+    // arithmetic. Anything but equality means a cast was lost on the way.
+    assert_eq!(max_abs_diff(&upcast, &reference), 0.0);
+
+    // What the f16 denoising loop hands over: latents rounded to f16 (relative 4.9e-4). The
+    // decoder is smooth, so images move by about that relative amount of their O(1) range.
+    let rounded = f16_pipe
+        .decode(&latents.to_dtype(DType::F16).unwrap())
+        .unwrap();
+    let diff = max_abs_diff(&rounded, &reference);
+    eprintln!("tiny-sdxl: decode of f16-rounded latents vs f32: max |diff| {diff:.2e}");
+    assert!(common::all_finite(&rounded));
+    assert!(diff < 2e-3, "f16-rounded latents move the images by {diff}");
+}
+
+/// Why the upcast matters: SDXL's trained decoder carries activations past f16's 65504, which
+/// become inf and then NaN at the next normalisation. The tiny random decoder stays small, so
+/// its first convolution is made 8192 times louder (a power of two: the weights stay exact in
+/// f16), which puts its activations in that range; f32 holds them, and the output GroupNorm
+/// brings the image back to scale.
+fn loud_decoder(vae: &mut Component) {
+    for name in ["decoder.conv_in.weight", "decoder.conv_in.bias"] {
+        let loud = (vae.weights.get(name).expect("decoder.conv_in in the VAE") * 8192.0).unwrap();
+        vae.weights.insert(name.to_string(), loud);
+    }
+}
+
+#[test]
+fn sdxl_vae_upcast_keeps_f16_pipelines_free_of_overflow() {
+    let latents = sdxl_latents();
+    let f16_vae = pipeline_in("tiny-sdxl", DType::F16, |vae| {
+        loud_decoder(vae);
+        no_upcast(vae);
+    });
+    assert!(!common::all_finite(&f16_vae.decode(&latents).unwrap()));
+
+    let upcast = pipeline_in("tiny-sdxl", DType::F16, loud_decoder)
+        .decode(&latents)
+        .unwrap();
+    assert!(common::all_finite(&upcast));
+    let reference = pipeline_in("tiny-sdxl", DType::F32, loud_decoder)
+        .decode(&latents)
+        .unwrap();
+    assert_eq!(max_abs_diff(&upcast, &reference), 0.0);
+}
+
+#[test]
+fn vaes_that_need_no_upcast_run_in_the_pipeline_dtype() {
+    // `force_upcast: false` (e.g. the fp16-fix SDXL VAE): f16 throughout.
+    let f16_vae = pipeline_in("tiny-sdxl", DType::F16, no_upcast);
+    assert_eq!(f16_vae.vae_dtype(), DType::F16);
+    let latents = sdxl_latents();
+    let ours = f16_vae.decode(&latents).unwrap();
+    let reference = pipeline("tiny-sdxl").decode(&latents).unwrap();
+    assert!(common::all_finite(&ours));
+    // The f16 VAE bounds of parity_vae.rs (3e-2 max, 2e-3 mean on -1..1 outputs), halved for
+    // images in 0..1. Seen: 1.4e-3.
+    let (max, mean) = (
+        max_abs_diff(&ours, &reference),
+        common::mean_abs_diff(&ours, &reference),
+    );
+    eprintln!("tiny-sdxl f16 VAE vs f32: max |diff| {max:.2e}, mean {mean:.2e}");
+    assert!(max < 1.5e-2 && mean < 1e-3, "max {max}, mean {mean}");
+
+    // SD 1.x/2.x VAEs run in f16 as in diffusers (whose SD pipeline never upcasts), even though
+    // their configs carry the default `force_upcast: true`; bf16 has f32's range.
+    assert_eq!(
+        pipeline_in("tiny-sd15", DType::F16, |_| {}).vae_dtype(),
+        DType::F16
+    );
+    assert_eq!(
+        pipeline_in("tiny-sdxl", DType::BF16, |_| {}).vae_dtype(),
+        DType::BF16
+    );
 }

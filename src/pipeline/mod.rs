@@ -36,7 +36,7 @@ pub struct StableDiffusion {
     unet: UNet2DConditionModel,
     vae: AutoencoderKl,
     vae_config: AutoencoderKlConfig,
-    /// The VAE runs in f32 when its config asks for it (`force_upcast`: SDXL's VAE overflows f16).
+    /// The VAE's dtype: f32 for an SDXL VAE that must not run in f16 (see [`vae_dtype`]).
     vae_dtype: DType,
     scheduler_config: SchedulerConfig,
     /// The scheduler a request without one gets, or why there is none.
@@ -73,6 +73,19 @@ fn build_unet(
     UNet2DConditionModel::new(component.weights.var_builder(dtype, device), &config)
 }
 
+/// The dtype the VAE runs in for a pipeline in `dtype`. SDXL's original VAE overflows f16 (its
+/// decoder activations pass 65504 and come out as NaN), so, as diffusers' SDXL pipelines do, an
+/// f16 SDXL pipeline keeps its VAE in f32 unless the VAE's config says `force_upcast: false`
+/// (the fp16-fix VAE). SD 1.x/2.x VAEs are fine in f16 and diffusers never upcasts them; bf16
+/// has f32's range.
+pub fn vae_dtype(family: Family, dtype: DType, vae_config: &AutoencoderKlConfig) -> DType {
+    if family == Family::Sdxl && dtype == DType::F16 && vae_config.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 fn load_text_encoder(
     component: &Component,
     tokenizer: &TokenizerFiles,
@@ -107,11 +120,7 @@ impl StableDiffusion {
         }
         let unet = build_unet(&files.unet, dtype, device)?;
         let vae_config = AutoencoderKlConfig::from_json(&files.vae.config)?;
-        let vae_dtype = if dtype == DType::F16 && vae_config.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype = vae_dtype(files.family, dtype, &vae_config);
         let vae = AutoencoderKl::new(
             files.vae.weights.var_builder(vae_dtype, device),
             &vae_config,
@@ -177,6 +186,11 @@ impl StableDiffusion {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The dtype the VAE runs in: [`Self::dtype`], or f32 for an upcast SDXL VAE.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
     }
 
     pub fn default_scheduler(&self) -> Option<&SchedulerSpec> {
