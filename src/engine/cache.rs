@@ -36,7 +36,7 @@ impl<V> ModelCache<V> {
         &mut self,
         id: &str,
         load: impl FnOnce() -> Result<(V, usize)>,
-    ) -> Result<&V> {
+    ) -> Result<&mut V> {
         self.clock += 1;
         let at = match self.entries.iter().position(|e| e.id == id) {
             Some(at) => at,
@@ -59,7 +59,7 @@ impl<V> ModelCache<V> {
         };
         let entry = &mut self.entries[at];
         entry.last_used = self.clock;
-        Ok(&entry.value)
+        Ok(&mut entry.value)
     }
 
     fn evict_beyond_budget(&mut self, keep: &str) {
