@@ -404,7 +404,15 @@ fn run_worker(
                 Ok((lora, *weight))
             })
             .collect::<Result<Vec<_>>>()?;
-        model.set_loras(&wanted, &mut lora_files, device)?;
+        let switched = model.set_loras(&wanted, &mut lora_files, device);
+        // The originals a merge keeps count against the budget like the weights do.
+        let bytes = model.bytes();
+        let evictions = cache.evictions();
+        cache.resize(&entry.id, bytes);
+        let evicted = cache.evictions() - evictions;
+        shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
+        switched?;
+        let model = cached_model(&mut cache, &entry, device, dtype)?;
         run_job(&model.model, job, &shared.abort)
     });
 }
@@ -428,11 +436,19 @@ fn check_lora_family(lora: &LoraEntry, model: &str, family: Family) -> Result<()
 struct LoadedModel {
     model: StableDiffusion,
     files: PipelineFiles,
+    /// Size of the loaded weights.
+    weight_bytes: usize,
     /// The merged set (registry id, weight) in request order, and how to take it out again.
     merged: Option<(Vec<(String, f64)>, MergedLoras)>,
 }
 
 impl LoadedModel {
+    /// The weights and the originals kept for taking the merged LoRAs out.
+    fn bytes(&self) -> usize {
+        let kept = self.merged.as_ref().map_or(0, |(_, m)| m.backup_bytes());
+        self.weight_bytes + kept
+    }
+
     /// Makes `wanted` the merged LoRA set: nothing to do when it already is; otherwise the old
     /// set is taken out, the new one merged and the adapted modules rebuilt. A failure leaves
     /// the plain model.
@@ -559,6 +575,7 @@ fn cached_model<'c>(
         let loaded = LoadedModel {
             model,
             files,
+            weight_bytes: bytes,
             merged: None,
         };
         Ok((loaded, bytes))
