@@ -450,8 +450,8 @@ impl LoadedModel {
     }
 
     /// Makes `wanted` the merged LoRA set: nothing to do when it already is; otherwise the old
-    /// set is taken out, the new one merged and the adapted modules rebuilt. A failure leaves
-    /// the plain model.
+    /// set is taken out, the new one merged and the adapted modules rebuilt. A LoRA file that
+    /// cannot be read changes nothing; a merge that fails leaves the plain model.
     fn set_loras(
         &mut self,
         wanted: &[(LoraEntry, f64)],
