@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
-use sd_serve::registry::{Location, ModelSource, Registry};
+use sd_serve::registry::{Location, LoraSource, ModelSource, Registry};
 use sd_serve::schedulers::SchedulerSpec;
+use sd_serve::weights::lora::{merge_loras, Lora};
 use sd_serve::weights::Family;
 
 #[derive(Parser)]
@@ -125,6 +126,9 @@ struct GenerateArgs {
     /// Initial noise: a safetensors file with an f32 tensor `latents` [N, C, H/8, W/8].
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// A LoRA of the registry, `ID` (its default weight) or `ID:WEIGHT`; repeat for several.
+    #[arg(long = "lora")]
+    loras: Vec<String>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -233,7 +237,46 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
         };
         println!("{}\t{family}\t{source}{aliases}", entry.id);
     }
+    for lora in registry.loras() {
+        let source = match &lora.source {
+            LoraSource::File(path) => path.display().to_string(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => format!("hf:{repo}@{revision}/{file}"),
+        };
+        let aliases = if lora.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", lora.aliases.join(", "))
+        };
+        println!(
+            "{}\tlora {}\t{source}\tweight {}{aliases}",
+            lora.id, lora.family, lora.default_weight
+        );
+    }
     Ok(())
+}
+
+/// `--lora ID` or `--lora ID:WEIGHT` (the id may itself hold colons, as AIR ids do: the weight
+/// is the part after the last one when it is a number).
+fn parse_lora_arg(
+    registry: &Registry,
+    arg: &str,
+    device: &Device,
+) -> anyhow::Result<(Lora, f64, String)> {
+    let (name, weight) = match arg.rsplit_once(':') {
+        Some((name, w)) if registry.lora(arg).is_none() => match w.parse::<f64>() {
+            Ok(w) => (name, Some(w)),
+            Err(_) => (arg, None),
+        },
+        _ => (arg, None),
+    };
+    let entry = registry.resolve_lora(name)?;
+    let lora = Lora::load(&entry.local_path()?, device)?;
+    let weight = weight.unwrap_or(entry.default_weight);
+    Ok((lora, weight, entry.id))
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -292,8 +335,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     req.validate()?;
 
+    let loras = args
+        .loras
+        .iter()
+        .map(|arg| parse_lora_arg(&registry, arg, &device))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
     let started = Instant::now();
-    let files = entry.load(&device, dtype)?;
+    let mut files = entry.load(&device, dtype)?;
     if entry.family.is_none() && files.family == Family::Sdxl {
         // Detected only now: SDXL's own resolution unless the request or the model gave one.
         if args.width.is_none() && defaults.width.is_none() {
@@ -303,6 +352,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             req.height = 1024;
         }
     }
+    for (_, _, id) in &loras {
+        let lora = registry.resolve_lora(id)?;
+        if lora.family != files.family {
+            bail!(
+                "LoRA `{id}` is for {} models, but model `{}` is {}",
+                lora.family,
+                entry.id,
+                files.family
+            );
+        }
+    }
+    // The files serve this one run: the merge is never taken out.
+    let _merged = if loras.is_empty() {
+        None
+    } else {
+        let pairs: Vec<(&Lora, f64)> = loras.iter().map(|(l, w, _)| (l, *w)).collect();
+        Some(merge_loras(&mut files, &pairs)?)
+    };
     let model = StableDiffusion::load(&files, &device, dtype)?;
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 

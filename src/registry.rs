@@ -3,7 +3,8 @@
 //! A `[[model]]` entry names one source: a diffusers repo on the Hugging Face Hub (`hf`, fetched
 //! with `hf-hub` into the standard hub cache), a local diffusers folder (`path`), or a single-file
 //! checkpoint (`file`, local or inside an `hf` repo, with an optional `config` folder / repo).
-//! The format is documented in the shipped `models.toml`.
+//! A `[[lora]]` entry names a LoRA file (`file`, local or inside an `hf` repo) with the family
+//! of models it adapts. The format is documented in the shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -99,6 +100,125 @@ pub struct ModelEntry {
 struct RegistryToml {
     #[serde(default, rename = "model")]
     models: Vec<EntryToml>,
+    #[serde(default, rename = "lora")]
+    loras: Vec<LoraToml>,
+}
+
+/// Where a LoRA file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoraSource {
+    /// A local `.safetensors` file.
+    File(PathBuf),
+    /// `file` inside a hub repo.
+    Hub {
+        repo: String,
+        revision: String,
+        file: String,
+    },
+}
+
+/// One LoRA the registry knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family of models the LoRA was trained for; other families refuse it.
+    pub family: Family,
+    pub source: LoraSource,
+    /// The weight a request that names the LoRA without one gets.
+    pub default_weight: f64,
+    /// Words that call up what the LoRA was trained on (reported, never added to prompts).
+    pub trigger_words: Vec<String>,
+    pub description: Option<String>,
+}
+
+fn default_lora_weight() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    hf: Option<String>,
+    revision: Option<String>,
+    file: String,
+    #[serde(default = "default_lora_weight")]
+    default_weight: f64,
+    #[serde(default)]
+    trigger_words: Vec<String>,
+    description: Option<String>,
+}
+
+impl LoraToml {
+    fn into_entry(self, base: &Path) -> Result<LoraEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, lora `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        if !self.default_weight.is_finite() {
+            return Err(bad(format!(
+                "`default_weight` must be a finite number, not {}",
+                self.default_weight
+            )));
+        }
+        let file = PathBuf::from(&self.file);
+        refuse_pickle(&file).map_err(|e| bad(e.to_string()))?;
+        let source = match self.hf {
+            Some(repo) => {
+                check_repo_id(&repo).map_err(bad)?;
+                LoraSource::Hub {
+                    repo,
+                    revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
+                    file: self.file,
+                }
+            }
+            None => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                LoraSource::File(base.join(file))
+            }
+        };
+        Ok(LoraEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            default_weight: self.default_weight,
+            trigger_words: self.trigger_words,
+            description: self.description,
+        })
+    }
+}
+
+impl LoraEntry {
+    /// The local path of the LoRA file, fetched from the hub when needed (hub settings from the
+    /// environment, see [`HubOptions::from_env`]).
+    pub fn local_path(&self) -> Result<PathBuf> {
+        let path = match &self.source {
+            LoraSource::File(path) => path.clone(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => HubRepo::new(&HubOptions::from_env()?, repo, revision)?.get(file)?,
+        };
+        if !path.is_file() {
+            return Err(Error::model(format!(
+                "lora `{}`: file {} does not exist",
+                self.id,
+                path.display()
+            )));
+        }
+        Ok(path)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +376,7 @@ fn hub_location(repo: &str) -> Location {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     entries: Vec<ModelEntry>,
+    loras: Vec<LoraEntry>,
 }
 
 impl Registry {
@@ -283,6 +404,9 @@ impl Registry {
         for raw in parsed.models {
             reg.add(raw.into_entry(base)?)?;
         }
+        for raw in parsed.loras {
+            reg.add_lora(raw.into_entry(base)?)?;
+        }
         Ok(reg)
     }
 
@@ -307,6 +431,27 @@ impl Registry {
         Ok(())
     }
 
+    /// Adds a LoRA entry; its id and aliases must not collide with known LoRA names.
+    pub fn add_lora(&mut self, entry: LoraEntry) -> Result<()> {
+        let mut seen = HashSet::new();
+        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::model(format!(
+                    "lora `{}` lists the name `{name}` twice",
+                    entry.id
+                )));
+            }
+            if let Some(other) = self.lora(name) {
+                return Err(Error::model(format!(
+                    "lora name `{name}` is used by both `{}` and `{}`",
+                    other.id, entry.id
+                )));
+            }
+        }
+        self.loras.push(entry);
+        Ok(())
+    }
+
     /// Adds the entries of `other`; an entry whose id already exists replaces the old one
     /// (a server's own models.toml overrides the shipped defaults).
     pub fn extend_overriding(&mut self, other: Registry) -> Result<()> {
@@ -314,7 +459,40 @@ impl Registry {
             self.entries.retain(|e| e.id != entry.id);
             self.add(entry)?;
         }
+        for entry in other.loras {
+            self.loras.retain(|e| e.id != entry.id);
+            self.add_lora(entry)?;
+        }
         Ok(())
+    }
+
+    pub fn loras(&self) -> impl Iterator<Item = &LoraEntry> {
+        self.loras.iter()
+    }
+
+    /// The LoRA whose id or alias is exactly `name`.
+    pub fn lora(&self, name: &str) -> Option<&LoraEntry> {
+        self.loras.iter().find(|e| e.id == name).or_else(|| {
+            self.loras
+                .iter()
+                .find(|e| e.aliases.iter().any(|a| a == name))
+        })
+    }
+
+    /// Looks up a registered LoRA id or alias (never a path); an unknown name is an invalid
+    /// request listing the known LoRAs.
+    pub fn resolve_lora(&self, name: &str) -> Result<LoraEntry> {
+        self.lora(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.loras.iter().map(|e| e.id.as_str()).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Error::invalid(format!(
+                "unknown LoRA `{name}` (ids are case-sensitive). Known LoRAs: {known}"
+            ))
+        })
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
@@ -804,6 +982,35 @@ mod tests {
         assert!(e.contains("exactly one source"), "{e}");
         let t = "[[model]]\nid = \"x\"\n";
         assert!(Registry::from_toml_str(t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn lora_entries() {
+        let t = "[[lora]]\nid = \"a\"\naliases = [\"civitai:1@2\"]\nfamily = \"sdxl\"\n\
+                 file = \"a.safetensors\"\ntrigger_words = [\"w\"]\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let e = reg.resolve_lora("civitai:1@2").unwrap();
+        assert_eq!(e.id, "a");
+        assert_eq!(e.family, Family::Sdxl);
+        assert_eq!(e.default_weight, 1.0);
+        assert_eq!(
+            e.source,
+            LoraSource::File(PathBuf::from("/m/a.safetensors"))
+        );
+        let err = reg
+            .resolve_lora("/m/a.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown LoRA") && err.contains("Known LoRAs: a"),
+            "{err}"
+        );
+        // A LoRA id is not a model id.
+        assert!(reg.resolve_id("a").is_err());
+        let no_family = "[[lora]]\nid = \"a\"\nfile = \"a.safetensors\"\n";
+        assert!(Registry::from_toml_str(no_family, Path::new(".")).is_err());
+        let pickle = "[[lora]]\nid = \"a\"\nfamily = \"sd1\"\nfile = \"a.ckpt\"\n";
+        assert!(Registry::from_toml_str(pickle, Path::new(".")).is_err());
     }
 
     #[test]

@@ -480,6 +480,60 @@ async fn http_number_results_are_single_requests_with_following_seeds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_lora_changes_the_image_and_repeats_exactly() {
+    let server = TestServer::start("rw-http-lora").await;
+    let base = json!({"seed": 4242, "steps": 2, "outputFormat": "PNG", "outputType": "base64Data"});
+    let with = |lora: Value| {
+        let mut extra = base.clone();
+        extra["lora"] = lora;
+        inference(extra)
+    };
+    let tasks = [
+        inference(base.clone()),
+        with(json!([{"model": "civitai:132942@146296", "weight": 1.5}])),
+        with(json!([{"model": "civitai:132942@146296", "weight": 1.5}])),
+        with(json!([{"model": "tiny-sd15-lora-peft"}])),
+        with(json!([{"model": "tiny-sd15-lora-peft", "weight": 1}])),
+        with(json!([{"model": "civitai:132942@146296", "weight": -4}])),
+    ];
+    let mut images = Vec::new();
+    // One task per payload, so their order on the worker is the order here.
+    for task in &tasks {
+        let (status, body) = post(&server, &json!([task])).await;
+        assert_eq!(status, 200, "{body}");
+        let item = &data(&body)[0];
+        assert_eq!(item["seed"], 4242);
+        images.push(decode(&b64(item["imageBase64Data"].as_str().unwrap())).to_rgb8());
+    }
+    assert_ne!(images[0], images[1], "the LoRA changes the image");
+    assert_eq!(
+        images[1], images[2],
+        "the same LoRA request gives the same image"
+    );
+    assert_ne!(images[1], images[3]);
+    assert_eq!(images[3], images[4], "`weight` defaults to 1");
+    assert_ne!(images[1], images[5]);
+    // Back to no LoRA: the plain model's image again.
+    let (_, body) = post(&server, &json!([inference(base.clone())])).await;
+    let plain = decode(&b64(data(&body)[0]["imageBase64Data"].as_str().unwrap())).to_rgb8();
+    assert_eq!(plain, images[0]);
+    // A LoRA of another family names it and both families.
+    let (_, body) = post(
+        &server,
+        &json!([with(json!([{"model": "tiny-sdxl-lora-kohya"}]))]),
+    )
+    .await;
+    let error = &errors(&body)[0];
+    assert_eq!(error["parameter"], "lora", "{body}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("tiny-sdxl-lora-kohya") && message.contains("sd1"),
+        "{message}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
     let server = TestServer::start("rw-http-limits").await;
     let cases: Vec<(Value, &str, &str)> = vec![
@@ -559,9 +613,21 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
         (json!({"model": null}), "missingModel", "model"),
         (
             json!({"lora": [{"model": "civitai:1@1", "weight": 1}]}),
-            "unsupportedParameter",
+            "invalidLora",
             "lora",
         ),
+        (
+            json!({"lora": [{"model": "tiny-sdxl-lora-kohya"}]}),
+            "invalidLora",
+            "lora",
+        ),
+        (
+            json!({"lora": [{"model": "civitai:132942@146296", "weight": 4.5}]}),
+            "invalidLora",
+            "lora",
+        ),
+        (json!({"lora": [{"weight": 1}]}), "missingLora", "lora"),
+        (json!({"lora": {"model": "x"}}), "invalidLora", "lora"),
         (
             json!({"controlNet": [{"model": "x", "guideImage": "y"}]}),
             "unsupportedParameter",

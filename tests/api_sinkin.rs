@@ -201,6 +201,44 @@ async fn multipart_and_urlencoded_give_the_same_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_changes_the_image_and_repeats_exactly() {
+    let server = TestServer::start("sinkin-lora").await;
+    let mut results = Vec::new();
+    for changes in [
+        &[][..],
+        &[("lora", Some("tiny-sd15-lora-kohya"))][..],
+        &[("lora", Some("tiny-sd15-lora-kohya"))][..],
+        &[
+            ("lora", Some("tiny-sd15-lora-kohya")),
+            ("lora_scale", Some("0.75")),
+        ][..],
+        &[
+            ("lora", Some("tiny-sd15-lora-kohya")),
+            ("lora_scale", Some("-1.5")),
+        ][..],
+        &[("lora", Some("")), ("lora_scale", Some("2"))][..],
+    ] {
+        let (status, body) =
+            post_multipart(&server, "/api/inference", &fields(changes), None).await;
+        results.push(images(status, &body).await.remove(0));
+    }
+    let pixels = |png: &Vec<u8>| decode(png).to_rgb8();
+    assert_ne!(
+        pixels(&results[0]),
+        pixels(&results[1]),
+        "the LoRA changes the image"
+    );
+    assert_eq!(
+        results[1], results[2],
+        "the same request gives the same image"
+    );
+    assert_eq!(results[1], results[3], "`lora_scale` defaults to 0.75");
+    assert_ne!(pixels(&results[1]), pixels(&results[4]));
+    assert_eq!(results[5], results[0], "an empty `lora` is no LoRA");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documented_defaults_and_credit_cost() {
     let server = TestServer::start_with("sinkin-defaults", |cfg| {
         cfg.pricing.per_image = 1.0;
@@ -390,7 +428,12 @@ async fn limits_and_malformed_values_are_refused() {
         (
             &[("lora", Some("abc123"))],
             bad,
-            "`lora` is not supported yet",
+            "`lora`: unknown LoRA `abc123`",
+        ),
+        (
+            &[("lora", Some("tiny-sdxl-lora-kohya"))],
+            bad,
+            "`lora`: LoRA `tiny-sdxl-lora-kohya` is for sdxl models, but model `tiny-sd15` is sd1",
         ),
         (
             &[("lora_scale", Some("abc"))],
@@ -618,7 +661,24 @@ async fn models_are_listed() {
     let (status, body) = post_multipart(&server, "/api/models", &token, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["error_code"], 0);
-    assert_eq!(body["loras"], serde_json::json!([]));
+    let loras = body["loras"].as_array().unwrap();
+    let lora_ids: Vec<&str> = loras.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    for id in [
+        "tiny-sd15-lora-kohya",
+        "tiny-sd15-lora-peft",
+        "tiny-sdxl-lora-kohya",
+    ] {
+        assert!(lora_ids.contains(&id), "{lora_ids:?}");
+    }
+    let peft = loras
+        .iter()
+        .find(|l| l["id"] == "tiny-sd15-lora-peft")
+        .unwrap();
+    assert_eq!(peft["title"], "PEFT-layout LoRA for tiny-sd15");
+    assert_eq!(
+        (&peft["cover_img"], &peft["link"]),
+        (&serde_json::json!(""), &serde_json::json!(""))
+    );
     let models = body["models"].as_array().unwrap();
     let ids: Vec<&str> = models.iter().map(|m| m["id"].as_str().unwrap()).collect();
     for id in ["tiny-sd15", "tiny-sd2", "tiny-sdxl", "tiny-sd15-curated"] {

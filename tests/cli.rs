@@ -141,6 +141,39 @@ fn cuda_in_a_build_without_it_is_refused_with_the_reason() {
 }
 
 #[test]
+fn generate_merges_registry_loras() {
+    let dir = scratch("generate_merges_registry_loras");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.png"));
+        let run = generate("tiny-sd15", extra, &out);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    let plain = run("plain", &[]);
+    // The kohya fixture's default weight is 0.8; its alias is a civitai AIR id.
+    let by_default = run("default", &["--lora", "tiny-sd15-lora-kohya"]);
+    let by_alias = run("alias", &["--lora", "civitai:132942@146296:0.8"]);
+    let heavier = run("heavier", &["--lora", "tiny-sd15-lora-kohya:1.2"]);
+    assert_ne!(plain, by_default);
+    assert_eq!(by_default, by_alias);
+    assert_ne!(by_default, heavier);
+    let out = dir.join("bad.png");
+    for (lora, expect) in [
+        ("no-such-lora", "unknown LoRA `no-such-lora`"),
+        ("tiny-sdxl-lora-kohya", "is for sdxl models"),
+    ] {
+        let failed = generate("tiny-sd15", &["--lora", lora], &out);
+        assert!(!failed.status.success(), "{lora}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(expect), "{lora}: {stderr}");
+    }
+}
+
+#[test]
 fn models_lists_the_registry() {
     let run = sd_serve()
         .args(["models", "--models"])
@@ -152,6 +185,10 @@ fn models_lists_the_registry() {
     for id in ["tiny-sd15", "tiny-sd2", "tiny-sdxl", "tiny-sd15-single"] {
         assert!(stdout.contains(id), "{stdout}");
     }
+    assert!(
+        stdout.contains("tiny-sd15-lora-kohya\tlora sd1\t"),
+        "LoRAs are listed: {stdout}"
+    );
     let builtin = sd_serve().arg("models").output().unwrap();
     assert!(builtin.status.success());
     assert!(String::from_utf8_lossy(&builtin.stdout).contains("stable-diffusion-xl-base-1.0"));

@@ -173,6 +173,36 @@ impl AppState {
         })
     }
 
+    /// The LoRAs a client named for `model`, as (registry id, weight) pairs: each a registered id
+    /// or alias (never a path), of the model's family; `None` takes the LoRA's default weight.
+    /// Errors name `field`.
+    pub fn lora_set(
+        &self,
+        field: &str,
+        model: &ModelEntry,
+        requested: &[(String, Option<f64>)],
+    ) -> Result<Vec<(String, f64)>, JobError> {
+        requested
+            .iter()
+            .map(|(name, weight)| {
+                let lora = self
+                    .registry()
+                    .resolve_lora(name)
+                    .map_err(|e| JobError::invalid(field, format!("`{field}`: {e}")))?;
+                if let Some(family) = model.family.filter(|f| *f != lora.family) {
+                    return Err(JobError::invalid(
+                        field,
+                        format!(
+                            "`{field}`: LoRA `{name}` is for {} models, but model `{}` is {family}",
+                            lora.family, model.id
+                        ),
+                    ));
+                }
+                Ok((lora.id, weight.unwrap_or(lora.default_weight)))
+            })
+            .collect()
+    }
+
     /// Admits a job for `model` (an id or alias) or refuses it at once.
     pub fn submit(
         &self,

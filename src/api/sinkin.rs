@@ -49,6 +49,8 @@ pub const DEFAULT_NUM_IMAGES: usize = 4;
 /// `scheduler` when neither the request nor the model sets one.
 pub const DEFAULT_SCHEDULER: &str = "DPMSolverMultistep";
 pub const DEFAULT_IMAGE_STRENGTH: f64 = 0.75;
+/// `lora_scale`: the weight of the `lora`.
+pub const DEFAULT_LORA_SCALE: f64 = 0.75;
 /// The ControlNets the hosted API documents.
 pub const CONTROLNETS: [&str; 3] = ["canny", "depth", "openpose"];
 /// Largest random seed drawn for `seed = -1`.
@@ -446,15 +448,17 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
     let negative_prompt = negative_prompt(form, entry)?;
     let scheduler = scheduler(form, entry, lcm)?;
 
-    // LoRA and ControlNet are documented but not implemented: refuse rather than ignore.
-    if let Some(lora) = form.non_empty("lora") {
-        return Err(JobError::not_supported(
-            "lora",
-            &format!("LoRA `{lora}` cannot be applied; leave `lora` empty"),
-        )
-        .into());
+    let lora_scale = number(form, "lora_scale")?.unwrap_or(DEFAULT_LORA_SCALE);
+    if !lora_scale.is_finite() {
+        return Err(ApiError::bad_request(format!(
+            "`lora_scale` must be a finite number. Given: {lora_scale}"
+        )));
     }
-    number(form, "lora_scale")?;
+    let loras = match form.non_empty("lora") {
+        Some(lora) => state.lora_set("lora", entry, &[(lora.to_string(), Some(lora_scale))])?,
+        None => Vec::new(),
+    };
+    // ControlNet is documented but not implemented: refuse rather than ignore.
     if let Some(controlnet) = form.non_empty("controlnet") {
         if CONTROLNETS.contains(&controlnet.to_ascii_lowercase().as_str()) {
             return Err(JobError::not_supported(
@@ -492,6 +496,7 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
     request.seed = seed;
     request.num_images = num_images;
     request.clip_skip = entry.defaults.clip_skip.map(|c| c as usize);
+    request.loras = loras;
     Ok(Parsed {
         request,
         lcm,
@@ -596,8 +601,8 @@ fn scheduler(form: &Form, entry: &ModelEntry, lcm: bool) -> Result<SchedulerSpec
     })
 }
 
-/// `POST /api/models`: the served models (`id` = registry id, `title` = description or id;
-/// no cover images or pages, so `cover_img` and `link` are empty) and no LoRAs.
+/// `POST /api/models`: the served models and LoRAs (`id` = registry id, `title` = description
+/// or id; no cover images or pages, so `cover_img` and `link` are empty).
 async fn models(State(state): State<AppState>, request: Request) -> Response {
     let result = async {
         let form = read_form(&state, request).await?;
@@ -613,10 +618,20 @@ async fn models(State(state): State<AppState>, request: Request) -> Response {
                 link: String::new(),
             })
             .collect();
+        let loras: Vec<ModelInfo> = state
+            .registry()
+            .loras()
+            .map(|l| ModelInfo {
+                id: l.id.clone(),
+                title: l.description.clone().unwrap_or_else(|| l.id.clone()),
+                cover_img: String::new(),
+                link: String::new(),
+            })
+            .collect();
         Ok::<_, ApiError>(serde_json::json!({
             "error_code": 0,
             "models": models,
-            "loras": [],
+            "loras": loras,
         }))
     }
     .await;

@@ -36,7 +36,7 @@ impl<V> ModelCache<V> {
         &mut self,
         id: &str,
         load: impl FnOnce() -> Result<(V, usize)>,
-    ) -> Result<&V> {
+    ) -> Result<&mut V> {
         self.clock += 1;
         let at = match self.entries.iter().position(|e| e.id == id) {
             Some(at) => at,
@@ -59,7 +59,16 @@ impl<V> ModelCache<V> {
         };
         let entry = &mut self.entries[at];
         entry.last_used = self.clock;
-        Ok(&entry.value)
+        Ok(&mut entry.value)
+    }
+
+    /// Sets the size of the cached model `id` (its weights grew or shrank, e.g. by the originals
+    /// a LoRA merge keeps) and evicts other models until the cache fits its budget again.
+    pub fn resize(&mut self, id: &str, bytes: usize) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.bytes = bytes;
+            self.evict_beyond_budget(id);
+        }
     }
 
     fn evict_beyond_budget(&mut self, keep: &str) {
@@ -148,6 +157,18 @@ mod tests {
         cache.get_or_load("small", || Ok((1, 10))).unwrap();
         assert_eq!(*cache.get_or_load("big", || Ok((2, 80))).unwrap(), 2);
         assert_eq!(ids(&cache), ["big"]);
+    }
+
+    #[test]
+    fn a_model_that_grows_evicts_others() {
+        let mut cache = ModelCache::new(100);
+        cache.get_or_load("a", || Ok((1, 40))).unwrap();
+        cache.get_or_load("b", || Ok((2, 40))).unwrap();
+        cache.resize("b", 70);
+        assert_eq!(ids(&cache), ["b"]);
+        assert_eq!((cache.bytes(), cache.evictions()), (70, 1));
+        cache.resize("gone", 500);
+        assert_eq!(cache.bytes(), 70);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! it is decoded, then finished or failed. A job whose [`JobHandle`] is dropped or cancelled is
 //! skipped if it has not started and stopped between denoising steps if it has. Candle work is
 //! blocking, so it never runs on the async runtime; the handle's receiver is the only async part.
+//!
+//! LoRAs stay merged into a cached model's weights between jobs: a job asking for another set
+//! (ids and weights) takes the old one out exactly and merges the new one, then rebuilds the
+//! adapted modules; a job asking for the same set runs at once.
 
 mod cache;
 mod queue;
@@ -20,7 +24,9 @@ use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
 use crate::pipeline::{images, request, Canvas, GenerationRequest, StableDiffusion};
-use crate::registry::Registry;
+use crate::registry::{LoraEntry, ModelEntry, Registry};
+use crate::weights::lora::{merge_loras, Lora, MergedLoras};
+use crate::weights::{Family, PipelineFiles};
 use crate::{Error, Result};
 
 use cache::ModelCache;
@@ -231,6 +237,7 @@ impl std::fmt::Debug for JobHandle {
 /// The job queue and its device workers.
 pub struct Engine {
     shared: Arc<Shared>,
+    registry: Arc<Registry>,
     limits: JobLimits,
     next_id: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -258,6 +265,7 @@ impl Engine {
         }
         Ok(Engine {
             shared,
+            registry,
             limits: config.limits,
             next_id: AtomicU64::new(1),
             workers: Mutex::new(workers),
@@ -270,6 +278,7 @@ impl Engine {
             .limits
             .check(&job.request)
             .and_then(|()| job.request.validate())
+            .and_then(|()| self.check_loras(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -296,6 +305,21 @@ impl Engine {
             }),
             Err(Refusal::Closed) => Err(SubmitError::ShuttingDown),
         }
+    }
+
+    /// Every LoRA of the job is registered and, where the model's family is declared, fits it.
+    fn check_loras(&self, job: &Job) -> Result<()> {
+        if job.request.loras.is_empty() {
+            return Ok(());
+        }
+        let family = self.registry.get(&job.model).and_then(|e| e.family);
+        for (id, _) in &job.request.loras {
+            let lora = self.registry.resolve_lora(id)?;
+            if let Some(family) = family {
+                check_lora_family(&lora, &job.model, family)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -355,9 +379,11 @@ fn run_worker(
     cache_budget: usize,
 ) {
     let mut cache = ModelCache::new(cache_budget);
+    let mut lora_files = LoraFiles::new(LORA_FILES_KEPT);
     worker_loop(shared, |job| {
+        let entry = registry.resolve_id(&job.model)?;
         let (loads, evictions) = (cache.loads(), cache.evictions());
-        let model = cached_model(&mut cache, registry, &job.model, device, dtype);
+        let loaded = cached_model(&mut cache, &entry, device, dtype).map(|_| ());
         let counts = [
             (&shared.model_loads, cache.loads() - loads),
             (&shared.model_evictions, cache.evictions() - evictions),
@@ -365,9 +391,135 @@ fn run_worker(
         for (counter, n) in counts {
             counter.fetch_add(n, Ordering::Relaxed);
         }
-        let model = model?;
-        run_job(&model, job, &shared.abort)
+        loaded?;
+        // Cached now: the model just loaded is never evicted.
+        let model = cached_model(&mut cache, &entry, device, dtype)?;
+        let wanted = job
+            .request
+            .loras
+            .iter()
+            .map(|(id, weight)| {
+                let lora = registry.resolve_lora(id)?;
+                check_lora_family(&lora, &entry.id, model.files.family)?;
+                Ok((lora, *weight))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let switched = model.set_loras(&wanted, &mut lora_files, device);
+        // The originals a merge keeps count against the budget like the weights do.
+        let bytes = model.bytes();
+        let evictions = cache.evictions();
+        cache.resize(&entry.id, bytes);
+        let evicted = cache.evictions() - evictions;
+        shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
+        switched?;
+        let model = cached_model(&mut cache, &entry, device, dtype)?;
+        run_job(&model.model, job, &shared.abort)
     });
+}
+
+/// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
+const LORA_FILES_KEPT: usize = 16;
+
+/// A LoRA made for one family asked of a model of another is the client's mistake.
+fn check_lora_family(lora: &LoraEntry, model: &str, family: Family) -> Result<()> {
+    if lora.family == family {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "LoRA `{}` is for {} models, but model `{model}` is {family}",
+        lora.id, lora.family
+    )))
+}
+
+/// A model in a worker's cache: its modules, the files they were built from, and the LoRAs
+/// merged into those files now.
+struct LoadedModel {
+    model: StableDiffusion,
+    files: PipelineFiles,
+    /// Size of the loaded weights.
+    weight_bytes: usize,
+    /// The merged set (registry id, weight) in request order, and how to take it out again.
+    merged: Option<(Vec<(String, f64)>, MergedLoras)>,
+}
+
+impl LoadedModel {
+    /// The weights and the originals kept for taking the merged LoRAs out.
+    fn bytes(&self) -> usize {
+        let kept = self.merged.as_ref().map_or(0, |(_, m)| m.backup_bytes());
+        self.weight_bytes + kept
+    }
+
+    /// Makes `wanted` the merged LoRA set: nothing to do when it already is; otherwise the old
+    /// set is taken out, the new one merged and the adapted modules rebuilt. A LoRA file that
+    /// cannot be read changes nothing; a merge that fails leaves the plain model.
+    fn set_loras(
+        &mut self,
+        wanted: &[(LoraEntry, f64)],
+        files: &mut LoraFiles,
+        device: &Device,
+    ) -> Result<()> {
+        let key: Vec<(String, f64)> = wanted.iter().map(|(e, w)| (e.id.clone(), *w)).collect();
+        let current = self.merged.as_ref().map_or(&[][..], |(k, _)| k.as_slice());
+        if current == key.as_slice() {
+            return Ok(());
+        }
+        // Read the new files before touching the weights, so a missing file changes nothing.
+        let loras = wanted
+            .iter()
+            .map(|(entry, _)| files.get(entry, device))
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        if let Some((_, merged)) = self.merged.take() {
+            merged.unmerge(&mut self.files);
+        }
+        let result = if key.is_empty() {
+            Ok(())
+        } else {
+            let pairs: Vec<(&Lora, f64)> = loras
+                .iter()
+                .zip(&key)
+                .map(|(lora, (_, weight))| (lora.as_ref(), *weight))
+                .collect();
+            merge_loras(&mut self.files, &pairs).map(|merged| {
+                self.merged = Some((key.clone(), merged));
+            })
+        };
+        // Rebuilt on failure too: the modules must not keep the set just taken out.
+        self.model.rebuild_adapted(&self.files)?;
+        tracing::info!(loras = ?key, secs = started.elapsed().as_secs_f64(), "LoRAs switched");
+        result
+    }
+}
+
+/// Parsed LoRA files by registry id, the least recently used dropped beyond `capacity`.
+struct LoraFiles {
+    capacity: usize,
+    /// Oldest first.
+    entries: Vec<(String, Arc<Lora>)>,
+}
+
+impl LoraFiles {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, entry: &LoraEntry, device: &Device) -> Result<Arc<Lora>> {
+        if let Some(at) = self.entries.iter().position(|(id, _)| *id == entry.id) {
+            let hit = self.entries.remove(at);
+            let lora = hit.1.clone();
+            self.entries.push(hit);
+            return Ok(lora);
+        }
+        let lora = Arc::new(Lora::load(&entry.local_path()?, device)?);
+        if self.entries.len() >= self.capacity.max(1) {
+            self.entries.remove(0);
+        }
+        self.entries.push((entry.id.clone(), lora.clone()));
+        Ok(lora)
+    }
 }
 
 /// Takes jobs until the queue is closed and empty. `run` does the work; a panic inside it fails
@@ -400,32 +552,34 @@ fn worker_loop(shared: &Shared, mut run: impl FnMut(&QueuedJob) -> Result<()>) {
     }
 }
 
-/// The model `name` (a registry id or alias) from the worker's cache, loaded on a miss.
-fn cached_model(
-    cache: &mut ModelCache<Arc<StableDiffusion>>,
-    registry: &Registry,
-    name: &str,
+/// The model of `entry` from the worker's cache, loaded on a miss.
+fn cached_model<'c>(
+    cache: &'c mut ModelCache<LoadedModel>,
+    entry: &ModelEntry,
     device: &Device,
     dtype: DType,
-) -> Result<Arc<StableDiffusion>> {
-    let entry = registry.resolve_id(name)?;
-    cache
-        .get_or_load(&entry.id, || {
-            let files = entry.load(device, dtype)?;
-            let bytes = [
-                Some(&files.unet),
-                Some(&files.vae),
-                Some(&files.text_encoder),
-                files.text_encoder_2.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|c| c.weights.size_in_bytes())
-            .sum();
-            let model = StableDiffusion::load(&files, device, dtype)?;
-            Ok((Arc::new(model), bytes))
-        })
-        .cloned()
+) -> Result<&'c mut LoadedModel> {
+    cache.get_or_load(&entry.id, || {
+        let files = entry.load(device, dtype)?;
+        let bytes = [
+            Some(&files.unet),
+            Some(&files.vae),
+            Some(&files.text_encoder),
+            files.text_encoder_2.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|c| c.weights.size_in_bytes())
+        .sum();
+        let model = StableDiffusion::load(&files, device, dtype)?;
+        let loaded = LoadedModel {
+            model,
+            files,
+            weight_bytes: bytes,
+            merged: None,
+        };
+        Ok((loaded, bytes))
+    })
 }
 
 /// Denoises the job's images together, then decodes and sends them one by one.

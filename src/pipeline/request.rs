@@ -49,6 +49,9 @@ pub struct GenerationRequest {
     /// Explicit initial latents `[num_images, C, height/8, width/8]`, unscaled standard normal
     /// noise as diffusers' `latents=` takes them. Replaces drawing noise from the seed.
     pub latents: Option<Tensor>,
+    /// LoRAs to merge into the model for this request: registry id (or alias) and weight
+    /// (negative weights subtract). The empty list runs the plain model.
+    pub loras: Vec<(String, f64)>,
 }
 
 impl GenerationRequest {
@@ -69,6 +72,7 @@ impl GenerationRequest {
             mask: None,
             outpaint: None,
             latents: None,
+            loras: Vec::new(),
         }
     }
 
@@ -115,6 +119,13 @@ impl GenerationRequest {
                 return Err(Error::invalid(format!(
                     "`strength` {} with {} steps runs no denoising step: steps * strength must be >= 1",
                     init.strength, self.steps
+                )));
+            }
+        }
+        for (id, weight) in &self.loras {
+            if !weight.is_finite() {
+                return Err(Error::invalid(format!(
+                    "the weight of LoRA `{id}` must be a finite number. Given: {weight}"
                 )));
             }
         }

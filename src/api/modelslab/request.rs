@@ -2,8 +2,8 @@
 //! and the effective parameters (`meta`) the response reports.
 //!
 //! The clients send numbers and booleans as JSON values or as strings ("512", "7.5", "yes");
-//! both are accepted. Fields that change the image and that this server cannot apply yet (LoRA,
-//! VAE, ControlNet, upscaling, ...) are refused by name unless they carry their "off"
+//! both are accepted. Fields that change the image and that this server cannot apply yet (VAE,
+//! ControlNet, upscaling, ...) are refused by name unless they carry their "off"
 //! value; flags that only tune the hosted service (`tomesd`, `enhance_prompt`, `multi_lingual`,
 //! `safety_checker`) are accepted and reported in `meta` as not applied ("no").
 
@@ -28,6 +28,8 @@ pub const MAX_STEPS: i64 = 50;
 /// "Scale for classifier-free guidance (minimum: 1; maximum: 20)".
 pub const MIN_GUIDANCE: f64 = 1.0;
 pub const MAX_GUIDANCE: f64 = 20.0;
+/// "Strength values for LoRa models (comma-separated). Range: 0.1–1."
+pub const LORA_STRENGTH: (f64, f64) = (0.1, 1.0);
 /// "Clip skip value. Range: 1–8." Counted the way the hosted API's users count it: 1 uses the
 /// last CLIP layer, 2 the penultimate one (diffusers' `clip_skip` is this value minus one).
 pub const MAX_CLIP_SKIP: i64 = 8;
@@ -74,6 +76,8 @@ pub struct Parsed {
     pub instant: bool,
     pub webhook: Option<String>,
     pub track_id: Value,
+    /// (registry id, weight) of each `lora_model`.
+    loras: Vec<(String, f64)>,
     /// The effective parameters, reported as `meta`.
     pub meta: Map<String, Value>,
 }
@@ -131,7 +135,6 @@ fn yes_no(b: bool) -> &'static str {
 
 /// Options that change the image and that this server cannot apply yet, refused when set.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("lora_model", "LoRA models"),
     ("vae", "custom VAEs"),
     ("controlnet_model", "ControlNet"),
     ("controlnet_type", "ControlNet"),
@@ -191,10 +194,10 @@ pub fn parse(
         f.flag(field)?;
     }
     f.float("controlnet_conditioning_scale")?;
-    lora_strength(f.get("lora_strength"))?;
 
     let (model_id, model) = model(state, &f, model_required)?;
     let defaults = &model.defaults;
+    let loras = loras(state, &f, &model)?;
 
     let prompt = params::string_value("prompt", f.get("prompt"))?.unwrap_or_default();
     if endpoint == Endpoint::Text2Img && prompt.trim().is_empty() {
@@ -351,7 +354,14 @@ pub fn parse(
     for flag in ["upscale", "panorama", "self_attention"] {
         put(flag, json!("no"));
     }
-    put("lora_model", Value::Null);
+    if loras.is_empty() {
+        put("lora_model", Value::Null);
+    } else {
+        let ids: Vec<&str> = loras.iter().map(|(id, _)| id.as_str()).collect();
+        let strengths: Vec<String> = loras.iter().map(|(_, w)| w.to_string()).collect();
+        put("lora_model", json!(ids.join(",")));
+        put("lora_strength", json!(strengths.join(",")));
+    }
     put("vae", Value::Null);
     put("base64", json!(yes_no(base64)));
     put("temp", json!(yes_no(temp)));
@@ -379,6 +389,7 @@ pub fn parse(
         instant,
         webhook,
         track_id,
+        loras,
         meta,
     })
 }
@@ -457,6 +468,7 @@ impl Parsed {
             init_image,
             mask,
             latents: None,
+            loras: self.loras,
             ..GenerationRequest::new(self.prompt)
         };
         Ok((request, self.meta))
@@ -596,17 +608,65 @@ fn algorithm(name: &str) -> Result<DpmAlgorithm, JobError> {
         })
 }
 
-/// `lora_strength`: a number or comma-separated numbers (only checked: LoRA is refused when a
-/// model is named).
-fn lora_strength(v: &Value) -> Result<(), JobError> {
-    match v {
-        Value::String(s) => {
-            for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-                params::f64_str("lora_strength", part)?;
-            }
-            Ok(())
+/// `lora_model` (comma-separated registry ids or aliases) with `lora_strength`: none (each
+/// LoRA's default weight), one strength for every model, or one per model, each in 0.1..1.
+fn loras(
+    state: &AppState,
+    f: &Fields<'_>,
+    model: &ModelEntry,
+) -> Result<Vec<(String, f64)>, JobError> {
+    let strengths = lora_strengths(f.get("lora_strength"))?;
+    let names: Vec<String> = if f.is_set("lora_model") {
+        params::string_value("lora_model", f.get("lora_model"))?
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let weights: Vec<Option<f64>> = match strengths.len() {
+        0 => vec![None; names.len()],
+        1 => vec![Some(strengths[0]); names.len()],
+        n if n == names.len() => strengths.into_iter().map(Some).collect(),
+        n => {
+            return Err(JobError::invalid(
+                "lora_strength",
+                format!(
+                    "`lora_strength` gives {n} strengths for {} `lora_model` entries: send one \
+                     strength for all of them, or one per model",
+                    names.len()
+                ),
+            ))
         }
-        other => params::f64_value("lora_strength", other).map(|_| ()),
+    };
+    let requested: Vec<(String, Option<f64>)> = names.into_iter().zip(weights).collect();
+    state.lora_set("lora_model", model, &requested)
+}
+
+/// `lora_strength`: a number or comma-separated numbers, each in 0.1..1.
+fn lora_strengths(v: &Value) -> Result<Vec<f64>, JobError> {
+    let check = |w: f64| params::check_range("lora_strength", w, LORA_STRENGTH.0, LORA_STRENGTH.1);
+    match v {
+        Value::String(s) => s
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|part| {
+                let w = params::f64_str("lora_strength", part.trim())?.ok_or_else(|| {
+                    JobError::invalid("lora_strength", "`lora_strength` has an empty value")
+                })?;
+                check(w)
+            })
+            .collect(),
+        other => params::f64_value("lora_strength", other)?
+            .map(check)
+            .into_iter()
+            .collect(),
     }
 }
 

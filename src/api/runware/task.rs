@@ -32,6 +32,9 @@ pub const PROMPT_CHARS: (usize, usize) = (2, 3000);
 pub const NEGATIVE_PROMPT_CHARS: (usize, usize) = (2, 2000);
 pub const SIDE: (i64, i64) = (128, 2048);
 pub const SIDE_MULTIPLE: i64 = 64;
+/// `lora[].weight`: range and default.
+pub const LORA_WEIGHT: (f64, f64) = (-4.0, 4.0);
+pub const LORA_WEIGHT_DEFAULT: f64 = 1.0;
 pub const STEPS: (i64, i64) = (1, 100);
 pub const DEFAULT_STEPS: usize = 20;
 pub const CFG_SCALE: (f64, f64) = (0.0, 30.0);
@@ -237,6 +240,7 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
 /// Parameters of `imageInference` this server handles.
 const HANDLED: &[&str] = &[
     "taskType",
+    "lora",
     "taskUUID",
     "positivePrompt",
     "negativePrompt",
@@ -267,7 +271,6 @@ const HANDLED: &[&str] = &[
 /// values (null, false, empty string, list or object) are accepted.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("controlNet", "ControlNet guidance"),
-    ("lora", "LoRA adapters"),
     ("lycoris", "LyCORIS adapters"),
     ("embeddings", "textual inversion embeddings"),
     ("ipAdapters", "IP-Adapters"),
@@ -498,6 +501,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.seed = seed;
     request.num_images = number_results;
     request.clip_skip = clip_skip;
+    request.loras = fields.loras(state, &model)?;
 
     Ok(InferenceTask {
         task_uuid,
@@ -629,6 +633,61 @@ impl Fields<'_> {
             None => Ok(None),
             Some(v) => params::bool_value(name, v).map_err(RunwareError::from_job),
         }
+    }
+
+    /// `lora`: `[{model, weight}]`, each `model` a registered LoRA (AIR id or alias) of the task
+    /// model's family, `weight` -4..4 (default 1).
+    fn loras(
+        &self,
+        state: &AppState,
+        model: &ModelEntry,
+    ) -> Result<Vec<(String, f64)>, RunwareError> {
+        let Some(value) = self.get("lora") else {
+            return Ok(Vec::new());
+        };
+        let shape = || {
+            RunwareError::invalid(
+                "lora",
+                format!(
+                    "`lora` must be an array of {{model, weight}} objects. Given: {}",
+                    kind_of(value)
+                ),
+            )
+        };
+        let Value::Array(items) = value else {
+            return Err(shape());
+        };
+        let as_lora = |e: JobError| RunwareError::from_job(e.with_parameter("lora"));
+        let mut requested = Vec::with_capacity(items.len());
+        for item in items {
+            let Value::Object(obj) = item else {
+                return Err(shape());
+            };
+            let item = Fields(obj);
+            let name = match item.get("model") {
+                Some(v) => params::string_value("lora.model", v).map_err(as_lora)?,
+                None => None,
+            }
+            .ok_or_else(|| {
+                RunwareError::missing(
+                    "lora",
+                    "each `lora` item needs `model`: a LoRA AIR id such as civitai:132942@146296",
+                )
+            })?;
+            let weight = match item.get("weight") {
+                Some(v) => params::f64_value("lora.weight", v).map_err(as_lora)?,
+                None => None,
+            };
+            let weight = match weight {
+                Some(w) => params::check_range("lora.weight", w, LORA_WEIGHT.0, LORA_WEIGHT.1)
+                    .map_err(as_lora)?,
+                None => LORA_WEIGHT_DEFAULT,
+            };
+            requested.push((name, Some(weight)));
+        }
+        state
+            .lora_set("lora", model, &requested)
+            .map_err(RunwareError::from_job)
     }
 
     fn task_uuid(&self) -> Result<String, RunwareError> {
