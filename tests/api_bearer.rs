@@ -171,19 +171,13 @@ async fn defaults_are_the_documented_ones() {
     let server = TestServer::start("bearer-defaults").await;
     // No model: stable-diffusion-xl-base-1.0 (the tiny SDXL here); no size: 512x512. Steps at
     // the documented minimum keep it quick.
-    let start = Instant::now();
     let (bytes, seed) =
         png(post_json(&server, &json!({"prompt": "a house", "steps": 10})).await).await;
-    let took = start.elapsed();
     let img = decode(&bytes);
     assert_eq!((img.width(), img.height()), (512, 512));
     assert!((1..=4_294_967_295).contains(&seed));
     let stats = server.state.engine().stats();
     assert_eq!(stats.completed, 1);
-    assert!(
-        took < Duration::from_secs(60),
-        "512x512 default took {took:?}"
-    );
     server.stop().await;
 }
 

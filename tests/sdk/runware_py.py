@@ -210,10 +210,20 @@ class Suite:
     async def bad_key(self):
         bad = Runware(api_key=self.key + "-not-a-key", url=ws_url(self.base))
         try:
+            # A hang (no answer to the authentication) fails the check through the timeout. On a
+            # refused key the SDK's own teardown can raise from its internals on a busy machine
+            # (seen once: "RuntimeError: await wasn't used with future"); the check is that the
+            # refusal is recognised: the client is not authenticated.
             await asyncio.wait_for(bad.connect(), 20)
-            expect(not bad.isAuthenticated(), "a wrong API key was accepted")
-        finally:
+        except asyncio.TimeoutError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            print(f"       (connect raised {type(e).__name__}: {e})", flush=True)
+        expect(not bad.isAuthenticated(), "a wrong API key was accepted")
+        try:
             await bad.disconnect()
+        except Exception as e:  # noqa: BLE001
+            print(f"       (disconnect raised {type(e).__name__}: {e})", flush=True)
 
 
 async def main():
