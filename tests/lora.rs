@@ -531,9 +531,12 @@ fn sdxl_unet_store(dtype: DType) -> (serde_json::Value, WeightStore) {
     (config, WeightStore::from_tensors(tensors))
 }
 
+/// The LoRA switch figure the README and the issue report: merge, rebuild and unmerge times on a
+/// full-size SDXL UNet, printed, with the merge and the exact restore still checked.
 /// `cargo test --release --test lora -- --ignored --nocapture sdxl_switch_time`
 #[test]
-#[ignore = "a timing run on a full-size SDXL UNet (about 8 GB of memory)"]
+#[ignore = "measurement run: a full-size SDXL UNet with random weights needs about 8 GB of memory \
+            and minutes on a CPU, too much for every test run; run it by name to get the figure"]
 fn sdxl_switch_time() {
     let dtype = DType::F16;
     let (config, unet) = sdxl_unet_store(dtype);
@@ -569,12 +572,29 @@ fn sdxl_switch_time() {
             Tensor::new(16f32, &Device::Cpu).unwrap(),
         );
     }
+    let expected_layers = t.len() / 3;
     let lora = Lora::from_tensors("sdxl-attention-r32", t, None).unwrap();
     let mut files = tiny_files_with_unet(config.clone(), unet);
+    let probe = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    let original = files.unet.weights.get(probe).unwrap().clone();
 
     let start = Instant::now();
     let merged = merge_loras(&mut files, &[(&lora, 0.8)]).unwrap();
     let merge_s = start.elapsed().as_secs_f64();
+    let all_equal = files
+        .unet
+        .weights
+        .get(probe)
+        .unwrap()
+        .eq(&original)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .min(0)
+        .unwrap()
+        .to_scalar::<u8>()
+        .unwrap();
+    assert_eq!(all_equal, 0, "the merge changed {probe}");
     let start = Instant::now();
     let cfg: sd_serve::models::unet::UNet2DConditionConfig =
         serde_json::from_value(config).unwrap();
@@ -590,6 +610,23 @@ fn sdxl_switch_time() {
     let start = Instant::now();
     merged.unmerge(&mut files);
     let unmerge_s = start.elapsed().as_secs_f64();
+    assert_eq!(
+        layers, expected_layers,
+        "every attention projection is merged"
+    );
+    let restored = files.unet.weights.get(probe).unwrap();
+    let diff = restored
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sub(&original.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "unmerge restores {probe} exactly");
 
     // What a switch by reloading would cost at least: the UNet's weights read back from a
     // safetensors file that is still in the page cache.

@@ -16,7 +16,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::PredictionType;
-use super::euler::SigmaSchedule;
+use super::euler::{sigma_schedule_accessors, SigmaSchedule};
 use super::heun::{
     init_noise_sigma, interleaved, scale_at_sigma, second_without_first, StepSigmas,
 };
@@ -170,17 +170,7 @@ impl DpmSolverSde {
 }
 
 impl Scheduler for DpmSolverSde {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.schedule.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
+    sigma_schedule_accessors!();
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         if step_index.is_multiple_of(2) {

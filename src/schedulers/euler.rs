@@ -15,6 +15,25 @@ use super::sigmas::{self, np_arange, np_linspace, np_round};
 use super::{at, step_noise, weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
 use crate::{Error, Result};
 
+/// The [`Scheduler`](super::Scheduler) methods every sampler over a [`SigmaSchedule`] answers
+/// straight from it (its `schedule` field): timesteps, sigmas and the initial noise scale.
+macro_rules! sigma_schedule_accessors {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.schedule.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f64]> {
+            Some(&self.schedule.sigmas)
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            self.schedule.init_noise_sigma
+        }
+    };
+}
+pub(crate) use sigma_schedule_accessors;
+
 /// A sigma schedule in the k-diffusion parameterisation `x = x0 + sigma * noise`.
 #[derive(Debug, Clone)]
 pub(crate) struct SigmaSchedule {
@@ -192,17 +211,7 @@ fn ancestral_levels(sigma: f64, sigma_next: f64) -> (f64, f64) {
 }
 
 impl Scheduler for Euler {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.schedule.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
+    sigma_schedule_accessors!();
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         self.schedule.scale_model_input(sample, step_index)

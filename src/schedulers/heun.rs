@@ -12,7 +12,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::{BetaSchedule, ClassDefaults, FinalSigmas, TimestepSpacing};
-use super::euler::{euler_timesteps, SigmaSchedule};
+use super::euler::{euler_timesteps, sigma_schedule_accessors, SigmaSchedule};
 use super::sigmas::{self, interp_unit_grid, np_linspace};
 use super::{weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
 use crate::{Error, Result};
@@ -198,17 +198,7 @@ impl Heun {
 }
 
 impl Scheduler for Heun {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.schedule.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
+    sigma_schedule_accessors!();
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         self.schedule.scale_model_input(sample, step_index)

@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 
 use super::config::PredictionType;
-use super::euler::SigmaSchedule;
+use super::euler::{sigma_schedule_accessors, SigmaSchedule};
 use super::heun::{
     init_noise_sigma, interleaved, scale_at_sigma, second_without_first, slope, StepSigmas,
 };
@@ -134,17 +134,7 @@ impl Kdpm2 {
 }
 
 impl Scheduler for Kdpm2 {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.schedule.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
+    sigma_schedule_accessors!();
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         if step_index.is_multiple_of(2) {

@@ -11,7 +11,7 @@
 use candle_core::{DType, Tensor};
 
 use super::config::FinalSigmas;
-use super::euler::SigmaSchedule;
+use super::euler::{sigma_schedule_accessors, SigmaSchedule};
 use super::{weighted_sum, BatchNoise, Scheduler, SchedulerConfig};
 use crate::Result;
 
@@ -70,17 +70,7 @@ pub(crate) fn lagrange_integral(nodes: &[f64], k: usize, a: f64, b: f64) -> f64 
 }
 
 impl Scheduler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.schedule.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma
-    }
+    sigma_schedule_accessors!();
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         self.schedule.scale_model_input(sample, step_index)
