@@ -8,8 +8,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
-use sd_serve::registry::{Location, LoraSource, ModelSource, Registry};
+use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion, Vae};
+use sd_serve::registry::{Location, LoraSource, ModelSource, Registry, VaeSource};
 use sd_serve::schedulers::SchedulerSpec;
 use sd_serve::weights::lora::{merge_loras, Lora};
 use sd_serve::weights::Family;
@@ -129,6 +129,9 @@ struct GenerateArgs {
     /// A LoRA of the registry, `ID` (its default weight) or `ID:WEIGHT`; repeat for several.
     #[arg(long = "lora")]
     loras: Vec<String>,
+    /// A VAE of the registry (id or alias) to encode and decode with instead of the model's.
+    #[arg(long)]
+    vae: Option<String>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -256,6 +259,24 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
             lora.id, lora.family, lora.default_weight
         );
     }
+    for vae in registry.vaes() {
+        let source = match &vae.source {
+            VaeSource::Folder(path) => path.display().to_string(),
+            VaeSource::Hub { repo, revision } => format!("hf:{repo}@{revision}"),
+            VaeSource::SingleFile { location, file, .. } => match location {
+                Location::Local(_) => file.display().to_string(),
+                Location::Hub { repo, revision } => {
+                    format!("hf:{repo}@{revision}/{}", file.display())
+                }
+            },
+        };
+        let aliases = if vae.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", vae.aliases.join(", "))
+        };
+        println!("{}\tvae {}\t{source}{aliases}", vae.id, vae.family);
+    }
     Ok(())
 }
 
@@ -370,7 +391,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let pairs: Vec<(&Lora, f64)> = loras.iter().map(|(l, w, _)| (l, *w)).collect();
         Some(merge_loras(&mut files, &pairs)?)
     };
-    let model = StableDiffusion::load(&files, &device, dtype)?;
+    let mut model = StableDiffusion::load(&files, &device, dtype)?;
+    if let Some(name) = &args.vae {
+        let vae = registry.resolve_vae(name)?;
+        if !vae.fits(files.family) {
+            bail!(
+                "VAE `{}` is for {} models, but model `{}` is {}",
+                vae.id,
+                vae.family,
+                entry.id,
+                files.family
+            );
+        }
+        let loaded = Vae::load(&vae.load(&device, dtype)?, vae.family, &device, dtype)?;
+        model.set_vae(Some(&loaded))?;
+    }
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 
     let started = Instant::now();

@@ -4,7 +4,10 @@
 //! with `hf-hub` into the standard hub cache), a local diffusers folder (`path`), or a single-file
 //! checkpoint (`file`, local or inside an `hf` repo, with an optional `config` folder / repo).
 //! A `[[lora]]` entry names a LoRA file (`file`, local or inside an `hf` repo) with the family
-//! of models it adapts. The format is documented in the shipped `models.toml`.
+//! of models it adapts; `lcm = true` marks the LCM-LoRA of its family, which the LCM sampling mode
+//! merges. A `[[vae]]` entry names a VAE a request may use instead of the model's own: a
+//! diffusers `AutoencoderKL` folder (`path`) or hub repo (`hf`), or a single `.safetensors` file
+//! (`file`, local or inside an `hf` repo). The format is documented in the shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -20,12 +23,12 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::weights::folder::{
-    choose_weight_file, component_paths, shard_files, ModelIndex, WeightChoice,
+    choose_weight_file, component_paths, load_component, shard_files, ModelIndex, WeightChoice,
 };
-use crate::weights::single_file::single_file_family;
+use crate::weights::single_file::{builtin_config, load_vae_file, single_file_family};
 use crate::weights::{
-    load_diffusers_folder_variant, load_single_file_with_tokenizers, refuse_pickle, Family,
-    PipelineFiles,
+    load_diffusers_folder_variant, load_single_file_with_tokenizers, read_json, refuse_pickle,
+    Component, Family, PipelineFiles,
 };
 use crate::{Error, Result};
 
@@ -102,6 +105,8 @@ struct RegistryToml {
     models: Vec<EntryToml>,
     #[serde(default, rename = "lora")]
     loras: Vec<LoraToml>,
+    #[serde(default, rename = "vae")]
+    vaes: Vec<VaeToml>,
 }
 
 /// Where a LoRA file is.
@@ -130,6 +135,9 @@ pub struct LoraEntry {
     /// Words that call up what the LoRA was trained on (reported, never added to prompts).
     pub trigger_words: Vec<String>,
     pub description: Option<String>,
+    /// The LCM-LoRA of its family (Luo et al. 2023, "LCM-LoRA"): merged, with the LCM
+    /// scheduler, by the LCM sampling mode. At most one per family.
+    pub lcm: bool,
 }
 
 fn default_lora_weight() -> f64 {
@@ -151,6 +159,8 @@ struct LoraToml {
     #[serde(default)]
     trigger_words: Vec<String>,
     description: Option<String>,
+    #[serde(default)]
+    lcm: bool,
 }
 
 impl LoraToml {
@@ -194,6 +204,7 @@ impl LoraToml {
             default_weight: self.default_weight,
             trigger_words: self.trigger_words,
             description: self.description,
+            lcm: self.lcm,
         })
     }
 }
@@ -218,6 +229,208 @@ impl LoraEntry {
             )));
         }
         Ok(path)
+    }
+}
+
+/// Where a VAE's weights are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaeSource {
+    /// A local diffusers `AutoencoderKL` folder (`config.json` + weights).
+    Folder(PathBuf),
+    /// A hub repo holding a diffusers `AutoencoderKL` at its root (e.g. `stabilityai/sd-vae-ft-mse`).
+    Hub { repo: String, revision: String },
+    /// One `.safetensors` file in the original LDM key layout (`encoder.down.0.block.0...`,
+    /// maybe under `first_stage_model.`) or in diffusers names; `Location::Hub` means a file of
+    /// that repo, `file` its path there. `config` is an `AutoencoderKL` folder or repo whose
+    /// `config.json` describes it; without one the family's reference VAE config is used.
+    SingleFile {
+        location: Location,
+        file: PathBuf,
+        config: Option<Location>,
+    },
+}
+
+/// One VAE the registry knows, which a request may name to encode and decode with instead of
+/// the model's own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family whose latent space the VAE was trained for (SD 1.x and 2.x share one).
+    pub family: Family,
+    pub source: VaeSource,
+    /// Overrides the config's `scaling_factor`.
+    pub scaling_factor: Option<f64>,
+    /// Overrides the config's `force_upcast` (false for the fp16-fix SDXL VAE).
+    pub force_upcast: Option<bool>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VaeToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    hf: Option<String>,
+    revision: Option<String>,
+    path: Option<String>,
+    file: Option<String>,
+    config: Option<String>,
+    scaling_factor: Option<f64>,
+    force_upcast: Option<bool>,
+    description: Option<String>,
+}
+
+impl VaeToml {
+    fn into_entry(self, base: &Path) -> Result<VaeEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, vae `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        if let Some(f) = self.scaling_factor {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(bad(format!(
+                    "`scaling_factor` must be a positive number, not {f}"
+                )));
+            }
+        }
+        if self.config.is_some() && self.file.is_none() {
+            return Err(bad("`config` applies to `file` entries only".into()));
+        }
+        let revision =
+            |revision: Option<String>| revision.unwrap_or_else(|| DEFAULT_REVISION.into());
+        let source =
+            match (self.hf, self.path, self.file) {
+                (Some(repo), None, None) => {
+                    check_repo_id(&repo).map_err(bad)?;
+                    VaeSource::Hub {
+                        repo,
+                        revision: revision(self.revision),
+                    }
+                }
+                (None, Some(path), None) => {
+                    if self.revision.is_some() {
+                        return Err(bad("`revision` needs `hf`".into()));
+                    }
+                    VaeSource::Folder(base.join(path))
+                }
+                (hf, None, Some(file)) => {
+                    let location = match hf {
+                        Some(repo) => {
+                            check_repo_id(&repo).map_err(bad)?;
+                            Location::Hub {
+                                repo,
+                                revision: revision(self.revision),
+                            }
+                        }
+                        None if self.revision.is_some() => {
+                            return Err(bad("`revision` needs `hf`".into()))
+                        }
+                        None => Location::Local(base.to_path_buf()),
+                    };
+                    let file = match &location {
+                        Location::Local(base) => base.join(&file),
+                        Location::Hub { .. } => PathBuf::from(&file),
+                    };
+                    refuse_pickle(&file).map_err(|e| bad(e.to_string()))?;
+                    let config = self
+                        .config
+                        .map(|c| parse_config_location(&c, base))
+                        .transpose()
+                        .map_err(bad)?;
+                    VaeSource::SingleFile {
+                        location,
+                        file,
+                        config,
+                    }
+                }
+                _ => return Err(bad(
+                    "give exactly one source: `hf` (a hub repo holding an AutoencoderKL), `path` \
+                     (an AutoencoderKL folder) or `file` (a single .safetensors VAE, optionally \
+                     inside an `hf` repo)"
+                        .into(),
+                )),
+            };
+        Ok(VaeEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            scaling_factor: self.scaling_factor,
+            force_upcast: self.force_upcast,
+            description: self.description,
+        })
+    }
+}
+
+impl VaeEntry {
+    /// Whether the VAE can encode and decode the latents of a `family` model: the same family,
+    /// or SD 1.x with SD 2.x, which were trained on the same autoencoder's latent space.
+    pub fn fits(&self, family: Family) -> bool {
+        let shared = |f: Family| if f == Family::Sd2 { Family::Sd1 } else { f };
+        shared(self.family) == shared(family)
+    }
+
+    /// Loads the VAE's config (with this entry's overrides) and weights onto `device` in
+    /// `dtype`, fetching hub files as needed (hub settings from the environment).
+    pub fn load(&self, device: &Device, dtype: DType) -> Result<Component> {
+        let hub = HubOptions::from_env()?;
+        let context = |e: Error| Error::model(format!("vae `{}`: {e}", self.id));
+        let mut component = match &self.source {
+            VaeSource::Folder(dir) => load_component(dir, None, device, dtype).map_err(context)?,
+            VaeSource::Hub { repo, revision } => {
+                let dir = HubRepo::new(&hub, repo, revision)?
+                    .fetch_root_component()
+                    .map_err(context)?;
+                load_component(&dir, None, device, dtype).map_err(context)?
+            }
+            VaeSource::SingleFile {
+                location,
+                file,
+                config,
+            } => {
+                let path = match location {
+                    Location::Local(_) => file.clone(),
+                    Location::Hub { repo, revision } => {
+                        let name = file.to_str().ok_or_else(|| {
+                            Error::model(format!("vae `{}`: file name is not UTF-8", self.id))
+                        })?;
+                        HubRepo::new(&hub, repo, revision)?.get(name)?
+                    }
+                };
+                if !path.is_file() {
+                    return Err(Error::model(format!(
+                        "vae `{}`: file {} does not exist",
+                        self.id,
+                        path.display()
+                    )));
+                }
+                let config = match config {
+                    Some(Location::Local(dir)) => read_json(&dir.join("config.json")),
+                    Some(Location::Hub { repo, revision }) => HubRepo::new(&hub, repo, revision)?
+                        .get("config.json")
+                        .and_then(|p| read_json(&p)),
+                    None => Ok(builtin_config(self.family, "vae")
+                        .expect("every family has a built-in VAE config; this is a bug")),
+                }
+                .map_err(context)?;
+                load_vae_file(&path, config, device, dtype).map_err(context)?
+            }
+        };
+        if let Some(obj) = component.config.as_object_mut() {
+            if let Some(f) = self.scaling_factor {
+                obj.insert("scaling_factor".into(), f.into());
+            }
+            if let Some(u) = self.force_upcast {
+                obj.insert("force_upcast".into(), u.into());
+            }
+        }
+        Ok(component)
     }
 }
 
@@ -377,6 +590,7 @@ fn hub_location(repo: &str) -> Location {
 pub struct Registry {
     entries: Vec<ModelEntry>,
     loras: Vec<LoraEntry>,
+    vaes: Vec<VaeEntry>,
 }
 
 impl Registry {
@@ -406,6 +620,9 @@ impl Registry {
         }
         for raw in parsed.loras {
             reg.add_lora(raw.into_entry(base)?)?;
+        }
+        for raw in parsed.vaes {
+            reg.add_vae(raw.into_entry(base)?)?;
         }
         Ok(reg)
     }
@@ -448,7 +665,36 @@ impl Registry {
                 )));
             }
         }
+        if entry.lcm {
+            if let Some(other) = self.lcm_lora(entry.family) {
+                return Err(Error::model(format!(
+                    "loras `{}` and `{}` are both marked `lcm` for {} models; mark one",
+                    other.id, entry.id, entry.family
+                )));
+            }
+        }
         self.loras.push(entry);
+        Ok(())
+    }
+
+    /// Adds a VAE entry; its id and aliases must not collide with known VAE names.
+    pub fn add_vae(&mut self, entry: VaeEntry) -> Result<()> {
+        let mut seen = HashSet::new();
+        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::model(format!(
+                    "vae `{}` lists the name `{name}` twice",
+                    entry.id
+                )));
+            }
+            if let Some(other) = self.vae(name) {
+                return Err(Error::model(format!(
+                    "vae name `{name}` is used by both `{}` and `{}`",
+                    other.id, entry.id
+                )));
+            }
+        }
+        self.vaes.push(entry);
         Ok(())
     }
 
@@ -461,7 +707,15 @@ impl Registry {
         }
         for entry in other.loras {
             self.loras.retain(|e| e.id != entry.id);
+            if entry.lcm {
+                // The server's own LCM-LoRA of a family replaces the shipped one.
+                self.loras.retain(|e| !(e.lcm && e.family == entry.family));
+            }
             self.add_lora(entry)?;
+        }
+        for entry in other.vaes {
+            self.vaes.retain(|e| e.id != entry.id);
+            self.add_vae(entry)?;
         }
         Ok(())
     }
@@ -491,6 +745,40 @@ impl Registry {
             };
             Error::invalid(format!(
                 "unknown LoRA `{name}` (ids are case-sensitive). Known LoRAs: {known}"
+            ))
+        })
+    }
+
+    /// The LoRA marked `lcm` for `family`, which the LCM sampling mode merges.
+    pub fn lcm_lora(&self, family: Family) -> Option<&LoraEntry> {
+        self.loras.iter().find(|e| e.lcm && e.family == family)
+    }
+
+    pub fn vaes(&self) -> impl Iterator<Item = &VaeEntry> {
+        self.vaes.iter()
+    }
+
+    /// The VAE whose id or alias is exactly `name`.
+    pub fn vae(&self, name: &str) -> Option<&VaeEntry> {
+        self.vaes.iter().find(|e| e.id == name).or_else(|| {
+            self.vaes
+                .iter()
+                .find(|e| e.aliases.iter().any(|a| a == name))
+        })
+    }
+
+    /// Looks up a registered VAE id or alias (never a path); an unknown name is an invalid
+    /// request listing the known VAEs.
+    pub fn resolve_vae(&self, name: &str) -> Result<VaeEntry> {
+        self.vae(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.vaes.iter().map(|e| e.id.as_str()).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Error::invalid(format!(
+                "unknown VAE `{name}` (ids are case-sensitive). Known VAEs: {known}"
             ))
         })
     }
@@ -904,6 +1192,35 @@ impl<'a> HubRepo<'a> {
         Ok(dir)
     }
 
+    /// Fetches a repo holding one diffusers model at its root (`config.json` + weights, as VAE
+    /// repos are); returns the snapshot folder.
+    fn fetch_root_component(&self) -> Result<PathBuf> {
+        let config = self.get("config.json")?;
+        let listing = self.list_files()?;
+        let names: Vec<String> = listing.into_iter().filter(|f| !f.contains('/')).collect();
+        match choose_weight_file(&names, None) {
+            Some(WeightChoice::Single(f)) => {
+                self.get(&f)?;
+            }
+            Some(WeightChoice::Sharded(f)) => {
+                let index_file = self.get(&f)?;
+                for shard in shard_files(&index_file)? {
+                    self.get(&shard)?;
+                }
+            }
+            None => {
+                return Err(Error::model(format!(
+                    "hub repo {}@{} has no safetensors weights at its root",
+                    self.repo_id, self.revision
+                )))
+            }
+        }
+        Ok(config
+            .parent()
+            .expect("a cached file has a parent folder; this is a bug")
+            .to_path_buf())
+    }
+
     /// Fetches only the tokenizer folders; returns the snapshot folder.
     fn fetch_tokenizers(&self) -> Result<PathBuf> {
         let (dir, index) = self.fetch_index()?;
@@ -1011,6 +1328,84 @@ mod tests {
         assert!(Registry::from_toml_str(no_family, Path::new(".")).is_err());
         let pickle = "[[lora]]\nid = \"a\"\nfamily = \"sd1\"\nfile = \"a.ckpt\"\n";
         assert!(Registry::from_toml_str(pickle, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn vae_entries() {
+        let t = "[[vae]]\nid = \"v\"\naliases = [\"civitai:1@2\"]\nfamily = \"sd1\"\n\
+                 path = \"vaes/v\"\n\
+                 [[vae]]\nid = \"w\"\nfamily = \"sdxl\"\nhf = \"org/vae\"\n\
+                 file = \"w.safetensors\"\nforce_upcast = false\n\
+                 [[vae]]\nid = \"x\"\nfamily = \"sd2\"\nhf = \"org/x\"\nscaling_factor = 0.2\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let v = reg.resolve_vae("civitai:1@2").unwrap();
+        assert_eq!(v.source, VaeSource::Folder(PathBuf::from("/m/vaes/v")));
+        assert!(v.fits(Family::Sd2) && !v.fits(Family::Sdxl));
+        let w = reg.resolve_vae("w").unwrap();
+        assert_eq!(w.force_upcast, Some(false));
+        assert!(matches!(
+            &w.source,
+            VaeSource::SingleFile { location: Location::Hub { repo, .. }, file, config: None }
+                if repo == "org/vae" && file == Path::new("w.safetensors")
+        ));
+        assert!(w.fits(Family::Sdxl) && !w.fits(Family::Sd1));
+        assert_eq!(reg.resolve_vae("x").unwrap().scaling_factor, Some(0.2));
+        let err = reg.resolve_vae("/m/vaes/v").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown VAE") && err.contains("Known VAEs: v, w, x"),
+            "{err}"
+        );
+        // VAE names are their own: a VAE id is not a model or a LoRA.
+        assert!(reg.resolve_id("v").is_err() && reg.resolve_lora("v").is_err());
+        for (bad, says) in [
+            ("[[vae]]\nid = \"v\"\nfamily = \"sd1\"\npath = \"a\"\nhf = \"o/r\"\n", "exactly one source"),
+            ("[[vae]]\nid = \"v\"\npath = \"a\"\n", "family"),
+            ("[[vae]]\nid = \"v\"\nfamily = \"sd1\"\npath = \"a\"\nconfig = \"b\"\n", "`config` applies"),
+            ("[[vae]]\nid = \"v\"\nfamily = \"sd1\"\nfile = \"v.ckpt\"\n", "pickle"),
+            ("[[vae]]\nid = \"v\"\nfamily = \"sd1\"\npath = \"a\"\nscaling_factor = 0\n", "positive"),
+            ("[[vae]]\nid = \"v\"\nfamily = \"sd1\"\npath = \"a\"\n[[vae]]\nid = \"v\"\nfamily = \"sd1\"\npath = \"b\"\n", "used by both"),
+        ] {
+            let err = Registry::from_toml_str(bad, Path::new(".")).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn one_lcm_lora_per_family() {
+        let lora = |id: &str, family: &str, lcm: bool| {
+            format!("[[lora]]\nid = \"{id}\"\nfamily = \"{family}\"\nfile = \"{id}.safetensors\"\nlcm = {lcm}\n")
+        };
+        let t = lora("a", "sd1", true) + &lora("b", "sdxl", true) + &lora("c", "sd1", false);
+        let mut reg = Registry::from_toml_str(&t, Path::new(".")).unwrap();
+        assert_eq!(reg.lcm_lora(Family::Sd1).unwrap().id, "a");
+        assert_eq!(reg.lcm_lora(Family::Sdxl).unwrap().id, "b");
+        assert!(reg.lcm_lora(Family::Sd2).is_none());
+        assert!(!reg.resolve_lora("c").unwrap().lcm);
+        let two = lora("a", "sd1", true) + &lora("d", "sd1", true);
+        let err = Registry::from_toml_str(&two, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both marked `lcm` for sd1"), "{err}");
+        // A server's own LCM-LoRA of a family replaces the shipped one.
+        let own = Registry::from_toml_str(&lora("mine", "sd1", true), Path::new(".")).unwrap();
+        reg.extend_overriding(own).unwrap();
+        assert_eq!(reg.lcm_lora(Family::Sd1).unwrap().id, "mine");
+        assert!(reg.resolve_lora("a").is_err());
+    }
+
+    #[test]
+    fn builtin_registry_has_lcm_loras_and_vaes() {
+        let reg = Registry::builtin();
+        assert_eq!(reg.lcm_lora(Family::Sd1).unwrap().id, "lcm-lora-sdv1-5");
+        assert_eq!(reg.lcm_lora(Family::Sdxl).unwrap().id, "lcm-lora-sdxl");
+        assert_eq!(
+            reg.resolve_vae("stabilityai/sd-vae-ft-mse").unwrap().family,
+            Family::Sd1
+        );
+        assert_eq!(
+            reg.resolve_vae("sdxl-vae-fp16-fix").unwrap().family,
+            Family::Sdxl
+        );
     }
 
     #[test]

@@ -203,6 +203,26 @@ impl AppState {
             .collect()
     }
 
+    /// The registry id of the VAE a client named for `model`: a registered id or alias (never a
+    /// path) for the model's latent space (see [`crate::registry::VaeEntry::fits`]). Errors
+    /// name `field`.
+    pub fn vae_for(&self, field: &str, model: &ModelEntry, name: &str) -> Result<String, JobError> {
+        let vae = self
+            .registry()
+            .resolve_vae(name)
+            .map_err(|e| JobError::invalid(field, format!("`{field}`: {e}")))?;
+        if let Some(family) = model.family.filter(|f| !vae.fits(*f)) {
+            return Err(JobError::invalid(
+                field,
+                format!(
+                    "`{field}`: VAE `{name}` is for {} models, but model `{}` is {family}",
+                    vae.family, model.id
+                ),
+            ));
+        }
+        Ok(vae.id)
+    }
+
     /// Admits a job for `model` (an id or alias) or refuses it at once.
     pub fn submit(
         &self,

@@ -38,11 +38,52 @@ pub struct StableDiffusion {
     vae_config: AutoencoderKlConfig,
     /// The VAE's dtype: f32 for an SDXL VAE that must not run in f16 (see [`vae_dtype`]).
     vae_dtype: DType,
+    /// The model's own VAE while another one encodes and decodes (see [`Self::set_vae`]).
+    own_vae: Option<Vae>,
     scheduler_config: SchedulerConfig,
     /// The scheduler a request without one gets, or why there is none.
     default_scheduler: std::result::Result<SchedulerSpec, String>,
     /// SDXL: no negative prompt means zero embeddings rather than the encoded empty prompt.
     force_zeros_for_empty_prompt: bool,
+}
+
+/// A VAE ready to run: the module, its config and the dtype it runs in. A model's own VAE is one;
+/// a VAE named by a request (a registry `[[vae]]`) is another, set with
+/// [`StableDiffusion::set_vae`]. Cloning shares the weights.
+#[derive(Debug, Clone)]
+pub struct Vae {
+    model: AutoencoderKl,
+    config: AutoencoderKlConfig,
+    dtype: DType,
+}
+
+impl Vae {
+    /// Builds the VAE of `component` for a `family` pipeline running in `dtype`; the VAE itself
+    /// runs in [`vae_dtype`].
+    pub fn load(
+        component: &Component,
+        family: Family,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let config = AutoencoderKlConfig::from_json(&component.config)?;
+        let dtype = vae_dtype(family, dtype, &config);
+        let model = AutoencoderKl::new(component.weights.var_builder(dtype, device), &config)?;
+        Ok(Self {
+            model,
+            config,
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &AutoencoderKlConfig {
+        &self.config
+    }
+
+    /// The dtype the VAE computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 /// The images of one request as floats `[N, H, W, 3]` in 0..1, with the seed of each.
@@ -119,12 +160,11 @@ impl StableDiffusion {
             ));
         }
         let unet = build_unet(&files.unet, dtype, device)?;
-        let vae_config = AutoencoderKlConfig::from_json(&files.vae.config)?;
-        let vae_dtype = vae_dtype(files.family, dtype, &vae_config);
-        let vae = AutoencoderKl::new(
-            files.vae.weights.var_builder(vae_dtype, device),
-            &vae_config,
-        )?;
+        let Vae {
+            model: vae,
+            config: vae_config,
+            dtype: vae_dtype,
+        } = Vae::load(&files.vae, files.family, device, dtype)?;
         let scheduler_config = SchedulerConfig::from_json(&files.scheduler_config)?;
         // The model's own scheduler class; one sd-serve does not run (or a config without
         // `_class_name`) leaves the model usable with an explicit scheduler in each request.
@@ -149,10 +189,46 @@ impl StableDiffusion {
             vae,
             vae_config,
             vae_dtype,
+            own_vae: None,
             scheduler_config,
             default_scheduler,
             force_zeros_for_empty_prompt,
         })
+    }
+
+    /// Makes `vae` the VAE that encodes seed images and decodes results from now on; `None` puts
+    /// the model's own back. The VAE must read and write latents of the UNet's shape (its
+    /// family is the caller's to check).
+    pub fn set_vae(&mut self, vae: Option<&Vae>) -> Result<()> {
+        let Some(vae) = vae else {
+            if let Some(own) = self.own_vae.take() {
+                self.vae = own.model;
+                self.vae_config = own.config;
+                self.vae_dtype = own.dtype;
+            }
+            return Ok(());
+        };
+        let own_channels = self
+            .own_vae
+            .as_ref()
+            .map_or(self.vae_config.latent_channels, |own| {
+                own.config.latent_channels
+            });
+        if vae.config.latent_channels != own_channels {
+            return Err(Error::invalid(format!(
+                "the VAE has {} latent channels; this model's latents have {own_channels}",
+                vae.config.latent_channels
+            )));
+        }
+        let current = Vae {
+            model: std::mem::replace(&mut self.vae, vae.model.clone()),
+            config: std::mem::replace(&mut self.vae_config, vae.config.clone()),
+            dtype: std::mem::replace(&mut self.vae_dtype, vae.dtype),
+        };
+        if self.own_vae.is_none() {
+            self.own_vae = Some(current);
+        }
+        Ok(())
     }
 
     /// Rebuilds the UNet and the text encoders from `files` after their weights changed (a LoRA

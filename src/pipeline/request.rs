@@ -52,6 +52,12 @@ pub struct GenerationRequest {
     /// LoRAs to merge into the model for this request: registry id (or alias) and weight
     /// (negative weights subtract). The empty list runs the plain model.
     pub loras: Vec<(String, f64)>,
+    /// A registry VAE (id or alias) that encodes the seed image and decodes the results instead
+    /// of the model's own; `None` keeps the model's.
+    pub vae: Option<String>,
+    /// Also merge the LCM-LoRA of the model's family (the registry `[[lora]]` marked `lcm`) at
+    /// weight 1, after `loras`. The caller picks the LCM scheduler, steps and guidance.
+    pub lcm_lora: bool,
 }
 
 impl GenerationRequest {
@@ -73,6 +79,8 @@ impl GenerationRequest {
             outpaint: None,
             latents: None,
             loras: Vec::new(),
+            vae: None,
+            lcm_lora: false,
         }
     }
 
@@ -126,6 +134,13 @@ impl GenerationRequest {
             if !weight.is_finite() {
                 return Err(Error::invalid(format!(
                     "the weight of LoRA `{id}` must be a finite number. Given: {weight}"
+                )));
+            }
+        }
+        if let Some(vae) = &self.vae {
+            if vae.trim().is_empty() || vae.trim() != vae {
+                return Err(Error::invalid(format!(
+                    "`vae` must be a VAE id without surrounding spaces. Given: {vae:?}"
                 )));
             }
         }

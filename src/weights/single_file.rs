@@ -759,6 +759,81 @@ pub fn load_single_file_with_tokenizers(
     })
 }
 
+/// Loads a standalone VAE file, as VAEs are distributed apart from checkpoints
+/// (`vae-ft-mse-840000-ema-pruned.safetensors`): keys in the original LDM layout
+/// (`encoder.down.0.block.0.conv1.weight`, `decoder.up.3...`, `quant_conv`, `post_quant_conv`),
+/// with or without the `first_stage_model.` prefix of a full checkpoint, or already in diffusers
+/// names. `config` is the `AutoencoderKL` config describing it (the decoder's up-block count
+/// decides how LDM's reversed levels are renumbered). Keys of neither coder (training losses,
+/// EMA bookkeeping) are skipped and listed at debug level.
+pub fn load_vae_file(
+    path: &Path,
+    config: Value,
+    device: &Device,
+    dtype: DType,
+) -> Result<Component> {
+    let files = MappedFiles::open(&[path.to_path_buf()])?;
+    let mut names: Vec<String> = files.shapes().into_iter().map(|(k, _)| k).collect();
+    names.sort();
+    let up_blocks = config
+        .get("up_block_types")
+        .or_else(|| config.get("block_out_channels"))
+        .and_then(Value::as_array)
+        .map_or(4, Vec::len);
+    let strip = |k: &str| -> String {
+        VAE_PREFIXES
+            .iter()
+            .find_map(|p| k.strip_prefix(p))
+            .unwrap_or(k)
+            .to_string()
+    };
+    let diffusers_names = names
+        .iter()
+        .any(|k| strip(k).starts_with("encoder.down_blocks."));
+    let mut weights = WeightStore::default();
+    let mut unknown: Vec<&str> = Vec::new();
+    for key in &names {
+        let rest = strip(key);
+        let conversion = if diffusers_names {
+            ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."]
+                .iter()
+                .any(|p| rest.starts_with(p))
+                .then(|| Conversion::Rename(rest.clone()))
+        } else {
+            vae_key(&rest, up_blocks).map(|(_, c)| c)
+        };
+        let Some(conversion) = conversion else {
+            unknown.push(key);
+            continue;
+        };
+        let t = files.load(key, device, dtype)?;
+        for (name, tensor) in apply(conversion, t, key)? {
+            weights.insert(name, tensor);
+        }
+    }
+    if weights.is_empty() {
+        return Err(Error::model(format!(
+            "{} holds no VAE weights: expected `encoder.*` and `decoder.*` keys (LDM or diffusers \
+             names, optionally under `first_stage_model.`)",
+            path.display()
+        )));
+    }
+    if !unknown.is_empty() {
+        tracing::debug!(
+            "{}: {} keys not used: {}",
+            path.display(),
+            unknown.len(),
+            unknown
+                .iter()
+                .take(20)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(Component { config, weights })
+}
+
 /// Applies a conversion to a loaded tensor.
 fn apply(conversion: Conversion, t: Tensor, key: &str) -> Result<Vec<(String, Tensor)>> {
     Ok(match conversion {

@@ -2,8 +2,8 @@
 //! and the effective parameters (`meta`) the response reports.
 //!
 //! The clients send numbers and booleans as JSON values or as strings ("512", "7.5", "yes");
-//! both are accepted. Fields that change the image and that this server cannot apply yet (VAE,
-//! ControlNet, upscaling, ...) are refused by name unless they carry their "off"
+//! both are accepted. `vae` names a registry VAE (`[[vae]]`) to decode with. Fields that change
+//! the image and that this server cannot apply yet (ControlNet, upscaling, ...) are refused by name unless they carry their "off"
 //! value; flags that only tune the hosted service (`tomesd`, `enhance_prompt`, `multi_lingual`,
 //! `safety_checker`) are accepted and reported in `meta` as not applied ("no").
 
@@ -78,6 +78,8 @@ pub struct Parsed {
     pub track_id: Value,
     /// (registry id, weight) of each `lora_model`.
     loras: Vec<(String, f64)>,
+    /// The registry id of `vae`.
+    vae: Option<String>,
     /// The effective parameters, reported as `meta`.
     pub meta: Map<String, Value>,
 }
@@ -135,7 +137,6 @@ fn yes_no(b: bool) -> &'static str {
 
 /// Options that change the image and that this server cannot apply yet, refused when set.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("vae", "custom VAEs"),
     ("controlnet_model", "ControlNet"),
     ("controlnet_type", "ControlNet"),
     ("control_image", "ControlNet"),
@@ -198,6 +199,12 @@ pub fn parse(
     let (model_id, model) = model(state, &f, model_required)?;
     let defaults = &model.defaults;
     let loras = loras(state, &f, &model)?;
+    let vae = if f.is_set("vae") {
+        let name = params::string_value("vae", f.get("vae"))?.unwrap_or_default();
+        Some(state.vae_for("vae", &model, name.trim())?)
+    } else {
+        None
+    };
 
     let prompt = params::string_value("prompt", f.get("prompt"))?.unwrap_or_default();
     if endpoint == Endpoint::Text2Img && prompt.trim().is_empty() {
@@ -362,7 +369,7 @@ pub fn parse(
         put("lora_model", json!(ids.join(",")));
         put("lora_strength", json!(strengths.join(",")));
     }
-    put("vae", Value::Null);
+    put("vae", json!(vae));
     put("base64", json!(yes_no(base64)));
     put("temp", json!(yes_no(temp)));
     put("instant_response", json!(yes_no(instant)));
@@ -390,6 +397,7 @@ pub fn parse(
         webhook,
         track_id,
         loras,
+        vae,
         meta,
     })
 }
@@ -469,6 +477,7 @@ impl Parsed {
             mask,
             latents: None,
             loras: self.loras,
+            vae: self.vae,
             ..GenerationRequest::new(self.prompt)
         };
         Ok((request, self.meta))

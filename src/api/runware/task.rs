@@ -241,6 +241,7 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
 const HANDLED: &[&str] = &[
     "taskType",
     "lora",
+    "vae",
     "taskUUID",
     "positivePrompt",
     "negativePrompt",
@@ -275,7 +276,6 @@ const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("embeddings", "textual inversion embeddings"),
     ("ipAdapters", "IP-Adapters"),
     ("refiner", "refiner models"),
-    ("vae", "replacing the model's VAE"),
     ("promptWeighting", "prompt weighting syntax"),
     ("usePromptWeighting", "prompt weighting syntax"),
     ("referenceImages", "reference images"),
@@ -502,6 +502,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.num_images = number_results;
     request.clip_skip = clip_skip;
     request.loras = fields.loras(state, &model)?;
+    request.vae = fields.vae(state, &model)?;
 
     Ok(InferenceTask {
         task_uuid,
@@ -687,6 +688,19 @@ impl Fields<'_> {
         }
         state
             .lora_set("lora", model, &requested)
+            .map_err(RunwareError::from_job)
+    }
+
+    /// `vae`: a registered VAE (AIR id or alias) for the task model's latent space.
+    fn vae(&self, state: &AppState, model: &ModelEntry) -> Result<Option<String>, RunwareError> {
+        let Some(value) = self.get("vae") else {
+            return Ok(None);
+        };
+        let name = params::string_value("vae", value)
+            .map_err(RunwareError::from_job)?
+            .filter(|s| !s.trim().is_empty());
+        name.map(|name| state.vae_for("vae", model, name.trim()))
+            .transpose()
             .map_err(RunwareError::from_job)
     }
 
