@@ -458,12 +458,12 @@ async fn bad_input_names_the_field_and_the_limit() {
             json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "x", "lora_model": "tiny-sd15-lora-peft", "lora_strength": "0.5,0.5"}),
             "`lora_strength` gives 2 strengths for 1 `lora_model` entries",
         ),
-        // Documented, not supported yet: refused by name unless off.
         (
             TEXT2IMG,
             with("vae", json!("sd-vae-ft-mse")),
-            "`vae` is not supported yet",
+            "`vae`: unknown VAE `sd-vae-ft-mse`",
         ),
+        // Documented, not supported yet: refused by name unless off.
         (
             TEXT2IMG,
             with("controlnet_model", json!("canny")),
@@ -1017,5 +1017,95 @@ async fn a_client_that_leaves_cancels_its_job_unless_it_gave_a_webhook() {
     assert_eq!(hook["status"], "success", "{hook}");
     assert_eq!(hook["track_id"], "left-early");
     assert_eq!(cancelled_jobs(&server).await, 1);
+    server.stop().await;
+}
+
+/// How many levels an 8-bit image is from a manifest case's f32 golden `images` [1, H, W, 3]
+/// (diffusers' PIL rounding of it): the pipeline's f32 images differ from diffusers' by ~1e-5,
+/// which moves a value sitting at a rounding boundary by one level.
+fn levels_from_golden(image: &image::RgbImage, file: &str) -> u8 {
+    let golden = common::load_goldens(file);
+    let golden = golden["images"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(golden.len(), image.as_raw().len(), "{file}: size");
+    golden
+        .iter()
+        .zip(image.as_raw())
+        .map(|(g, b)| ((g * 255.0).round() as u8).abs_diff(*b))
+        .max()
+        .unwrap()
+}
+
+/// The first image of a success answer.
+async fn image(r: &Value) -> image::RgbImage {
+    assert_success(r);
+    decode(&download(r["output"][0].as_str().unwrap()).await).to_rgb8()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vae_override_gives_the_diffusers_image_in_text2img_and_img2img() {
+    let server = TestServer::start("ml-vae").await;
+    let m = common::manifest();
+    let cases = m["vae_override"]["cases"].as_array().unwrap();
+    let case = |name: &str| cases.iter().find(|c| c["name"] == name).unwrap().clone();
+    let body = |case: &Value, vae: Value| {
+        let mut body = json!({
+            "key": KEY, "model_id": "tiny-sd15", "prompt": case["prompt"],
+            "negative_prompt": case["negative_prompt"], "samples": "1",
+            "num_inference_steps": case["steps"].to_string(),
+            "guidance_scale": case["guidance"].to_string(), "seed": case["seed"].to_string(),
+            "scheduler": "EulerDiscreteScheduler", "use_karras_sigmas": "no", "vae": vae,
+        });
+        match case["strength"].as_f64() {
+            Some(strength) => {
+                let init =
+                    std::fs::read(common::fixtures().join(case["init_image"].as_str().unwrap()));
+                body["init_image"] =
+                    json!(base64::engine::general_purpose::STANDARD.encode(init.unwrap()));
+                body["strength"] = json!(strength.to_string());
+            }
+            None => {
+                body["width"] = json!(case["width"].to_string());
+                body["height"] = json!(case["height"].to_string());
+            }
+        }
+        body
+    };
+    for (name, path) in [("txt2img", TEXT2IMG), ("img2img", IMG2IMG)] {
+        let case = case(name);
+        let r = post_json(&server, path, &body(&case, json!("tiny-sd15-vae-alt"))).await;
+        assert_eq!(r["meta"]["vae"], "tiny-sd15-vae-alt", "{r}");
+        let with_vae = image(&r).await;
+        let levels = levels_from_golden(&with_vae, case["file"].as_str().unwrap());
+        assert!(
+            levels <= 1,
+            "{name}: {levels} levels from the diffusers image"
+        );
+        let r = post_json(
+            &server,
+            path,
+            &body(&case, json!("tiny-sd15-vae-alt-single")),
+        )
+        .await;
+        assert_eq!(image(&r).await, with_vae, "{name}: the single-file VAE");
+        // "none" is ModelsLab's off value: the model's own VAE.
+        let r = post_json(&server, path, &body(&case, json!("none"))).await;
+        assert_eq!(r["meta"]["vae"], Value::Null, "{r}");
+        assert_ne!(
+            image(&r).await,
+            with_vae,
+            "{name}: the VAE changes the image"
+        );
+    }
+    let mut wrong = body(&case("txt2img"), json!("tiny-sd15-vae-alt"));
+    wrong["model_id"] = json!("tiny-sdxl");
+    let r = post_json(&server, TEXT2IMG, &wrong).await;
+    assert_error(
+        &r,
+        "`vae`: VAE `tiny-sd15-vae-alt` is for sd1 models, but model `tiny-sdxl` is sdxl",
+    );
     server.stop().await;
 }

@@ -680,7 +680,7 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
             "unsupportedParameter",
             "refiner",
         ),
-        (json!({"vae": "x"}), "unsupportedParameter", "vae"),
+        (json!({"vae": "civitai:1@2"}), "invalidVae", "vae"),
         (
             json!({"promptWeighting": "compel"}),
             "unsupportedParameter",
@@ -1432,5 +1432,77 @@ async fn websocket_results_are_kept_only_for_the_resume_window() {
         "ping",
         "nothing else was kept"
     );
+    server.stop().await;
+}
+
+/// The 8-bit golden image `images` [1, H, W, 3] of a manifest case, and how far `image` is from
+/// it in levels. The server's PNG holds the pipeline's f32 image rounded as diffusers rounds its
+/// PIL output; the two f32 images differ by ~1e-5, which moves a value sitting at a rounding
+/// boundary by one level.
+fn levels_from_golden(image: &image::RgbImage, file: &str) -> u8 {
+    let golden = common::load_goldens(file);
+    let golden = golden["images"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(golden.len(), image.as_raw().len(), "{file}: size");
+    golden
+        .iter()
+        .zip(image.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_vae_override_gives_the_diffusers_image() {
+    let server = TestServer::start("rw-http-vae").await;
+    let m = common::manifest();
+    let case = m["vae_override"]["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "txt2img_128")
+        .expect("the 128x128 VAE override case");
+    let task = |vae: Value| {
+        inference(json!({
+            "positivePrompt": case["prompt"], "negativePrompt": case["negative_prompt"],
+            "width": case["width"], "height": case["height"], "steps": case["steps"],
+            "CFGScale": case["guidance"], "seed": case["seed"],
+            "scheduler": "EulerDiscreteScheduler", "vae": vae,
+            "outputFormat": "PNG", "outputType": "base64Data",
+        }))
+    };
+    let image =
+        |body: &Value| decode(&b64(data(body)[0]["imageBase64Data"].as_str().unwrap())).to_rgb8();
+    // By AIR id (an alias), and without one.
+    let (status, body) = post(&server, &json!([task(json!("civitai:88156@199239"))])).await;
+    assert_eq!(status, 200, "{body}");
+    let with_vae = image(&body);
+    let levels = levels_from_golden(&with_vae, case["file"].as_str().unwrap());
+    assert!(levels <= 1, "{levels} levels from the diffusers image");
+    let (_, body) = post(&server, &json!([task(Value::Null)])).await;
+    let own = image(&body);
+    assert_ne!(own, with_vae, "the VAE changes the image");
+    // The same VAE from its single file: the same image.
+    let (_, body) = post(&server, &json!([task(json!("tiny-sd15-vae-alt-single"))])).await;
+    assert_eq!(image(&body), with_vae);
+
+    // Unknown VAEs and VAEs of another latent space are refused in Runware's shape.
+    let mut wrong_family = task(json!("tiny-sd15-vae-alt"));
+    wrong_family["model"] = json!("tiny-sdxl");
+    let (_, body) = post(&server, &json!([task(json!("civitai:1@2")), wrong_family])).await;
+    let errs = errors(&body);
+    assert_eq!(errs.len(), 2, "{body}");
+    for (e, says) in errs.iter().zip([
+        "unknown VAE `civitai:1@2`",
+        "VAE `tiny-sd15-vae-alt` is for sd1 models, but model `tiny-sdxl` is sdxl",
+    ]) {
+        assert_eq!(e["code"], "invalidVae", "{e}");
+        assert_eq!(e["parameter"], "vae", "{e}");
+        assert_eq!(e["type"], "string", "{e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{e}");
+    }
     server.stop().await;
 }

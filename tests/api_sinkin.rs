@@ -715,3 +715,98 @@ async fn models_are_listed() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lcm_merges_the_lcm_lora_and_samples_as_diffusers() {
+    let server = TestServer::start("sinkin-lcm").await;
+    let m = common::manifest();
+    let case = m["lcm"]["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sd15_128")
+        .expect("the 128x128 LCM case")
+        .clone();
+    // The documented defaults (30 steps, scale 7.5) are left out: LCM mode takes its 8 steps at
+    // guidance 1.5, which the golden was made with.
+    assert_eq!(
+        (case["steps"].as_u64(), case["guidance"].as_f64()),
+        (Some(8), Some(1.5))
+    );
+    let seed = case["seed"].to_string();
+    let lcm = [
+        ("lcm", Some("true")),
+        ("prompt", case["prompt"].as_str()),
+        ("seed", Some(seed.as_str())),
+        ("steps", None),
+    ];
+    let run = |changes: Vec<(&'static str, Option<&'static str>)>| {
+        let mut all: Vec<(&str, Option<&str>)> = lcm.to_vec();
+        all.extend(changes);
+        let server = &server;
+        async move {
+            let (status, body) =
+                post_multipart(server, "/api/inference", &fields(&all), None).await;
+            images(status, &body).await.remove(0)
+        }
+    };
+    let golden = common::load_goldens(case["file"].as_str().unwrap());
+    let golden = golden["images"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let pixels = |png: &Vec<u8>| decode(png).to_rgb8();
+    let first = run(vec![]).await;
+    // The server's PNG holds its f32 image rounded as diffusers rounds its PIL image; the two f32
+    // images differ by ~1e-5, which moves a value at a rounding boundary by one level.
+    let levels = golden
+        .iter()
+        .zip(pixels(&first).as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(levels <= 1, "{levels} levels from the diffusers image");
+    // Ordinary sampling's values give way to LCM's; values in LCM's range are kept.
+    assert_eq!(
+        run(vec![("steps", Some("30")), ("scale", Some("7.5"))]).await,
+        first
+    );
+    assert_eq!(
+        run(vec![("steps", Some("8")), ("scale", Some("1.5"))]).await,
+        first
+    );
+    let four_steps = run(vec![("steps", Some("4"))]).await;
+    assert_ne!(pixels(&four_steps), pixels(&first));
+    // With the request's own LoRA: another image, the same one again when repeated.
+    let with_lora = run(vec![("lora", Some("tiny-sd15-lora-kohya"))]).await;
+    assert_ne!(pixels(&with_lora), pixels(&first));
+    assert_eq!(
+        run(vec![("lora", Some("tiny-sd15-lora-kohya"))]).await,
+        with_lora
+    );
+    assert_eq!(
+        run(vec![]).await,
+        first,
+        "the request's LoRA is taken out again"
+    );
+    // Without `lcm` the LCM-LoRA is taken out: the plain model's image.
+    let plain = run(vec![("lcm", Some("false")), ("steps", Some("8"))]).await;
+    assert_ne!(pixels(&plain), pixels(&first));
+
+    // No LCM-LoRA for the family: refused in this dialect's shape, naming the field.
+    let (status, body) = post_multipart(
+        &server,
+        "/api/inference",
+        &fields(&[("lcm", Some("true")), ("model_id", Some("tiny-sd2"))]),
+        None,
+    )
+    .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::BAD_REQUEST,
+        "`lcm`: LCM sampling is not available for model `tiny-sd2`: no LCM-LoRA is configured for sd2 models",
+    );
+    server.stop().await;
+}
