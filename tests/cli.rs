@@ -211,3 +211,32 @@ fn generate_accepts_every_scheduler_name() {
         assert_eq!(image.dimensions(), (64, 64), "{name}");
     }
 }
+
+#[test]
+fn a_registry_vae_replaces_the_model_vae() {
+    let dir = scratch("a_registry_vae_replaces_the_model_vae");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.png"));
+        let run = generate("tiny-sd15", extra, &out);
+        assert!(
+            run.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let own = run("own", &[]);
+    let folder = run("folder", &["--vae", "tiny-sd15-vae-alt"]);
+    let single = run("single", &["--vae", "tiny-sd15-vae-alt-single"]);
+    assert_ne!(own.as_raw(), folder.as_raw(), "the VAE changes the image");
+    assert_eq!(folder.as_raw(), single.as_raw(), "one VAE, two files");
+    // A VAE of another latent space names both families.
+    let out = dir.join("sdxl.png");
+    let run = generate("tiny-sdxl", &["--vae", "tiny-sd15-vae-alt"], &out);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("is for sd1 models, but model `tiny-sdxl` is sdxl"),
+        "{stderr}"
+    );
+}
