@@ -52,6 +52,9 @@ pub struct GenerationRequest {
     /// LoRAs to merge into the model for this request: registry id (or alias) and weight
     /// (negative weights subtract). The empty list runs the plain model.
     pub loras: Vec<(String, f64)>,
+    /// The syntax `prompt` and `negative_prompt` are read in; `None` is plain text truncated to
+    /// 75 tokens, the weighted syntaxes also take longer prompts.
+    pub prompt_weighting: super::PromptWeighting,
 }
 
 impl GenerationRequest {
@@ -73,6 +76,7 @@ impl GenerationRequest {
             outpaint: None,
             latents: None,
             loras: Vec::new(),
+            prompt_weighting: super::PromptWeighting::None,
         }
     }
 
@@ -130,6 +134,10 @@ impl GenerationRequest {
             }
         }
         inpaint::check(self)?;
+        self.prompt_weighting.check_prompt(&self.prompt)?;
+        if let Some(negative) = &self.negative_prompt {
+            self.prompt_weighting.check_prompt(negative)?;
+        }
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,
