@@ -497,6 +497,7 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
     request.num_images = num_images;
     request.clip_skip = entry.defaults.clip_skip.map(|c| c as usize);
     request.loras = loras;
+    request.prompt_weighting = state.config().prompt_weighting.sinkin;
     Ok(Parsed {
         request,
         lcm,
