@@ -10,7 +10,9 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use sd_serve::pipeline::weighting::{a1111, compel_syntax};
-use sd_serve::pipeline::{GenerationRequest, PromptWeighting, StableDiffusion};
+use sd_serve::pipeline::{
+    GenerationRequest, InitImage, MaskImage, PromptWeighting, StableDiffusion,
+};
 
 use common::{fixtures, load_goldens, manifest, max_abs_diff, read_json};
 
@@ -129,7 +131,7 @@ fn weighted_embeddings_match_references() {
     assert!(cases.len() >= 16);
     let mut pipelines: HashMap<String, StableDiffusion> = HashMap::new();
     let mut goldens: HashMap<String, HashMap<String, Tensor>> = HashMap::new();
-    let mut worst = 0f32;
+    let mut worst: HashMap<String, f32> = HashMap::new();
     for case in cases {
         let name = case["name"].as_str().expect("name");
         let model = case["model"].as_str().expect("model").to_string();
@@ -147,13 +149,15 @@ fn weighted_embeddings_match_references() {
         let uncond = uncond.expect("guided requests have negative embeddings");
         let len = case["sequence_length"].as_u64().expect("length") as usize;
         assert_eq!(cond.hidden.dim(1).unwrap(), len, "{name}");
+        let group = format!("{model} {}", case["syntax"].as_str().expect("syntax"));
         let mut check = |what: &str, ours: &Tensor| {
             let key = format!("{name}.{what}");
             let reference = gold.get(&key).unwrap_or_else(|| panic!("golden {key}"));
             assert_eq!(ours.dims(), reference.dims(), "{key}");
             let diff = max_abs_diff(ours, reference);
             assert!(diff <= EMBEDDING_TOLERANCE, "{key}: max abs diff {diff}");
-            worst = worst.max(diff);
+            let w = worst.entry(group.clone()).or_insert(0.0);
+            *w = w.max(diff);
         };
         check("cond_hidden", &cond.hidden);
         check("uncond_hidden", &uncond.hidden);
@@ -167,11 +171,16 @@ fn weighted_embeddings_match_references() {
             assert!(cond.pooled.is_none(), "{name}");
         }
     }
-    println!("prompt weighting: largest embedding difference {worst:e}");
+    let mut report: Vec<_> = worst.into_iter().collect();
+    report.sort_by(|a, b| a.0.cmp(&b.0));
+    for (group, diff) in report {
+        println!("prompt weighting, {group}: largest embedding difference {diff:e}");
+    }
 }
 
-/// The UNet reads 77 * k text positions: a weighted long prompt runs through txt2img on both
-/// families, gives finite images, and differs from the same prompt truncated.
+/// The UNet reads 77 * k text positions: a weighted long prompt runs through txt2img, img2img
+/// and inpainting on both families, gives finite images, and differs from the same prompt
+/// truncated.
 #[test]
 fn long_prompts_run_through_the_unet() {
     let manifest = manifest();
@@ -188,11 +197,46 @@ fn long_prompts_run_through_the_unet() {
         req.steps = 2;
         req.seed = 5;
         req.num_images = 2;
-        let weighted = sd.generate(&req, &mut |_, _| true).unwrap().images;
-        assert!(common::all_finite(&weighted), "{model}");
-        req.prompt_weighting = PromptWeighting::None;
-        let plain = sd.generate(&req, &mut |_, _| true).unwrap().images;
-        let diff = max_abs_diff(&weighted, &plain);
-        assert!(diff > 1e-4, "{model}: weighting changed nothing ({diff})");
+        let seed_image = image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+        });
+        let mask =
+            image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x > 24 { 255 } else { 0 }]));
+        let starts: [(&str, Option<InitImage>, Option<MaskImage>); 3] = [
+            ("txt2img", None, None),
+            (
+                "img2img",
+                Some(InitImage {
+                    image: seed_image.clone(),
+                    strength: 0.75,
+                }),
+                None,
+            ),
+            (
+                "inpaint",
+                Some(InitImage {
+                    image: seed_image,
+                    strength: 1.0,
+                }),
+                Some(MaskImage {
+                    image: mask,
+                    margin: None,
+                }),
+            ),
+        ];
+        for (what, init, mask) in starts {
+            req.init_image = init;
+            req.mask = mask;
+            req.prompt_weighting = PromptWeighting::A1111;
+            let weighted = sd.generate(&req, &mut |_, _| true).unwrap().images;
+            assert!(common::all_finite(&weighted), "{model} {what}");
+            req.prompt_weighting = PromptWeighting::None;
+            let plain = sd.generate(&req, &mut |_, _| true).unwrap().images;
+            let diff = max_abs_diff(&weighted, &plain);
+            assert!(
+                diff > 1e-4,
+                "{model} {what}: weighting changed nothing ({diff})"
+            );
+        }
     }
 }
