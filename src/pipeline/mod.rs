@@ -256,12 +256,16 @@ impl StableDiffusion {
                 let zeros = cond.zeros_like()?;
                 return Ok((cond, Some(zeros)));
             }
-            // A1111's SDXL zeroes an empty negative prompt (one chunk).
-            PromptWeighting::A1111 if negative.is_empty() && self.force_zeros_for_empty_prompt => {
+            // A1111's SDXL zeroes an empty negative prompt (one chunk), whatever the model's
+            // config says.
+            PromptWeighting::A1111 if negative.is_empty() && self.text_encoder_2.is_some() => {
                 encoders.empty()?.zeros_like()?
             }
             _ => encoders.encode(syntax, negative)?,
         };
+        if cond.hidden.dims() == uncond.hidden.dims() {
+            return Ok((cond, Some(uncond)));
+        }
         let (cond, uncond) = weighting::pad_pair(cond, uncond, &encoders.empty()?)?;
         Ok((cond, Some(uncond)))
     }
