@@ -188,15 +188,21 @@ impl Parser {
             return None;
         }
         let mut q = p + 1;
-        loop {
-            match self.at(q)? {
-                '\\' if self.at(q + 1) == Some('"') => q += 2,
-                '"' => break,
-                '\n' | '\r' => return None,
-                _ => q += 1,
+        let mut escapes = Vec::new();
+        let end = loop {
+            match self.at(q) {
+                Some('\\') if self.at(q + 1) == Some('"') => {
+                    escapes.push(q);
+                    q += 2;
+                }
+                Some('"') => break q,
+                // No closing quote on this line: as the regex pyparsing matches with backtracks,
+                // the last `\"` becomes a backslash followed by the closing quote.
+                None | Some('\n' | '\r') => break *escapes.last()? + 1,
+                Some(_) => q += 1,
             }
-        }
-        let raw: String = self.c[p + 1..q].iter().collect();
+        };
+        let raw: String = self.c[p + 1..end].iter().collect();
         let mut out = String::new();
         let mut chars = raw.chars().peekable();
         while let Some(c) = chars.next() {
@@ -216,7 +222,7 @@ impl Parser {
             }
             out.push(c);
         }
-        Some((out.replace("\\\"", "\""), q + 1))
+        Some((out.replace("\\\"", "\""), end + 1))
     }
 
     /// `quoted_fragment`: the content re-parsed as fragments (quotes inside re-escaped).
@@ -701,6 +707,9 @@ mod tests {
         close(&prompt("(x\\(y\\))1.2"), &[("x(y)", 1.2)]);
         close(&prompt("\"a \\\"b\\\" c\"1.3"), &[("a \"b\" c", 1.3)]);
         assert_eq!(prompt("a\\+b c\\-"), frags(&[("a\\+b c\\-", 1.0)]));
+        // An unclosed quote after `\"`: the backslash stays and the quote closes.
+        assert_eq!(prompt("\"a\\\" b"), frags(&[("a\\ b", 1.0)]));
+        assert_eq!(prompt("\"t\\tb\""), frags(&[("t b", 1.0)]));
     }
 
     #[test]
