@@ -17,6 +17,7 @@
 //! [modelslab]     # wait before answering "processing"
 //! [runware]       # WebSocket idle timeout and resume buffer
 //! [pricing]       # credit_cost / cost
+//! [prompt_weighting]  # prompt syntax per dialect: "none", "a1111" or "compel"
 //! ```
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::api::media::MediaLimits;
+use crate::pipeline::PromptWeighting;
 use crate::{Error, Result};
 
 /// Everything `sd-serve serve` reads.
@@ -55,6 +57,7 @@ pub struct ServerConfig {
     pub modelslab: ModelsLabConfig,
     pub runware: RunwareConfig,
     pub pricing: Pricing,
+    pub prompt_weighting: PromptWeightingDefaults,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             modelslab: ModelsLabConfig::default(),
             runware: RunwareConfig::default(),
             pricing: Pricing::default(),
+            prompt_weighting: PromptWeightingDefaults::default(),
         }
     }
 }
@@ -186,6 +190,35 @@ impl RunwareConfig {
     }
     pub fn resume_buffer(&self) -> Duration {
         Duration::from_secs(self.resume_buffer_secs)
+    }
+}
+
+/// The prompt syntax each dialect reads prompts in (`none`, `a1111`, `compel`). Runware's
+/// `promptWeighting` chooses per request; this is what a Runware request without it gets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PromptWeightingDefaults {
+    pub sinkin: PromptWeighting,
+    pub modelslab: PromptWeighting,
+    pub bearer: PromptWeighting,
+    pub runware: PromptWeighting,
+}
+
+impl Default for PromptWeightingDefaults {
+    fn default() -> Self {
+        Self {
+            // token-multipart hosts civitai checkpoints for web-UI users, whose prompts are
+            // written in A1111's `(word:1.2)` syntax and often run past 75 tokens.
+            sinkin: PromptWeighting::A1111,
+            // ModelsLab's community-model API reads the same A1111-style prompts (copied from
+            // civitai) and does not cut them at 77 tokens.
+            modelslab: PromptWeighting::A1111,
+            // The bearer API documents plain prompts for stock SDXL, read as diffusers reads
+            // them.
+            bearer: PromptWeighting::None,
+            // Runware applies a syntax only when `promptWeighting` names one.
+            runware: PromptWeighting::None,
+        }
     }
 }
 
@@ -326,6 +359,26 @@ mod tests {
         assert_eq!(c.base_url(bound), "http://127.0.0.1:1234");
         c.public_url = Some("https://img.example.com/".into());
         assert_eq!(c.base_url(bound), "https://img.example.com");
+    }
+
+    #[test]
+    fn prompt_weighting_defaults_per_dialect_and_overrides() {
+        let c = ServerConfig::default();
+        assert_eq!(c.prompt_weighting.sinkin, PromptWeighting::A1111);
+        assert_eq!(c.prompt_weighting.modelslab, PromptWeighting::A1111);
+        assert_eq!(c.prompt_weighting.bearer, PromptWeighting::None);
+        assert_eq!(c.prompt_weighting.runware, PromptWeighting::None);
+        let c: ServerConfig =
+            toml::from_str("[prompt_weighting]\nbearer = \"compel\"\nsinkin = \"none\"\n").unwrap();
+        assert_eq!(c.prompt_weighting.bearer, PromptWeighting::Compel);
+        assert_eq!(c.prompt_weighting.sinkin, PromptWeighting::None);
+        assert_eq!(c.prompt_weighting.modelslab, PromptWeighting::A1111);
+        for bad in [
+            "[prompt_weighting]\nbearer = \"sdEmbeds\"\n",
+            "[prompt_weighting]\ncomfy = \"a1111\"\n",
+        ] {
+            assert!(toml::from_str::<ServerConfig>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -117,6 +117,10 @@ struct GenerateArgs {
     /// Skip this many final CLIP layers (1 = penultimate layer).
     #[arg(long)]
     clip_skip: Option<usize>,
+    /// Prompt syntax: none (plain text, 75 tokens), a1111 (`(word:1.2)`, BREAK) or compel
+    /// (`word++`, `.blend()`); the weighted syntaxes also take prompts past 75 tokens.
+    #[arg(long, default_value = "none", value_parser = ["none", "a1111", "compel"])]
+    prompt_weighting: String,
     /// Start from this image (img2img); see --strength.
     #[arg(long)]
     init_image: Option<PathBuf>,
@@ -337,6 +341,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     req.seed = args.seed.unwrap_or_else(|| rand::random::<u32>().into());
     req.num_images = args.num_images;
     req.clip_skip = args.clip_skip.or(or_default(defaults.clip_skip));
+    req.prompt_weighting = match args.prompt_weighting.as_str() {
+        "a1111" => sd_serve::pipeline::PromptWeighting::A1111,
+        "compel" => sd_serve::pipeline::PromptWeighting::Compel,
+        _ => sd_serve::pipeline::PromptWeighting::None,
+    };
     if let Some(path) = &args.init_image {
         let image = image::open(path)
             .with_context(|| format!("reading --init-image {}", path.display()))?

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use common::server::{client, decode, TestServer, KEY, WAIT};
+use sd_serve::pipeline::PromptWeighting;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -229,6 +230,51 @@ async fn text2img_with_string_values_reports_meta_and_is_reproducible() {
         assert_eq!(download(url.as_str().unwrap()).await, first[i], "image {i}");
     }
     server.stop().await;
+}
+
+/// ModelsLab reads prompts in the configured syntax (A1111 by default): weights change the
+/// image, the plain reading is one config line away, and a weight that is not a number is
+/// refused in ModelsLab's error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_are_read_in_the_configured_syntax() {
+    let body = json!({
+        "key": KEY, "model_id": "tiny-sd15", "prompt": "a (red:1.5) cube, [blue] sky",
+        "width": "64", "height": "64", "num_inference_steps": "2", "seed": "11",
+    });
+    let mut images = Vec::new();
+    let runs = [
+        PromptWeighting::A1111,
+        PromptWeighting::A1111,
+        PromptWeighting::None,
+    ];
+    for (i, weighting) in runs.into_iter().enumerate() {
+        let server = TestServer::start_with(&format!("ml-weighting-{i}"), |c| {
+            c.prompt_weighting.modelslab = weighting;
+        })
+        .await;
+        let r = post_json(&server, TEXT2IMG, &body).await;
+        assert_success(&r);
+        images.push(download(r["output"][0].as_str().unwrap()).await);
+        if weighting == PromptWeighting::None {
+            let mut bad = body.clone();
+            bad["prompt"] = json!("a (red:1.5.2) cube");
+            // Plain text: the same prompt is no error.
+            assert_success(&post_json(&server, TEXT2IMG, &bad).await);
+        } else {
+            let mut bad = body.clone();
+            bad["negative_prompt"] = json!("a (red:1.5.2) cube");
+            assert_error(&post_json(&server, TEXT2IMG, &bad).await, "1.5.2");
+        }
+        server.stop().await;
+    }
+    assert_eq!(
+        images[0], images[1],
+        "the same weighted request repeats exactly"
+    );
+    assert_ne!(
+        images[0], images[2],
+        "the A1111 reading differs from plain text"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,6 +534,67 @@ async fn http_lora_changes_the_image_and_repeats_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_prompt_weighting_changes_the_image_and_repeats_exactly() {
+    let server = TestServer::start("rw-http-weighting").await;
+    let base = json!({"seed": 77, "steps": 2, "outputFormat": "PNG", "outputType": "base64Data",
+                      "negativePrompt": "blurry, (low quality:1.3)"});
+    let task = |prompt: &str, weighting: Option<&str>| {
+        let mut extra = base.clone();
+        extra["positivePrompt"] = json!(prompt);
+        if let Some(w) = weighting {
+            extra["promptWeighting"] = json!(w);
+        }
+        inference(extra)
+    };
+    let a1111 = "a red fox in the (snow:1.4), [forest]";
+    let compel = "a red fox++ in the (snow)0.6, forest";
+    let long = format!(
+        "{a1111}, {}",
+        "(tall pine trees:1.1), frozen lake, ".repeat(12)
+    );
+    let tasks = [
+        task(a1111, None),
+        task(a1111, Some("sdEmbeds")),
+        task(a1111, Some("sdEmbeds")),
+        task(compel, None),
+        task(compel, Some("compel")),
+        task(compel, Some("compel")),
+        task(&long, Some("sdEmbeds")),
+        task(&long, None),
+    ];
+    let mut images = Vec::new();
+    for task in &tasks {
+        let (status, body) = post(&server, &json!([task])).await;
+        assert_eq!(status, 200, "{body}");
+        images.push(decode(&b64(data(&body)[0]["imageBase64Data"].as_str().unwrap())).to_rgb8());
+    }
+    assert_ne!(images[0], images[1], "sdEmbeds reads the A1111 syntax");
+    assert_eq!(
+        images[1], images[2],
+        "the same weighted request repeats exactly"
+    );
+    assert_ne!(images[3], images[4], "compel reads its syntax");
+    assert_eq!(
+        images[4], images[5],
+        "the same weighted request repeats exactly"
+    );
+    // A prompt past 77 tokens: sdEmbeds encodes all of it, plain text is cut at 75 tokens.
+    assert_ne!(images[6], images[7]);
+
+    let (status, body) = post(&server, &json!([task(a1111, Some("sdembeds2"))])).await;
+    assert_eq!(status, 400, "{body}");
+    let error = &errors(&body)[0];
+    assert_eq!(error["parameter"], "promptWeighting", "{body}");
+    assert_eq!(error["code"], "invalidPromptWeighting", "{body}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("compel") && message.contains("sdEmbeds"),
+        "{message}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
     let server = TestServer::start("rw-http-limits").await;
     let cases: Vec<(Value, &str, &str)> = vec![
@@ -682,9 +743,19 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
         ),
         (json!({"vae": "civitai:1@2"}), "invalidVae", "vae"),
         (
-            json!({"promptWeighting": "compel"}),
-            "unsupportedParameter",
+            json!({"promptWeighting": "a1111"}),
+            "invalidPromptWeighting",
             "promptWeighting",
+        ),
+        (
+            json!({"promptWeighting": "compel", "positivePrompt": "(\"a\", \"b\").blend(1)"}),
+            "invalidPositivePrompt",
+            "positivePrompt",
+        ),
+        (
+            json!({"promptWeighting": "sdEmbeds", "negativePrompt": "ugly (blurry:1.2.3)"}),
+            "invalidNegativePrompt",
+            "negativePrompt",
         ),
         (
             json!({"checkNSFW": true}),

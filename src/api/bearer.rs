@@ -302,7 +302,12 @@ async fn generate_image(state: AppState, request: Request) -> Result<Response, B
     let width = side(&fields, "width")?.unwrap_or(DEFAULT_SIDE as usize);
     let height = side(&fields, "height")?.unwrap_or(DEFAULT_SIDE as usize);
     check_pixels(&state, width, height)?;
-    let request = common.request(&entry, width, height)?;
+    let request = common.request(
+        &entry,
+        width,
+        height,
+        state.config().prompt_weighting.bearer,
+    )?;
     run(&state, &common.model, request, HeaderMap::new()).await
 }
 
@@ -365,7 +370,12 @@ async fn control_image(state: AppState, request: Request) -> Result<Response, Be
         .await
         .map_err(|e| JobError::new(JobErrorKind::Failed, format!("resizing the image: {e}")))?
     };
-    let mut request = common.request(&entry, width, height)?;
+    let mut request = common.request(
+        &entry,
+        width,
+        height,
+        state.config().prompt_weighting.bearer,
+    )?;
     let strength = img2img_strength(control_strength, request.steps);
     let denoising_steps = ((request.steps as f64 * strength) as usize).min(request.steps);
     request.init_image = Some(InitImage { image, strength });
@@ -625,6 +635,8 @@ impl Common {
         entry: &ModelEntry,
         width: usize,
         height: usize,
+
+        prompt_weighting: crate::pipeline::PromptWeighting,
     ) -> Result<GenerationRequest, BearerError> {
         let defaults = &entry.defaults;
         let mut request = GenerationRequest::new(self.prompt.clone());
@@ -656,6 +668,7 @@ impl Common {
         };
         request.num_images = 1;
         request.clip_skip = defaults.clip_skip.map(|c| c as usize);
+        request.prompt_weighting = prompt_weighting;
         Ok(request)
     }
 }

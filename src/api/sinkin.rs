@@ -536,6 +536,7 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
     request.clip_skip = entry.defaults.clip_skip.map(|c| c as usize);
     request.loras = loras;
     request.lcm_lora = lcm;
+    request.prompt_weighting = state.config().prompt_weighting.sinkin;
     Ok(Parsed {
         request,
         lcm,

@@ -348,6 +348,17 @@ impl ClipTextModel {
 
     /// Encodes `input_ids` [B, S] (u32, S <= max_position_embeddings).
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipOutput> {
+        self.forward_masked(input_ids, None)
+    }
+
+    /// [`Self::forward`] with transformers' `attention_mask` for every row: positions whose
+    /// `key_mask` entry is false are hidden from every token's attention (compel fades a
+    /// down-weighted fragment out this way). `key_mask` has one entry per position.
+    pub fn forward_masked(
+        &self,
+        input_ids: &Tensor,
+        key_mask: Option<&[bool]>,
+    ) -> Result<ClipOutput> {
         let (batch, seq_len) = input_ids.dims2()?;
         if seq_len == 0 || seq_len > self.max_positions {
             return Err(Error::invalid(format!(
@@ -361,7 +372,16 @@ impl ClipTextModel {
             .token_embedding
             .forward(&input_ids)?
             .broadcast_add(&positions)?;
-        let causal_mask = causal_mask(seq_len, xs.device())?;
+        let causal_mask = match key_mask {
+            None => causal_mask(seq_len, xs.device())?,
+            Some(keys) if keys.len() == seq_len => masked_causal_mask(keys, xs.device())?,
+            Some(keys) => {
+                return Err(Error::invalid(format!(
+                    "text encoder attention mask has {} entries for {seq_len} tokens",
+                    keys.len()
+                )))
+            }
+        };
 
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
@@ -400,6 +420,23 @@ fn causal_mask(seq_len: usize, device: &Device) -> candle_core::Result<Tensor> {
         .flat_map(|i| (0..seq_len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)
+}
+
+/// [`causal_mask`] that also hides the positions whose `keys` entry is false.
+fn masked_causal_mask(keys: &[bool], device: &Device) -> candle_core::Result<Tensor> {
+    let n = keys.len();
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..n).map(move |j| {
+                if j > i || !keys[j] {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (n, n), device)
 }
 
 /// The position pooled for each row, following transformers: with the legacy eos id the first

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::models::clip::ClipTextModel;
+use crate::models::clip::{ClipOutput, ClipTextModel};
 use crate::models::unet::AddedConditions;
 use crate::pipeline::prompt::ClipTokenizer;
 use crate::Result;
@@ -16,7 +16,8 @@ pub struct TextEncoder {
 
 /// Embeddings of one prompt (batch 1), before repetition over images and CFG.
 pub struct PromptEmbeddings {
-    /// `[1, 77, D]` (SDXL: the two encoders' states concatenated on the last axis).
+    /// `[1, 77 * k, D]` (SDXL: the two encoders' states concatenated on the last axis); k is 1
+    /// except for weighted prompts longer than one chunk.
     pub hidden: Tensor,
     /// SDXL only: the projected pooled output of the second encoder, `[1, P]`.
     pub pooled: Option<Tensor>,
@@ -32,8 +33,43 @@ impl PromptEmbeddings {
     }
 }
 
-/// SD1/SD2: one encoder; the last layer after the final layer norm, or with `clip_skip` = k the
-/// output of the k-th layer from the end, also through the final layer norm (diffusers).
+/// Which hidden state of a text encoder becomes the prompt embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingLayer {
+    /// SD1/SD2: the last layer after the final layer norm, or with `clip_skip` = k the output
+    /// of the k-th layer from the end, also through the final layer norm (diffusers).
+    Normalized { clip_skip: usize },
+    /// SDXL: the penultimate layer without the final layer norm; `clip_skip` = k moves k
+    /// layers further back.
+    Penultimate { clip_skip: usize },
+}
+
+impl EmbeddingLayer {
+    /// The layer a model family uses with `clip_skip`.
+    pub fn for_encoders(dual: bool, clip_skip: Option<usize>) -> Self {
+        let clip_skip = clip_skip.unwrap_or(0);
+        if dual {
+            Self::Penultimate { clip_skip }
+        } else {
+            Self::Normalized { clip_skip }
+        }
+    }
+
+    /// Picks this layer from an encoder's output.
+    pub fn select(&self, model: &ClipTextModel, out: &ClipOutput) -> Result<Tensor> {
+        match *self {
+            Self::Normalized { clip_skip: 0 } => Ok(out.last_hidden_state.clone()),
+            Self::Normalized { clip_skip } => {
+                model.final_layer_norm(pick_from_end(&out.hidden_states, clip_skip + 1)?)
+            }
+            Self::Penultimate { clip_skip } => {
+                Ok(pick_from_end(&out.hidden_states, clip_skip + 2)?.clone())
+            }
+        }
+    }
+}
+
+/// SD1/SD2: one encoder, the layer [`EmbeddingLayer::Normalized`] names.
 pub fn encode_single(
     encoder: &TextEncoder,
     prompt: &str,
@@ -45,21 +81,15 @@ pub fn encode_single(
         .encode_prompts(&[prompt])?
         .to_device(device)?;
     let out = encoder.model.forward(&ids)?;
-    let hidden = match clip_skip {
-        None | Some(0) => out.last_hidden_state,
-        Some(k) => {
-            let layer = pick_from_end(&out.hidden_states, k + 1)?;
-            encoder.model.final_layer_norm(layer)?
-        }
-    };
+    let hidden = EmbeddingLayer::for_encoders(false, clip_skip).select(&encoder.model, &out)?;
     Ok(PromptEmbeddings {
         hidden,
         pooled: None,
     })
 }
 
-/// SDXL: both encoders' penultimate layer (without the final layer norm; `clip_skip` = k moves
-/// k layers further back), concatenated, and the second encoder's projected pooled output.
+/// SDXL: both encoders' [`EmbeddingLayer::Penultimate`] states, concatenated, and the second
+/// encoder's projected pooled output.
 pub fn encode_dual(
     first: &TextEncoder,
     second: &TextEncoder,
@@ -67,7 +97,7 @@ pub fn encode_dual(
     clip_skip: Option<usize>,
     device: &Device,
 ) -> Result<PromptEmbeddings> {
-    let from_end = clip_skip.unwrap_or(0) + 2;
+    let layer = EmbeddingLayer::for_encoders(true, clip_skip);
     let mut states = Vec::with_capacity(2);
     let mut pooled = None;
     for encoder in [first, second] {
@@ -76,7 +106,7 @@ pub fn encode_dual(
             .encode_prompts(&[prompt])?
             .to_device(device)?;
         let out = encoder.model.forward(&ids)?;
-        states.push(pick_from_end(&out.hidden_states, from_end)?.clone());
+        states.push(layer.select(&encoder.model, &out)?);
         pooled = Some(out.text_embeds.unwrap_or(out.pooled));
     }
     Ok(PromptEmbeddings {

@@ -7,6 +7,7 @@ pub mod inpaint;
 pub mod noise;
 pub mod prompt;
 pub mod request;
+pub mod weighting;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -22,6 +23,7 @@ pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
 pub use request::{GenerationRequest, InitImage};
+pub use weighting::PromptWeighting;
 
 /// What the denoising loop reports after each step; returning `false` cancels the job.
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
@@ -288,23 +290,69 @@ impl StableDiffusion {
         }
     }
 
+    /// The prompt's embeddings and, when guidance is on, the negative prompt's, as the request's
+    /// `prompt_weighting` reads them; both have the same length.
+    pub fn prompt_embeddings(
+        &self,
+        req: &GenerationRequest,
+        guided: bool,
+    ) -> Result<(PromptEmbeddings, Option<PromptEmbeddings>)> {
+        let syntax = req.prompt_weighting;
+        if syntax == PromptWeighting::None {
+            let cond = self.encode_prompt(&req.prompt, req.clip_skip)?;
+            let uncond = if !guided {
+                None
+            } else if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+                Some(cond.zeros_like()?)
+            } else {
+                let negative = req.negative_prompt.as_deref().unwrap_or("");
+                // diffusers applies `clip_skip` to the prompt only; the negative prompt keeps the
+                // encoder's default layer. Same seed, same image means following it here.
+                Some(self.encode_prompt(negative, None)?)
+            };
+            return Ok((cond, uncond));
+        }
+        let mut list = vec![&self.text_encoder];
+        list.extend(self.text_encoder_2.as_ref());
+        let encoders = weighting::Encoders {
+            layer: conditioning::EmbeddingLayer::for_encoders(list.len() > 1, req.clip_skip),
+            encoders: list,
+            device: &self.device,
+        };
+        let cond = encoders.encode(syntax, &req.prompt)?;
+        if !guided {
+            return Ok((cond, None));
+        }
+        let negative = req.negative_prompt.as_deref().unwrap_or("");
+        let uncond = match syntax {
+            // diffusers, given compel's prompt embeddings and no negative ones, zeroes them.
+            PromptWeighting::Compel
+                if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt =>
+            {
+                let zeros = cond.zeros_like()?;
+                return Ok((cond, Some(zeros)));
+            }
+            // A1111's SDXL zeroes an empty negative prompt (one chunk), whatever the model's
+            // config says.
+            PromptWeighting::A1111 if negative.is_empty() && self.text_encoder_2.is_some() => {
+                encoders.empty()?.zeros_like()?
+            }
+            _ => encoders.encode(syntax, negative)?,
+        };
+        if cond.hidden.dims() == uncond.hidden.dims() {
+            return Ok((cond, Some(uncond)));
+        }
+        let (cond, uncond) = weighting::pad_pair(cond, uncond, &encoders.empty()?)?;
+        Ok((cond, Some(uncond)))
+    }
+
     /// Prompt embeddings for `[uncond; cond]` (when guidance is on) of `n` images.
     fn conditioning(
         &self,
         req: &GenerationRequest,
         guided: bool,
     ) -> Result<conditioning::BatchConditioning> {
-        let cond = self.encode_prompt(&req.prompt, req.clip_skip)?;
-        let uncond = if !guided {
-            None
-        } else if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
-            Some(cond.zeros_like()?)
-        } else {
-            let negative = req.negative_prompt.as_deref().unwrap_or("");
-            // diffusers applies `clip_skip` to the prompt only; the negative prompt keeps the
-            // encoder's default layer. Same seed, same image means following it here.
-            Some(self.encode_prompt(negative, None)?)
-        };
+        let (cond, uncond) = self.prompt_embeddings(req, guided)?;
         conditioning::batch_conditioning(
             &cond,
             uncond.as_ref(),

@@ -162,6 +162,26 @@ impl ClipTokenizer {
         self.eos_id
     }
 
+    pub fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+
+    /// The id of a vocabulary entry (`",</w>"`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The vocabulary entry of an id (`"cat</w>"`); `None` for ids outside the vocabulary.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    /// The text's tokens, without start/end tokens and without truncation (prompt weighting
+    /// tokenizes each weighted piece on its own and chunks long prompts itself).
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
+        self.prompt_tokens(text)
+    }
+
     /// The prompt's tokens, without the start/end tokens and before truncation.
     fn prompt_tokens(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self

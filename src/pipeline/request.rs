@@ -58,6 +58,9 @@ pub struct GenerationRequest {
     /// Also merge the LCM-LoRA of the model's family (the registry `[[lora]]` marked `lcm`) at
     /// weight 1, after `loras`. The caller picks the LCM scheduler, steps and guidance.
     pub lcm_lora: bool,
+    /// The syntax `prompt` and `negative_prompt` are read in; `None` is plain text truncated to
+    /// 75 tokens, the weighted syntaxes also take longer prompts.
+    pub prompt_weighting: super::PromptWeighting,
 }
 
 impl GenerationRequest {
@@ -81,6 +84,7 @@ impl GenerationRequest {
             loras: Vec::new(),
             vae: None,
             lcm_lora: false,
+            prompt_weighting: super::PromptWeighting::None,
         }
     }
 
@@ -145,6 +149,10 @@ impl GenerationRequest {
             }
         }
         inpaint::check(self)?;
+        self.prompt_weighting.check_prompt(&self.prompt)?;
+        if let Some(negative) = &self.negative_prompt {
+            self.prompt_weighting.check_prompt(negative)?;
+        }
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,

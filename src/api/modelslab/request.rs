@@ -65,6 +65,8 @@ pub struct Parsed {
     samples: usize,
     /// diffusers' convention (layers skipped after the last one).
     clip_skip: Option<usize>,
+    /// The server's prompt syntax for this dialect (`[prompt_weighting] modelslab`).
+    prompt_weighting: crate::pipeline::PromptWeighting,
     /// The client's string: a URL, base64 or a data URI.
     pub init_image: Option<String>,
     /// Inpaint: the mask in the same forms, white = repaint.
@@ -389,6 +391,7 @@ pub fn parse(
         seed,
         samples,
         clip_skip,
+        prompt_weighting: state.config().prompt_weighting.modelslab,
         init_image,
         mask_image,
         strength,
@@ -478,6 +481,7 @@ impl Parsed {
             latents: None,
             loras: self.loras,
             vae: self.vae,
+            prompt_weighting: self.prompt_weighting,
             ..GenerationRequest::new(self.prompt)
         };
         Ok((request, self.meta))

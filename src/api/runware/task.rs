@@ -14,7 +14,7 @@ use super::error::RunwareError;
 use crate::api::media::ImageFormat;
 use crate::api::output::JobError;
 use crate::api::{params, AppState};
-use crate::pipeline::{inpaint, GenerationRequest, Outpaint};
+use crate::pipeline::{inpaint, GenerationRequest, Outpaint, PromptWeighting};
 use crate::registry::ModelEntry;
 use crate::schedulers::{SchedulerKind, SchedulerSpec};
 
@@ -266,6 +266,7 @@ const HANDLED: &[&str] = &[
     "maskMargin",
     "outpainting",
     "deliveryMethod",
+    "promptWeighting",
 ];
 
 /// Documented parameters this server cannot honour yet, with what they ask for. Their "off"
@@ -276,7 +277,6 @@ const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("embeddings", "textual inversion embeddings"),
     ("ipAdapters", "IP-Adapters"),
     ("refiner", "refiner models"),
-    ("promptWeighting", "prompt weighting syntax"),
     ("usePromptWeighting", "prompt weighting syntax"),
     ("referenceImages", "reference images"),
     ("safety", "content safety checks"),
@@ -408,6 +408,21 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     };
     let clip_skip = Some(defaults.clip_skip.unwrap_or(0) as usize + extra_skip).filter(|&c| c > 0);
 
+    let prompt_weighting = match fields.string("promptWeighting")? {
+        None => state.config().prompt_weighting.runware,
+        Some(w) => prompt_weighting(&w)?,
+    };
+    for (name, text) in [
+        ("positivePrompt", Some(&prompt)),
+        ("negativePrompt", negative_prompt.as_ref()),
+    ] {
+        if let Some(text) = text {
+            prompt_weighting.check_prompt(text).map_err(|e| {
+                RunwareError::invalid(name, format!("`{name}` cannot be read: {e}"))
+            })?;
+        }
+    }
+
     let output_types = fields.output_types()?;
     let output_format = match fields.string("outputFormat")? {
         None => ImageFormat::Jpeg,
@@ -503,6 +518,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.clip_skip = clip_skip;
     request.loras = fields.loras(state, &model)?;
     request.vae = fields.vae(state, &model)?;
+    request.prompt_weighting = prompt_weighting;
 
     Ok(InferenceTask {
         task_uuid,
@@ -521,6 +537,19 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
         delivery,
         record: recorded(fields.0),
     })
+}
+
+/// `promptWeighting`: `compel` (compel's syntax) or `sdEmbeds` (AUTOMATIC1111's), as Runware
+/// documents them.
+pub fn prompt_weighting(value: &str) -> Result<PromptWeighting, RunwareError> {
+    match value.trim() {
+        v if v.eq_ignore_ascii_case("compel") => Ok(PromptWeighting::Compel),
+        v if v.eq_ignore_ascii_case("sdEmbeds") => Ok(PromptWeighting::A1111),
+        _ => Err(RunwareError::invalid(
+            "promptWeighting",
+            format!("`promptWeighting` must be `compel` or `sdEmbeds`. Given: {value:?}"),
+        )),
+    }
 }
 
 /// Checks a UUID v4 as Runware requires for `taskUUID`.
