@@ -8,9 +8,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
+use sd_serve::pipeline::{GenerationRequest, InitImage, PromptEmbedding, StableDiffusion};
 use sd_serve::registry::{Location, LoraSource, ModelSource, Registry};
 use sd_serve::schedulers::SchedulerSpec;
+use sd_serve::weights::embeddings::TextualInversion;
 use sd_serve::weights::lora::{merge_loras, Lora};
 use sd_serve::weights::Family;
 
@@ -129,6 +130,10 @@ struct GenerateArgs {
     /// A LoRA of the registry, `ID` (its default weight) or `ID:WEIGHT`; repeat for several.
     #[arg(long = "lora")]
     loras: Vec<String>,
+    /// A textual inversion embedding of the registry, `ID` (its default weight) or `ID:WEIGHT`;
+    /// repeat for several. Its token is used where the prompts write it, else appended.
+    #[arg(long = "embedding")]
+    embeddings: Vec<String>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -237,6 +242,30 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
         };
         println!("{}\t{family}\t{source}{aliases}", entry.id);
     }
+    for embedding in registry.embeddings() {
+        let source = match &embedding.source {
+            LoraSource::File(path) => path.display().to_string(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => format!("hf:{repo}@{revision}/{file}"),
+        };
+        let aliases = if embedding.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", embedding.aliases.join(", "))
+        };
+        let negative = if embedding.negative {
+            " (negative)"
+        } else {
+            ""
+        };
+        println!(
+            "{}\tembedding {}\t{source}\ttoken {}{negative}\tweight {}{aliases}",
+            embedding.id, embedding.family, embedding.token, embedding.default_weight
+        );
+    }
     for lora in registry.loras() {
         let source = match &lora.source {
             LoraSource::File(path) => path.display().to_string(),
@@ -259,20 +288,25 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--lora ID` or `--lora ID:WEIGHT` (the id may itself hold colons, as AIR ids do: the weight
-/// is the part after the last one when it is a number).
+/// `ID` or `ID:WEIGHT` (the id may itself hold colons, as AIR ids do: the weight is the part
+/// after the last one when it is a number and `arg` is not itself a known name).
+fn split_weight(arg: &str, known: impl Fn(&str) -> bool) -> (&str, Option<f64>) {
+    match arg.rsplit_once(':') {
+        Some((name, w)) if !known(arg) => match w.parse::<f64>() {
+            Ok(w) => (name, Some(w)),
+            Err(_) => (arg, None),
+        },
+        _ => (arg, None),
+    }
+}
+
+/// `--lora ID` or `--lora ID:WEIGHT`.
 fn parse_lora_arg(
     registry: &Registry,
     arg: &str,
     device: &Device,
 ) -> anyhow::Result<(Lora, f64, String)> {
-    let (name, weight) = match arg.rsplit_once(':') {
-        Some((name, w)) if registry.lora(arg).is_none() => match w.parse::<f64>() {
-            Ok(w) => (name, Some(w)),
-            Err(_) => (arg, None),
-        },
-        _ => (arg, None),
-    };
+    let (name, weight) = split_weight(arg, |a| registry.lora(a).is_some());
     let entry = registry.resolve_lora(name)?;
     let lora = Lora::load(&entry.local_path()?, device)?;
     let weight = weight.unwrap_or(entry.default_weight);
@@ -333,6 +367,15 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         };
         req.latents = Some(latents.to_dtype(DType::F32)?);
     }
+    req.embeddings = args
+        .embeddings
+        .iter()
+        .map(|arg| {
+            let (name, weight) = split_weight(arg, |a| registry.embedding(a).is_some());
+            let entry = registry.resolve_embedding(name)?;
+            Ok((entry.id, weight.unwrap_or(entry.default_weight)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     req.validate()?;
 
     let loras = args
@@ -370,7 +413,31 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let pairs: Vec<(&Lora, f64)> = loras.iter().map(|(l, w, _)| (l, *w)).collect();
         Some(merge_loras(&mut files, &pairs)?)
     };
-    let model = StableDiffusion::load(&files, &device, dtype)?;
+    let mut model = StableDiffusion::load(&files, &device, dtype)?;
+    let embeddings = req
+        .embeddings
+        .iter()
+        .map(|(id, weight)| {
+            let found = registry.resolve_embedding(id)?;
+            if found.family != files.family {
+                bail!(
+                    "embedding `{id}` is for {} models, but model `{}` is {}",
+                    found.family,
+                    entry.id,
+                    files.family
+                );
+            }
+            let embedding = TextualInversion::load(&found.local_path()?, &device)?;
+            Ok(PromptEmbedding {
+                id: found.id,
+                token: found.token,
+                embedding: std::sync::Arc::new(embedding),
+                weight: *weight,
+                negative: found.negative,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    model.set_embeddings(&embeddings)?;
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 
     let started = Instant::now();

@@ -10,6 +10,9 @@
 //! LoRAs stay merged into a cached model's weights between jobs: a job asking for another set
 //! (ids and weights) takes the old one out exactly and merges the new one, then rebuilds the
 //! adapted modules; a job asking for the same set runs at once.
+//!
+//! Textual inversion embeddings change no weight: each job's embeddings are read (files kept
+//! parsed per worker) and handed to the model for that job's prompts only.
 
 mod cache;
 mod queue;
@@ -23,8 +26,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
-use crate::pipeline::{images, request, Canvas, GenerationRequest, StableDiffusion};
-use crate::registry::{LoraEntry, ModelEntry, Registry};
+use crate::pipeline::{
+    images, request, Canvas, GenerationRequest, PromptEmbedding, StableDiffusion,
+};
+use crate::registry::{EmbeddingEntry, LoraEntry, ModelEntry, Registry};
+use crate::weights::embeddings::TextualInversion;
 use crate::weights::lora::{merge_loras, Lora, MergedLoras};
 use crate::weights::{Family, PipelineFiles};
 use crate::{Error, Result};
@@ -279,6 +285,7 @@ impl Engine {
             .check(&job.request)
             .and_then(|()| job.request.validate())
             .and_then(|()| self.check_loras(&job))
+            .and_then(|()| self.check_embeddings(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -317,6 +324,19 @@ impl Engine {
             let lora = self.registry.resolve_lora(id)?;
             if let Some(family) = family {
                 check_lora_family(&lora, &job.model, family)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every embedding of the job is registered and, where the model's family is declared, fits
+    /// it.
+    fn check_embeddings(&self, job: &Job) -> Result<()> {
+        let family = self.registry.get(&job.model).and_then(|e| e.family);
+        for (id, _) in &job.request.embeddings {
+            let embedding = self.registry.resolve_embedding(id)?;
+            if let Some(family) = family {
+                check_embedding_family(&embedding, &job.model, family)?;
             }
         }
         Ok(())
@@ -379,7 +399,8 @@ fn run_worker(
     cache_budget: usize,
 ) {
     let mut cache = ModelCache::new(cache_budget);
-    let mut lora_files = LoraFiles::new(LORA_FILES_KEPT);
+    let mut lora_files = ParsedFiles::new(LORA_FILES_KEPT);
+    let mut embedding_files = ParsedFiles::new(EMBEDDING_FILES_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
         let (loads, evictions) = (cache.loads(), cache.evictions());
@@ -413,12 +434,45 @@ fn run_worker(
         shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
         switched?;
         let model = cached_model(&mut cache, &entry, device, dtype)?;
+        let embeddings = job
+            .request
+            .embeddings
+            .iter()
+            .map(|(id, weight)| {
+                let found = registry.resolve_embedding(id)?;
+                check_embedding_family(&found, &entry.id, model.files.family)?;
+                let embedding = embedding_files.get(&found.id, || {
+                    TextualInversion::load(&found.local_path()?, device)
+                })?;
+                Ok(PromptEmbedding {
+                    id: found.id,
+                    token: found.token,
+                    embedding,
+                    weight: *weight,
+                    negative: found.negative,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model.model.set_embeddings(&embeddings)?;
         run_job(&model.model, job, &shared.abort)
     });
 }
 
 /// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
 const LORA_FILES_KEPT: usize = 16;
+/// Embedding files a worker keeps parsed (a few kilobytes each).
+const EMBEDDING_FILES_KEPT: usize = 64;
+
+/// An embedding made for one family asked of a model of another is the client's mistake.
+fn check_embedding_family(embedding: &EmbeddingEntry, model: &str, family: Family) -> Result<()> {
+    if embedding.family == family {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "embedding `{}` is for {} models, but model `{model}` is {family}",
+        embedding.id, embedding.family
+    )))
+}
 
 /// A LoRA made for one family asked of a model of another is the client's mistake.
 fn check_lora_family(lora: &LoraEntry, model: &str, family: Family) -> Result<()> {
@@ -455,7 +509,7 @@ impl LoadedModel {
     fn set_loras(
         &mut self,
         wanted: &[(LoraEntry, f64)],
-        files: &mut LoraFiles,
+        files: &mut ParsedFiles<Lora>,
         device: &Device,
     ) -> Result<()> {
         let key: Vec<(String, f64)> = wanted.iter().map(|(e, w)| (e.id.clone(), *w)).collect();
@@ -466,7 +520,7 @@ impl LoadedModel {
         // Read the new files before touching the weights, so a missing file changes nothing.
         let loras = wanted
             .iter()
-            .map(|(entry, _)| files.get(entry, device))
+            .map(|(entry, _)| files.get(&entry.id, || Lora::load(&entry.local_path()?, device)))
             .collect::<Result<Vec<_>>>()?;
         let started = Instant::now();
         if let Some((_, merged)) = self.merged.take() {
@@ -491,14 +545,15 @@ impl LoadedModel {
     }
 }
 
-/// Parsed LoRA files by registry id, the least recently used dropped beyond `capacity`.
-struct LoraFiles {
+/// Parsed adapter files (LoRAs, embeddings) by registry id, the least recently used dropped
+/// beyond `capacity`.
+struct ParsedFiles<T> {
     capacity: usize,
     /// Oldest first.
-    entries: Vec<(String, Arc<Lora>)>,
+    entries: Vec<(String, Arc<T>)>,
 }
 
-impl LoraFiles {
+impl<T> ParsedFiles<T> {
     fn new(capacity: usize) -> Self {
         Self {
             capacity,
@@ -506,19 +561,20 @@ impl LoraFiles {
         }
     }
 
-    fn get(&mut self, entry: &LoraEntry, device: &Device) -> Result<Arc<Lora>> {
-        if let Some(at) = self.entries.iter().position(|(id, _)| *id == entry.id) {
+    /// The parsed file of `id`, else what `load` reads (kept unless it fails).
+    fn get(&mut self, id: &str, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        if let Some(at) = self.entries.iter().position(|(known, _)| known == id) {
             let hit = self.entries.remove(at);
-            let lora = hit.1.clone();
+            let parsed = hit.1.clone();
             self.entries.push(hit);
-            return Ok(lora);
+            return Ok(parsed);
         }
-        let lora = Arc::new(Lora::load(&entry.local_path()?, device)?);
+        let parsed = Arc::new(load()?);
         if self.entries.len() >= self.capacity.max(1) {
             self.entries.remove(0);
         }
-        self.entries.push((entry.id.clone(), lora.clone()));
-        Ok(lora)
+        self.entries.push((id.to_string(), parsed.clone()));
+        Ok(parsed)
     }
 }
 

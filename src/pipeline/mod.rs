@@ -7,6 +7,7 @@ pub mod inpaint;
 pub mod noise;
 pub mod prompt;
 pub mod request;
+pub mod textual_inversion;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -22,6 +23,8 @@ pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
 pub use request::{GenerationRequest, InitImage};
+pub use textual_inversion::PromptEmbedding;
+use textual_inversion::RequestEncoders;
 
 /// What the denoising loop reports after each step; returning `false` cancels the job.
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize) -> bool;
@@ -43,6 +46,9 @@ pub struct StableDiffusion {
     default_scheduler: std::result::Result<SchedulerSpec, String>,
     /// SDXL: no negative prompt means zero embeddings rather than the encoded empty prompt.
     force_zeros_for_empty_prompt: bool,
+    /// The text encoders with the textual inversion embeddings of the next requests, if any
+    /// (see [`Self::set_embeddings`]).
+    embeddings: Option<RequestEncoders>,
 }
 
 /// The images of one request as floats `[N, H, W, 3]` in 0..1, with the seed of each.
@@ -152,7 +158,18 @@ impl StableDiffusion {
             scheduler_config,
             default_scheduler,
             force_zeros_for_empty_prompt,
+            embeddings: None,
         })
+    }
+
+    /// Uses `embeddings` (textual inversion) in the prompts of the requests run from now on,
+    /// until the next call; the empty list runs the plain model. Costs no copy of the model:
+    /// see [`textual_inversion`] for how the embeddings apply. Vectors that do not fit the text
+    /// encoders, and two embeddings with one token, are refused, leaving the previous set.
+    pub fn set_embeddings(&mut self, embeddings: &[PromptEmbedding]) -> Result<()> {
+        self.embeddings =
+            RequestEncoders::new(&self.text_encoder, self.text_encoder_2.as_ref(), embeddings)?;
+        Ok(())
     }
 
     /// Rebuilds the UNet and the text encoders from `files` after their weights changed (a LoRA
@@ -177,6 +194,8 @@ impl StableDiffusion {
         if let (Some(encoder), Some(model)) = (self.text_encoder_2.as_mut(), text_model_2) {
             encoder.model = model;
         }
+        // The embeddings' encoders hold the previous text models: set embeddings again.
+        self.embeddings = None;
         Ok(())
     }
 
@@ -197,19 +216,45 @@ impl StableDiffusion {
         self.default_scheduler.as_ref().ok()
     }
 
-    fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<PromptEmbeddings> {
-        match &self.text_encoder_2 {
-            None => {
-                conditioning::encode_single(&self.text_encoder, prompt, clip_skip, &self.device)
-            }
-            Some(second) => conditioning::encode_dual(
-                &self.text_encoder,
-                second,
-                prompt,
-                clip_skip,
-                &self.device,
-            ),
+    /// The text encoders requests use now: the model's own, or with the embeddings set.
+    pub fn text_encoders(&self) -> (&TextEncoder, Option<&TextEncoder>) {
+        match &self.embeddings {
+            Some(e) => (&e.first, e.second.as_ref()),
+            None => (&self.text_encoder, self.text_encoder_2.as_ref()),
         }
+    }
+
+    fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<PromptEmbeddings> {
+        match self.text_encoders() {
+            (first, None) => conditioning::encode_single(first, prompt, clip_skip, &self.device),
+            (first, Some(second)) => {
+                conditioning::encode_dual(first, second, prompt, clip_skip, &self.device)
+            }
+        }
+    }
+
+    /// The prompt and negative prompt of `req`, each embedding's token appended where neither
+    /// writes it (see [`textual_inversion`]).
+    fn prompts(&self, req: &GenerationRequest) -> Result<(String, Option<String>)> {
+        match &self.embeddings {
+            Some(e) => e.place_tokens(&req.prompt, req.negative_prompt.as_deref()),
+            None => Ok((req.prompt.clone(), req.negative_prompt.clone())),
+        }
+    }
+
+    /// The prompt embeddings of `req` (batch 1) and of its negative prompt (`None`: none given,
+    /// which SDXL encodes as zeros), as the denoising loop conditions on them.
+    pub fn prompt_embeddings(
+        &self,
+        req: &GenerationRequest,
+    ) -> Result<(PromptEmbeddings, Option<PromptEmbeddings>)> {
+        let (prompt, negative) = self.prompts(req)?;
+        let cond = self.encode_prompt(&prompt, req.clip_skip)?;
+        let uncond = match negative {
+            Some(n) => Some(self.encode_prompt(&n, None)?),
+            None => None,
+        };
+        Ok((cond, uncond))
     }
 
     /// Prompt embeddings for `[uncond; cond]` (when guidance is on) of `n` images.
@@ -218,13 +263,14 @@ impl StableDiffusion {
         req: &GenerationRequest,
         guided: bool,
     ) -> Result<conditioning::BatchConditioning> {
-        let cond = self.encode_prompt(&req.prompt, req.clip_skip)?;
+        let (prompt, negative) = self.prompts(req)?;
+        let cond = self.encode_prompt(&prompt, req.clip_skip)?;
         let uncond = if !guided {
             None
-        } else if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+        } else if negative.is_none() && self.force_zeros_for_empty_prompt {
             Some(cond.zeros_like()?)
         } else {
-            let negative = req.negative_prompt.as_deref().unwrap_or("");
+            let negative = negative.as_deref().unwrap_or("");
             // diffusers applies `clip_skip` to the prompt only; the negative prompt keeps the
             // encoder's default layer. Same seed, same image means following it here.
             Some(self.encode_prompt(negative, None)?)

@@ -52,6 +52,10 @@ pub struct GenerationRequest {
     /// LoRAs to merge into the model for this request: registry id (or alias) and weight
     /// (negative weights subtract). The empty list runs the plain model.
     pub loras: Vec<(String, f64)>,
+    /// Textual inversion embeddings for this request: registry id (or alias) and weight, which
+    /// multiplies the vectors (0 leaves the embedding out). See
+    /// [`super::textual_inversion`] for where their tokens go.
+    pub embeddings: Vec<(String, f64)>,
 }
 
 impl GenerationRequest {
@@ -73,6 +77,7 @@ impl GenerationRequest {
             outpaint: None,
             latents: None,
             loras: Vec::new(),
+            embeddings: Vec::new(),
         }
     }
 
@@ -126,6 +131,18 @@ impl GenerationRequest {
             if !weight.is_finite() {
                 return Err(Error::invalid(format!(
                     "the weight of LoRA `{id}` must be a finite number. Given: {weight}"
+                )));
+            }
+        }
+        for (i, (id, weight)) in self.embeddings.iter().enumerate() {
+            if !weight.is_finite() {
+                return Err(Error::invalid(format!(
+                    "the weight of embedding `{id}` must be a finite number. Given: {weight}"
+                )));
+            }
+            if self.embeddings[..i].iter().any(|(other, _)| other == id) {
+                return Err(Error::invalid(format!(
+                    "embedding `{id}` is listed twice: give it once, with one weight"
                 )));
             }
         }
