@@ -520,3 +520,67 @@ async fn runware_embeddings_change_the_image_and_bad_ones_are_refused() {
     }
     server.stop().await;
 }
+
+// ---- Command line ----
+
+fn generate(extra: &[&str], output: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sd-serve"))
+        .args(["generate", "--model", "tiny-sd15", "--models"])
+        .arg(common::fixtures().join("models.toml"))
+        .args([
+            "--prompt",
+            "a lighthouse at dusk",
+            "--seed",
+            "42",
+            "--steps",
+            "2",
+        ])
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .expect("sd-serve runs")
+}
+
+#[test]
+fn generate_uses_registry_embeddings_and_models_lists_them() {
+    let dir = common::scratch("embeddings-cli");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.png"));
+        let r = generate(extra, &out);
+        assert!(
+            r.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let plain = run("plain", &[]);
+    let by_id = run("id", &["--embedding", "tinycat"]);
+    let by_alias = run("alias", &["--embedding", "civitai:7808@9208:1"]);
+    let heavier = run("heavier", &["--embedding", "tinycat:2"]);
+    assert_ne!(plain, by_id);
+    assert_eq!(by_id, by_alias, "the default weight is 1");
+    assert_ne!(by_id, heavier);
+    for (arg, says) in [
+        ("no-such", "unknown embedding `no-such`"),
+        ("tinyxl", "is for sdxl models"),
+    ] {
+        let failed = generate(&["--embedding", arg], &dir.join("failed.png"));
+        assert!(!failed.status.success(), "{arg}");
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(stderr.contains(says), "{arg}: {stderr}");
+    }
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_sd-serve"))
+        .args(["models", "--models"])
+        .arg(common::fixtures().join("models.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        stdout.contains("tinyglow\tembedding sd1")
+            && stdout.contains("token <tiny-dog>")
+            && stdout.contains("(negative)"),
+        "{stdout}"
+    );
+}
