@@ -242,8 +242,9 @@ impl StableDiffusion {
         }
     }
 
-    /// The prompt embeddings of `req` (batch 1) and of its negative prompt (`None`: none given,
-    /// which SDXL encodes as zeros), as the denoising loop conditions on them.
+    /// The prompt embeddings of `req` (batch 1) and of its negative prompt, with the request's
+    /// embeddings applied; `None` when there is no negative prompt (the denoising loop then
+    /// encodes the empty prompt, or SDXL uses zeros).
     pub fn prompt_embeddings(
         &self,
         req: &GenerationRequest,
