@@ -8,9 +8,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion, Vae};
+use sd_serve::pipeline::{GenerationRequest, InitImage, PromptEmbedding, StableDiffusion, Vae};
 use sd_serve::registry::{Location, LoraSource, ModelSource, Registry, VaeSource};
 use sd_serve::schedulers::SchedulerSpec;
+use sd_serve::weights::embeddings::TextualInversion;
 use sd_serve::weights::lora::{merge_loras, Lora};
 use sd_serve::weights::Family;
 
@@ -136,6 +137,10 @@ struct GenerateArgs {
     /// A VAE of the registry (id or alias) to encode and decode with instead of the model's.
     #[arg(long)]
     vae: Option<String>,
+    /// A textual inversion embedding of the registry, `ID` (its default weight) or `ID:WEIGHT`;
+    /// repeat for several. Its token is used where the prompts write it, else appended.
+    #[arg(long = "embedding")]
+    embeddings: Vec<String>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -244,6 +249,30 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
         };
         println!("{}\t{family}\t{source}{aliases}", entry.id);
     }
+    for embedding in registry.embeddings() {
+        let source = match &embedding.source {
+            LoraSource::File(path) => path.display().to_string(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => format!("hf:{repo}@{revision}/{file}"),
+        };
+        let aliases = if embedding.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", embedding.aliases.join(", "))
+        };
+        let negative = if embedding.negative {
+            " (negative)"
+        } else {
+            ""
+        };
+        println!(
+            "{}\tembedding {}\t{source}\ttoken {}{negative}\tweight {}{aliases}",
+            embedding.id, embedding.family, embedding.token, embedding.default_weight
+        );
+    }
     for lora in registry.loras() {
         let source = match &lora.source {
             LoraSource::File(path) => path.display().to_string(),
@@ -284,20 +313,25 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--lora ID` or `--lora ID:WEIGHT` (the id may itself hold colons, as AIR ids do: the weight
-/// is the part after the last one when it is a number).
+/// `ID` or `ID:WEIGHT` (the id may itself hold colons, as AIR ids do: the weight is the part
+/// after the last one when it is a number and `arg` is not itself a known name).
+fn split_weight(arg: &str, known: impl Fn(&str) -> bool) -> (&str, Option<f64>) {
+    match arg.rsplit_once(':') {
+        Some((name, w)) if !known(arg) => match w.parse::<f64>() {
+            Ok(w) => (name, Some(w)),
+            Err(_) => (arg, None),
+        },
+        _ => (arg, None),
+    }
+}
+
+/// `--lora ID` or `--lora ID:WEIGHT`.
 fn parse_lora_arg(
     registry: &Registry,
     arg: &str,
     device: &Device,
 ) -> anyhow::Result<(Lora, f64, String)> {
-    let (name, weight) = match arg.rsplit_once(':') {
-        Some((name, w)) if registry.lora(arg).is_none() => match w.parse::<f64>() {
-            Ok(w) => (name, Some(w)),
-            Err(_) => (arg, None),
-        },
-        _ => (arg, None),
-    };
+    let (name, weight) = split_weight(arg, |a| registry.lora(a).is_some());
     let entry = registry.resolve_lora(name)?;
     let lora = Lora::load(&entry.local_path()?, device)?;
     let weight = weight.unwrap_or(entry.default_weight);
@@ -363,6 +397,15 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         };
         req.latents = Some(latents.to_dtype(DType::F32)?);
     }
+    req.embeddings = args
+        .embeddings
+        .iter()
+        .map(|arg| {
+            let (name, weight) = split_weight(arg, |a| registry.embedding(a).is_some());
+            let entry = registry.resolve_embedding(name)?;
+            Ok((entry.id, weight.unwrap_or(entry.default_weight)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     req.validate()?;
 
     let loras = args
@@ -415,6 +458,30 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         let loaded = Vae::load(&vae.load(&device, dtype)?, vae.family, &device, dtype)?;
         model.set_vae(Some(&loaded))?;
     }
+    let embeddings = req
+        .embeddings
+        .iter()
+        .map(|(id, weight)| {
+            let found = registry.resolve_embedding(id)?;
+            if found.family != files.family {
+                bail!(
+                    "embedding `{id}` is for {} models, but model `{}` is {}",
+                    found.family,
+                    entry.id,
+                    files.family
+                );
+            }
+            let embedding = TextualInversion::load(&found.local_path()?, &device)?;
+            Ok(PromptEmbedding {
+                id: found.id,
+                token: found.token,
+                embedding: std::sync::Arc::new(embedding),
+                weight: *weight,
+                negative: found.negative,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    model.set_embeddings(&embeddings)?;
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 
     let started = Instant::now();

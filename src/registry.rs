@@ -5,9 +5,11 @@
 //! checkpoint (`file`, local or inside an `hf` repo, with an optional `config` folder / repo).
 //! A `[[lora]]` entry names a LoRA file (`file`, local or inside an `hf` repo) with the family
 //! of models it adapts; `lcm = true` marks the LCM-LoRA of its family, which the LCM sampling mode
-//! merges. A `[[vae]]` entry names a VAE a request may use instead of the model's own: a
-//! diffusers `AutoencoderKL` folder (`path`) or hub repo (`hf`), or a single `.safetensors` file
-//! (`file`, local or inside an `hf` repo). The format is documented in the shipped `models.toml`.
+//! merges. An `[[embedding]]` entry is a textual inversion embedding, named the same way, with
+//! the token that calls it up in prompts. A `[[vae]]` entry names a VAE a request may use instead
+//! of the model's own: a diffusers `AutoencoderKL` folder (`path`) or hub repo (`hf`), or a single
+//! `.safetensors` file (`file`, local or inside an `hf` repo). The format is documented in the
+//! shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -107,6 +109,8 @@ struct RegistryToml {
     loras: Vec<LoraToml>,
     #[serde(default, rename = "vae")]
     vaes: Vec<VaeToml>,
+    #[serde(default, rename = "embedding")]
+    embeddings: Vec<EmbeddingToml>,
 }
 
 /// Where a LoRA file is.
@@ -213,22 +217,96 @@ impl LoraEntry {
     /// The local path of the LoRA file, fetched from the hub when needed (hub settings from the
     /// environment, see [`HubOptions::from_env`]).
     pub fn local_path(&self) -> Result<PathBuf> {
-        let path = match &self.source {
-            LoraSource::File(path) => path.clone(),
-            LoraSource::Hub {
-                repo,
-                revision,
-                file,
-            } => HubRepo::new(&HubOptions::from_env()?, repo, revision)?.get(file)?,
-        };
-        if !path.is_file() {
-            return Err(Error::model(format!(
-                "lora `{}`: file {} does not exist",
-                self.id,
-                path.display()
+        source_path(&self.source, "lora", &self.id)
+    }
+}
+
+/// One textual inversion embedding the registry knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family of models the embedding was trained for; other families refuse it.
+    pub family: Family,
+    /// Where the file is (`.safetensors`, or an A1111 `.pt`: see [`crate::weights::embeddings`]).
+    pub source: LoraSource,
+    /// The text that calls the embedding up in prompts (default: the id).
+    pub token: String,
+    /// Trained for the negative prompt: a request that names it without writing its token gets
+    /// the token appended to the negative prompt rather than to the prompt.
+    pub negative: bool,
+    /// The weight a request that names the embedding without one gets.
+    pub default_weight: f64,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    hf: Option<String>,
+    revision: Option<String>,
+    file: String,
+    token: Option<String>,
+    #[serde(default)]
+    negative: bool,
+    #[serde(default = "default_lora_weight")]
+    default_weight: f64,
+    description: Option<String>,
+}
+
+impl EmbeddingToml {
+    fn into_entry(self, base: &Path) -> Result<EmbeddingEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, embedding `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        if !self.default_weight.is_finite() {
+            return Err(bad(format!(
+                "`default_weight` must be a finite number, not {}",
+                self.default_weight
             )));
         }
-        Ok(path)
+        let token = self.token.unwrap_or_else(|| self.id.clone());
+        if token.trim().is_empty() || token.trim() != token {
+            return Err(bad(
+                "`token` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        // Pickled embeddings are read by a reader that builds plain data and runs nothing, so
+        // A1111 `.pt` files are accepted here, unlike pickled models and LoRAs.
+        let source = match self.hf {
+            Some(repo) => {
+                check_repo_id(&repo).map_err(bad)?;
+                LoraSource::Hub {
+                    repo,
+                    revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
+                    file: self.file,
+                }
+            }
+            None => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                LoraSource::File(base.join(&self.file))
+            }
+        };
+        Ok(EmbeddingEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            token,
+            negative: self.negative,
+            default_weight: self.default_weight,
+            description: self.description,
+        })
     }
 }
 
@@ -434,6 +512,33 @@ impl VaeEntry {
     }
 }
 
+impl EmbeddingEntry {
+    /// The local path of the embedding file, fetched from the hub when needed.
+    pub fn local_path(&self) -> Result<PathBuf> {
+        source_path(&self.source, "embedding", &self.id)
+    }
+}
+
+/// The local path of a LoRA or embedding file, fetched from the hub when needed (hub settings
+/// from the environment, see [`HubOptions::from_env`]).
+fn source_path(source: &LoraSource, kind: &str, id: &str) -> Result<PathBuf> {
+    let path = match source {
+        LoraSource::File(path) => path.clone(),
+        LoraSource::Hub {
+            repo,
+            revision,
+            file,
+        } => HubRepo::new(&HubOptions::from_env()?, repo, revision)?.get(file)?,
+    };
+    if !path.is_file() {
+        return Err(Error::model(format!(
+            "{kind} `{id}`: file {} does not exist",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntryToml {
@@ -591,6 +696,7 @@ pub struct Registry {
     entries: Vec<ModelEntry>,
     loras: Vec<LoraEntry>,
     vaes: Vec<VaeEntry>,
+    embeddings: Vec<EmbeddingEntry>,
 }
 
 impl Registry {
@@ -623,6 +729,9 @@ impl Registry {
         }
         for raw in parsed.vaes {
             reg.add_vae(raw.into_entry(base)?)?;
+        }
+        for raw in parsed.embeddings {
+            reg.add_embedding(raw.into_entry(base)?)?;
         }
         Ok(reg)
     }
@@ -717,7 +826,61 @@ impl Registry {
             self.vaes.retain(|e| e.id != entry.id);
             self.add_vae(entry)?;
         }
+        for entry in other.embeddings {
+            self.embeddings.retain(|e| e.id != entry.id);
+            self.add_embedding(entry)?;
+        }
         Ok(())
+    }
+
+    /// Adds an embedding entry; its id and aliases must not collide with known embedding names.
+    pub fn add_embedding(&mut self, entry: EmbeddingEntry) -> Result<()> {
+        let mut seen = HashSet::new();
+        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::model(format!(
+                    "embedding `{}` lists the name `{name}` twice",
+                    entry.id
+                )));
+            }
+            if let Some(other) = self.embedding(name) {
+                return Err(Error::model(format!(
+                    "embedding name `{name}` is used by both `{}` and `{}`",
+                    other.id, entry.id
+                )));
+            }
+        }
+        self.embeddings.push(entry);
+        Ok(())
+    }
+
+    pub fn embeddings(&self) -> impl Iterator<Item = &EmbeddingEntry> {
+        self.embeddings.iter()
+    }
+
+    /// The embedding whose id or alias is exactly `name`.
+    pub fn embedding(&self, name: &str) -> Option<&EmbeddingEntry> {
+        self.embeddings.iter().find(|e| e.id == name).or_else(|| {
+            self.embeddings
+                .iter()
+                .find(|e| e.aliases.iter().any(|a| a == name))
+        })
+    }
+
+    /// Looks up a registered embedding id or alias (never a path); an unknown name is an invalid
+    /// request listing the known embeddings.
+    pub fn resolve_embedding(&self, name: &str) -> Result<EmbeddingEntry> {
+        self.embedding(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.embeddings.iter().map(|e| e.id.as_str()).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Error::invalid(format!(
+                "unknown embedding `{name}` (ids are case-sensitive). Known embeddings: {known}"
+            ))
+        })
     }
 
     pub fn loras(&self) -> impl Iterator<Item = &LoraEntry> {
@@ -1406,6 +1569,31 @@ mod tests {
             reg.resolve_vae("sdxl-vae-fp16-fix").unwrap().family,
             Family::Sdxl
         );
+    }
+
+    #[test]
+    fn embedding_entries() {
+        let t = "[[embedding]]\nid = \"neg\"\naliases = [\"civitai:7@8\"]\nfamily = \"sd1\"\n\
+                 file = \"neg.pt\"\nnegative = true\n\n[[embedding]]\nid = \"b\"\n\
+                 family = \"sdxl\"\nhf = \"o/r\"\nfile = \"b.safetensors\"\ntoken = \"<b>\"\n\
+                 default_weight = 0.5\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let e = reg.resolve_embedding("civitai:7@8").unwrap();
+        assert_eq!((e.id.as_str(), e.token.as_str()), ("neg", "neg"));
+        assert!(e.negative);
+        assert_eq!(e.source, LoraSource::File(PathBuf::from("/m/neg.pt")));
+        let b = reg.resolve_embedding("b").unwrap();
+        assert_eq!((b.token.as_str(), b.default_weight), ("<b>", 0.5));
+        assert!(!b.negative);
+        let err = reg.resolve_embedding("c").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown embedding `c`") && err.contains("neg, b"),
+            "{err}"
+        );
+        // An embedding id is neither a model nor a LoRA.
+        assert!(reg.resolve_id("neg").is_err() && reg.resolve_lora("neg").is_err());
+        let blank = "[[embedding]]\nid = \"x\"\nfamily = \"sd1\"\nfile = \"x.pt\"\ntoken = \" \"\n";
+        assert!(Registry::from_toml_str(blank, Path::new(".")).is_err());
     }
 
     #[test]

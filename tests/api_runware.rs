@@ -728,7 +728,7 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
         ),
         (
             json!({"embeddings": [{"model": "x"}]}),
-            "unsupportedParameter",
+            "invalidEmbeddings",
             "embeddings",
         ),
         (

@@ -223,6 +223,41 @@ impl AppState {
         Ok(vae.id)
     }
 
+    /// Resolves requested embeddings (registry id or alias, optional weight) for `model`: unknown
+    /// ones and ones of another family are refused naming `field`; a missing weight is the
+    /// embedding's `default_weight`.
+    pub fn embedding_set(
+        &self,
+        field: &str,
+        model: &ModelEntry,
+        requested: &[(String, Option<f64>)],
+    ) -> Result<Vec<(String, f64)>, JobError> {
+        let mut out: Vec<(String, f64)> = Vec::with_capacity(requested.len());
+        for (name, weight) in requested {
+            let embedding = self
+                .registry()
+                .resolve_embedding(name)
+                .map_err(|e| JobError::invalid(field, format!("`{field}`: {e}")))?;
+            if let Some(family) = model.family.filter(|f| *f != embedding.family) {
+                return Err(JobError::invalid(
+                    field,
+                    format!(
+                        "`{field}`: embedding `{name}` is for {} models, but model `{}` is {family}",
+                        embedding.family, model.id
+                    ),
+                ));
+            }
+            if out.iter().any(|(id, _)| *id == embedding.id) {
+                return Err(JobError::invalid(
+                    field,
+                    format!("`{field}`: embedding `{name}` is listed twice"),
+                ));
+            }
+            out.push((embedding.id, weight.unwrap_or(embedding.default_weight)));
+        }
+        Ok(out)
+    }
+
     /// Admits a job for `model` (an id or alias) or refuses it at once.
     pub fn submit(
         &self,

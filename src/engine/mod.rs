@@ -15,6 +15,9 @@
 //! A job naming a registry VAE encodes and decodes with it instead of the model's own: each
 //! worker keeps the last [`VAES_KEPT`] such VAEs loaded and sets the one a job asks for (or the
 //! model's own) on the cached model before running it, which shares weights and copies nothing.
+//!
+//! Textual inversion embeddings change no weight: each job's embeddings are read (files kept
+//! parsed per worker) and handed to the model for that job's prompts only.
 
 mod cache;
 mod queue;
@@ -28,8 +31,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
-use crate::pipeline::{images, request, Canvas, GenerationRequest, StableDiffusion, Vae};
-use crate::registry::{LoraEntry, ModelEntry, Registry, VaeEntry};
+use crate::pipeline::{
+    images, request, Canvas, GenerationRequest, PromptEmbedding, StableDiffusion, Vae,
+};
+use crate::registry::{EmbeddingEntry, LoraEntry, ModelEntry, Registry, VaeEntry};
+use crate::weights::embeddings::TextualInversion;
 use crate::weights::lora::{merge_loras, Lora, MergedLoras};
 use crate::weights::{Family, PipelineFiles};
 use crate::{Error, Result};
@@ -285,6 +291,7 @@ impl Engine {
             .and_then(|()| job.request.validate())
             .and_then(|()| self.check_loras(&job))
             .and_then(|()| self.check_vae_and_lcm(&job))
+            .and_then(|()| self.check_embeddings(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -340,6 +347,19 @@ impl Engine {
         }
         if let (true, Some(family)) = (job.request.lcm_lora, family) {
             lcm_lora(&self.registry, &job.model, family)?;
+        }
+        Ok(())
+    }
+
+    /// Every embedding of the job is registered and, where the model's family is declared, fits
+    /// it.
+    fn check_embeddings(&self, job: &Job) -> Result<()> {
+        let family = self.registry.get(&job.model).and_then(|e| e.family);
+        for (id, _) in &job.request.embeddings {
+            let embedding = self.registry.resolve_embedding(id)?;
+            if let Some(family) = family {
+                check_embedding_family(&embedding, &job.model, family)?;
+            }
         }
         Ok(())
     }
@@ -403,6 +423,7 @@ fn run_worker(
     let mut cache = ModelCache::new(cache_budget);
     let mut lora_files = Recent::new(LORA_FILES_KEPT);
     let mut vaes = Recent::new(VAES_KEPT);
+    let mut embedding_files = Recent::new(EMBEDDING_FILES_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
         let (loads, evictions) = (cache.loads(), cache.evictions());
@@ -451,12 +472,45 @@ fn run_worker(
         switched?;
         let model = cached_model(&mut cache, &entry, device, dtype)?;
         model.model.set_vae(vae.as_deref())?;
+        let embeddings = job
+            .request
+            .embeddings
+            .iter()
+            .map(|(id, weight)| {
+                let found = registry.resolve_embedding(id)?;
+                check_embedding_family(&found, &entry.id, model.files.family)?;
+                let embedding = embedding_files.get_or_load(&found.id, || {
+                    TextualInversion::load(&found.local_path()?, device)
+                })?;
+                Ok(PromptEmbedding {
+                    id: found.id,
+                    token: found.token,
+                    embedding,
+                    weight: *weight,
+                    negative: found.negative,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        model.model.set_embeddings(&embeddings)?;
         run_job(&model.model, job, &shared.abort)
     });
 }
 
 /// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
 const LORA_FILES_KEPT: usize = 16;
+/// Embedding files a worker keeps parsed (a few kilobytes each).
+const EMBEDDING_FILES_KEPT: usize = 64;
+
+/// An embedding made for one family asked of a model of another is the client's mistake.
+fn check_embedding_family(embedding: &EmbeddingEntry, model: &str, family: Family) -> Result<()> {
+    if embedding.family == family {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "embedding `{}` is for {} models, but model `{model}` is {family}",
+        embedding.id, embedding.family
+    )))
+}
 
 /// Registry VAEs a worker keeps loaded beside its models (an SD VAE is 84M parameters: 160 MB
 /// in f16, 330 MB for an upcast SDXL one), so jobs alternating between a few VAEs load none.

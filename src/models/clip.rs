@@ -278,6 +278,10 @@ pub struct ClipOutput {
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
+    /// Rows of `token_embedding`: ids from here on are looked up in `added_embeddings`.
+    vocab_size: usize,
+    /// Extra input vectors `[m, hidden]` (textual inversion) for ids `vocab_size..vocab_size + m`.
+    added_embeddings: Option<Tensor>,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -326,6 +330,8 @@ impl ClipTextModel {
         };
         Ok(Self {
             token_embedding,
+            vocab_size: cfg.vocab_size,
+            added_embeddings: None,
             position_embedding,
             layers,
             final_layer_norm,
@@ -344,6 +350,87 @@ impl ClipTextModel {
 
     pub fn has_projection(&self) -> bool {
         self.text_projection.is_some()
+    }
+
+    /// Width of the token embeddings (what an embedding's vectors must match).
+    pub fn hidden_size(&self) -> usize {
+        self.token_embedding.hidden_size()
+    }
+
+    /// Rows of the token embedding table: the first id free for added vectors.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// This model with `vectors` `[m, hidden]` as the embeddings of ids `vocab_size()..vocab_size()
+    /// + m` (replacing any added before), as if the token table had been extended the way
+    /// diffusers' `load_textual_inversion` extends it. The weights are shared, not copied, and the
+    /// table itself is left alone: ids past it are looked up in `vectors` instead.
+    pub fn with_added_embeddings(&self, vectors: Tensor) -> Result<Self> {
+        let (_, width) = vectors.dims2()?;
+        if width != self.hidden_size() {
+            return Err(Error::invalid(format!(
+                "added token embeddings are {width} wide; this text encoder takes {}",
+                self.hidden_size()
+            )));
+        }
+        let vectors = vectors
+            .to_device(self.position_embedding.device())?
+            .to_dtype(self.position_embedding.dtype())?;
+        Ok(Self {
+            added_embeddings: Some(vectors),
+            ..self.clone()
+        })
+    }
+
+    /// Token embeddings of `ids` [B, S]: rows of the table, or of the added vectors for ids past
+    /// it.
+    fn embed_tokens(&self, ids: &Tensor, id_rows: &[Vec<u32>]) -> Result<Tensor> {
+        let vocab = self.vocab_size as u32;
+        let added_rows = self.added_embeddings.as_ref().map_or(0, |t| t.dims()[0]);
+        if let Some(&bad) = id_rows
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= self.vocab_size + added_rows)
+        {
+            return Err(Error::invalid(format!(
+                "token id {bad} is past the text encoder's {} tokens{}",
+                self.vocab_size,
+                if added_rows > 0 {
+                    format!(" and {added_rows} added embedding vectors")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        let Some(added) = self
+            .added_embeddings
+            .as_ref()
+            .filter(|_| id_rows.iter().flatten().any(|&id| id >= vocab))
+        else {
+            return Ok(self.token_embedding.forward(ids)?);
+        };
+        let (batch, seq_len) = ids.dims2()?;
+        let device = ids.device();
+        let flat: Vec<u32> = id_rows.iter().flatten().copied().collect();
+        let table_ids: Vec<u32> = flat
+            .iter()
+            .map(|&id| if id >= vocab { 0 } else { id })
+            .collect();
+        let added_ids: Vec<u32> = flat.iter().map(|&id| id.saturating_sub(vocab)).collect();
+        let is_added: Vec<u8> = flat.iter().map(|&id| u8::from(id >= vocab)).collect();
+        let table = self.token_embedding.forward(&Tensor::from_vec(
+            table_ids,
+            (batch, seq_len),
+            device,
+        )?)?;
+        let hidden = table.dim(2)?;
+        let extra = added
+            .index_select(&Tensor::from_vec(added_ids, batch * seq_len, device)?, 0)?
+            .reshape((batch, seq_len, hidden))?;
+        let mask = Tensor::from_vec(is_added, (batch, seq_len, 1), device)?
+            .broadcast_as((batch, seq_len, hidden))?;
+        Ok(mask.where_cond(&extra, &table)?)
     }
 
     /// Encodes `input_ids` [B, S] (u32, S <= max_position_embeddings).
@@ -367,10 +454,10 @@ impl ClipTextModel {
             )));
         }
         let input_ids = input_ids.to_dtype(DType::U32)?;
+        let id_rows = input_ids.to_vec2::<u32>()?;
         let positions = self.position_embedding.narrow(0, 0, seq_len)?;
         let mut xs = self
-            .token_embedding
-            .forward(&input_ids)?
+            .embed_tokens(&input_ids, &id_rows)?
             .broadcast_add(&positions)?;
         let causal_mask = match key_mask {
             None => causal_mask(seq_len, xs.device())?,
@@ -392,7 +479,10 @@ impl ClipTextModel {
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
         hidden_states.push(xs);
 
-        let rows = eos_positions(&input_ids.to_vec2::<u32>()?, self.eos_token_id)
+        // With the legacy eos id the pooled position is the row's largest id, which an added
+        // embedding's id outranks: transformers does the same (its SDXL pooled output then comes
+        // from the embedding's last vector).
+        let rows = eos_positions(&id_rows, self.eos_token_id)
             .into_iter()
             .enumerate()
             .map(|(b, pos)| (b * seq_len + pos) as u32)

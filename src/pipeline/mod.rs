@@ -7,6 +7,7 @@ pub mod inpaint;
 pub mod noise;
 pub mod prompt;
 pub mod request;
+pub mod textual_inversion;
 pub mod weighting;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +24,8 @@ pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
 pub use request::{GenerationRequest, InitImage};
+pub use textual_inversion::PromptEmbedding;
+use textual_inversion::RequestEncoders;
 pub use weighting::PromptWeighting;
 
 /// What the denoising loop reports after each step; returning `false` cancels the job.
@@ -47,6 +50,9 @@ pub struct StableDiffusion {
     default_scheduler: std::result::Result<SchedulerSpec, String>,
     /// SDXL: no negative prompt means zero embeddings rather than the encoded empty prompt.
     force_zeros_for_empty_prompt: bool,
+    /// The text encoders with the textual inversion embeddings of the next requests, if any
+    /// (see [`Self::set_embeddings`]).
+    embeddings: Option<RequestEncoders>,
 }
 
 /// A VAE ready to run: the module, its config and the dtype it runs in. A model's own VAE is one;
@@ -195,6 +201,7 @@ impl StableDiffusion {
             scheduler_config,
             default_scheduler,
             force_zeros_for_empty_prompt,
+            embeddings: None,
         })
     }
 
@@ -233,6 +240,16 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// Uses `embeddings` (textual inversion) in the prompts of the requests run from now on,
+    /// until the next call; the empty list runs the plain model. Costs no copy of the model:
+    /// see [`textual_inversion`] for how the embeddings apply. Vectors that do not fit the text
+    /// encoders, and two embeddings with one token, are refused, leaving the previous set.
+    pub fn set_embeddings(&mut self, embeddings: &[PromptEmbedding]) -> Result<()> {
+        self.embeddings =
+            RequestEncoders::new(&self.text_encoder, self.text_encoder_2.as_ref(), embeddings)?;
+        Ok(())
+    }
+
     /// Rebuilds the UNet and the text encoders from `files` after their weights changed (a LoRA
     /// merged or unmerged, see [`crate::weights::lora`]); tokenizers, VAE and scheduler are kept.
     /// No weight is copied: the modules share the stores' tensors.
@@ -255,6 +272,8 @@ impl StableDiffusion {
         if let (Some(encoder), Some(model)) = (self.text_encoder_2.as_mut(), text_model_2) {
             encoder.model = model;
         }
+        // The embeddings' encoders hold the previous text models: set embeddings again.
+        self.embeddings = None;
         Ok(())
     }
 
@@ -275,66 +294,80 @@ impl StableDiffusion {
         self.default_scheduler.as_ref().ok()
     }
 
+    /// The text encoders requests use now: the model's own, or with the embeddings set.
+    pub fn text_encoders(&self) -> (&TextEncoder, Option<&TextEncoder>) {
+        match &self.embeddings {
+            Some(e) => (&e.first, e.second.as_ref()),
+            None => (&self.text_encoder, self.text_encoder_2.as_ref()),
+        }
+    }
+
     fn encode_prompt(&self, prompt: &str, clip_skip: Option<usize>) -> Result<PromptEmbeddings> {
-        match &self.text_encoder_2 {
-            None => {
-                conditioning::encode_single(&self.text_encoder, prompt, clip_skip, &self.device)
+        match self.text_encoders() {
+            (first, None) => conditioning::encode_single(first, prompt, clip_skip, &self.device),
+            (first, Some(second)) => {
+                conditioning::encode_dual(first, second, prompt, clip_skip, &self.device)
             }
-            Some(second) => conditioning::encode_dual(
-                &self.text_encoder,
-                second,
-                prompt,
-                clip_skip,
-                &self.device,
-            ),
+        }
+    }
+
+    /// The prompt and negative prompt of `req`, each embedding's token appended where neither
+    /// writes it (see [`textual_inversion`]).
+    fn prompts(&self, req: &GenerationRequest) -> Result<(String, Option<String>)> {
+        match &self.embeddings {
+            Some(e) => e.place_tokens(&req.prompt, req.negative_prompt.as_deref()),
+            None => Ok((req.prompt.clone(), req.negative_prompt.clone())),
         }
     }
 
     /// The prompt's embeddings and, when guidance is on, the negative prompt's, as the request's
-    /// `prompt_weighting` reads them; both have the same length.
+    /// `prompt_weighting` reads them, with the request's textual inversion embeddings applied;
+    /// both have the same length.
     pub fn prompt_embeddings(
         &self,
         req: &GenerationRequest,
         guided: bool,
     ) -> Result<(PromptEmbeddings, Option<PromptEmbeddings>)> {
         let syntax = req.prompt_weighting;
+        let (prompt, negative_prompt) = self.prompts(req)?;
         if syntax == PromptWeighting::None {
-            let cond = self.encode_prompt(&req.prompt, req.clip_skip)?;
+            let cond = self.encode_prompt(&prompt, req.clip_skip)?;
             let uncond = if !guided {
                 None
-            } else if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            } else if negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
                 Some(cond.zeros_like()?)
             } else {
-                let negative = req.negative_prompt.as_deref().unwrap_or("");
+                let negative = negative_prompt.as_deref().unwrap_or("");
                 // diffusers applies `clip_skip` to the prompt only; the negative prompt keeps the
                 // encoder's default layer. Same seed, same image means following it here.
                 Some(self.encode_prompt(negative, None)?)
             };
             return Ok((cond, uncond));
         }
-        let mut list = vec![&self.text_encoder];
-        list.extend(self.text_encoder_2.as_ref());
+        let (first, second) = self.text_encoders();
+        let mut list = vec![first];
+        list.extend(second);
         let encoders = weighting::Encoders {
             layer: conditioning::EmbeddingLayer::for_encoders(list.len() > 1, req.clip_skip),
             encoders: list,
             device: &self.device,
         };
-        let cond = encoders.encode(syntax, &req.prompt)?;
+        let cond = encoders.encode(syntax, &prompt)?;
         if !guided {
             return Ok((cond, None));
         }
-        let negative = req.negative_prompt.as_deref().unwrap_or("");
+        let negative = negative_prompt.as_deref().unwrap_or("");
         let uncond = match syntax {
             // diffusers, given compel's prompt embeddings and no negative ones, zeroes them.
             PromptWeighting::Compel
-                if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt =>
+                if negative_prompt.is_none() && self.force_zeros_for_empty_prompt =>
             {
                 let zeros = cond.zeros_like()?;
                 return Ok((cond, Some(zeros)));
             }
             // A1111's SDXL zeroes an empty negative prompt (one chunk), whatever the model's
             // config says.
-            PromptWeighting::A1111 if negative.is_empty() && self.text_encoder_2.is_some() => {
+            PromptWeighting::A1111 if negative.is_empty() && second.is_some() => {
                 encoders.empty()?.zeros_like()?
             }
             _ => encoders.encode(syntax, negative)?,

@@ -4,15 +4,22 @@
 //! truncation=True` at the model's maximum length (77): `<|startoftext|>`, the prompt's tokens
 //! (at most 75), `<|endoftext|>`, then the tokenizer's pad token. SD 1.x pads with
 //! `<|endoftext|>`; SD 2.x and SDXL's second tokenizer pad with `!` (id 0).
+//!
+//! A tokenizer can also carry placeholder tokens for textual inversion embeddings
+//! ([`ClipTokenizer::with_placeholders`]): each one's text, wherever the prompt contains it,
+//! becomes one id per embedding vector, past the end of the vocabulary, as diffusers'
+//! `load_textual_inversion` adds tokens (`tok`, `tok_1`, ...) and its `maybe_convert_prompt`
+//! expands them.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, Replace, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, NormalizedString, Normalizer, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
@@ -24,14 +31,32 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 const CLIP_SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
-/// A CLIP BPE tokenizer with fixed-length padding and truncation.
+/// A text that stands for `count` ids from `first_id` on (an embedding's vectors, looked up by
+/// the text encoder past its vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceholderToken {
+    pub text: String,
+    pub first_id: u32,
+    pub count: usize,
+}
+
+/// A CLIP BPE tokenizer with fixed-length padding and truncation. Cloning is cheap: the
+/// vocabulary is shared.
 #[derive(Clone)]
 pub struct ClipTokenizer {
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
     max_len: usize,
+    /// Placeholder tokens, their text normalised like prompts are (lower case).
+    placeholders: Arc<[PlaceholderToken]>,
+}
+
+/// A stretch of a normalised prompt: ordinary text, or the placeholder of that index.
+enum Segment<'a> {
+    Text(&'a str),
+    Placeholder(usize),
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -41,6 +66,7 @@ impl std::fmt::Debug for ClipTokenizer {
             .field("eos_id", &self.eos_id)
             .field("pad_id", &self.pad_id)
             .field("max_len", &self.max_len)
+            .field("placeholders", &self.placeholders)
             .finish_non_exhaustive()
     }
 }
@@ -141,12 +167,103 @@ impl ClipTokenizer {
             )));
         }
         Ok(Self {
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             bos_id,
             eos_id,
             pad_id,
             max_len: model_max_length,
+            placeholders: Arc::from(Vec::new()),
         })
+    }
+
+    /// This tokenizer with `placeholders` instead of its own: where a prompt contains one's text
+    /// (matched after the prompt's normalisation, so in any letter case, and inside words too, as
+    /// the `tokenizers` library matches added tokens; the longest text wins where several start at
+    /// one place), its ids take the place of BPE tokens. Sharing the vocabulary, this costs what
+    /// copying `placeholders` costs.
+    pub fn with_placeholders(&self, placeholders: &[PlaceholderToken]) -> Result<Self> {
+        let mut normalised = Vec::with_capacity(placeholders.len());
+        for p in placeholders {
+            let text = self.normalise(&p.text)?;
+            if text.trim().is_empty() || p.count == 0 {
+                return Err(tokenizer_error(format!(
+                    "placeholder token `{}` must have visible text and at least one id",
+                    p.text
+                )));
+            }
+            normalised.push(PlaceholderToken {
+                text,
+                first_id: p.first_id,
+                count: p.count,
+            });
+        }
+        Ok(Self {
+            placeholders: Arc::from(normalised),
+            ..self.clone()
+        })
+    }
+
+    /// Which of the placeholders (by index in the list given to [`Self::with_placeholders`]) the
+    /// prompt contains.
+    pub fn placeholders_in(&self, prompt: &str) -> Result<Vec<usize>> {
+        if self.placeholders.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text = self.normalise(prompt)?;
+        let mut found: Vec<usize> = self
+            .segments(&text)
+            .into_iter()
+            .filter_map(|s| match s {
+                Segment::Placeholder(i) => Some(i),
+                Segment::Text(_) => None,
+            })
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// The prompt as the tokenizer's normaliser leaves it (NFC, whitespace runs collapsed, lower
+    /// case for CLIP).
+    fn normalise(&self, text: &str) -> Result<String> {
+        let Some(normalizer) = self.tokenizer.get_normalizer() else {
+            return Ok(text.to_string());
+        };
+        let mut n = NormalizedString::from(text);
+        normalizer.normalize(&mut n).map_err(tokenizer_error)?;
+        Ok(n.get().to_string())
+    }
+
+    /// Splits normalised text at the placeholders it contains: leftmost first, longest first.
+    fn segments<'a>(&self, text: &'a str) -> Vec<Segment<'a>> {
+        let mut out = Vec::new();
+        let (mut start, mut at) = (0, 0);
+        while at < text.len() {
+            let rest = &text[at..];
+            let hit = self
+                .placeholders
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| rest.starts_with(p.text.as_str()))
+                .max_by_key(|(i, p)| (p.text.len(), std::cmp::Reverse(*i)));
+            match hit {
+                Some((i, p)) => {
+                    if start < at {
+                        out.push(Segment::Text(&text[start..at]));
+                    }
+                    out.push(Segment::Placeholder(i));
+                    at += p.text.len();
+                    start = at;
+                }
+                None => {
+                    at += rest.chars().next().map_or(1, char::len_utf8);
+                }
+            }
+        }
+        if start < text.len() {
+            out.push(Segment::Text(&text[start..]));
+        }
+        out
     }
 
     /// The padded sequence length (77 for every Stable Diffusion tokenizer).
@@ -171,7 +288,8 @@ impl ClipTokenizer {
         self.tokenizer.token_to_id(token)
     }
 
-    /// The vocabulary entry of an id (`"cat</w>"`); `None` for ids outside the vocabulary.
+    /// The vocabulary entry of an id (`"cat</w>"`); `None` for ids outside the vocabulary
+    /// (embedding placeholders included).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.tokenizer.id_to_token(id)
     }
@@ -182,11 +300,30 @@ impl ClipTokenizer {
         self.prompt_tokens(text)
     }
 
-    /// The prompt's tokens, without the start/end tokens and before truncation.
+    /// The prompt's tokens, without the start/end tokens and before truncation; placeholder
+    /// texts become their ids.
     fn prompt_tokens(&self, prompt: &str) -> Result<Vec<u32>> {
+        if self.placeholders.is_empty() {
+            return self.bpe_tokens(prompt);
+        }
+        let text = self.normalise(prompt)?;
+        let mut ids = Vec::new();
+        for segment in self.segments(&text) {
+            match segment {
+                Segment::Text(piece) => ids.extend(self.bpe_tokens(piece)?),
+                Segment::Placeholder(i) => {
+                    let p = &self.placeholders[i];
+                    ids.extend((0..p.count as u32).map(|k| p.first_id + k));
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    fn bpe_tokens(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
-            .encode(prompt, false)
+            .encode(text, false)
             .map_err(tokenizer_error)?;
         Ok(encoding.get_ids().to_vec())
     }

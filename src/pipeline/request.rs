@@ -61,6 +61,10 @@ pub struct GenerationRequest {
     /// The syntax `prompt` and `negative_prompt` are read in; `None` is plain text truncated to
     /// 75 tokens, the weighted syntaxes also take longer prompts.
     pub prompt_weighting: super::PromptWeighting,
+    /// Textual inversion embeddings for this request: registry id (or alias) and weight, which
+    /// multiplies the vectors (0 leaves the embedding out). See
+    /// [`super::textual_inversion`] for where their tokens go.
+    pub embeddings: Vec<(String, f64)>,
 }
 
 impl GenerationRequest {
@@ -85,6 +89,7 @@ impl GenerationRequest {
             vae: None,
             lcm_lora: false,
             prompt_weighting: super::PromptWeighting::None,
+            embeddings: Vec::new(),
         }
     }
 
@@ -145,6 +150,18 @@ impl GenerationRequest {
             if vae.trim().is_empty() || vae.trim() != vae {
                 return Err(Error::invalid(format!(
                     "`vae` must be a VAE id without surrounding spaces. Given: {vae:?}"
+                )));
+            }
+        }
+        for (i, (id, weight)) in self.embeddings.iter().enumerate() {
+            if !weight.is_finite() {
+                return Err(Error::invalid(format!(
+                    "the weight of embedding `{id}` must be a finite number. Given: {weight}"
+                )));
+            }
+            if self.embeddings[..i].iter().any(|(other, _)| other == id) {
+                return Err(Error::invalid(format!(
+                    "embedding `{id}` is listed twice: give it once, with one weight"
                 )));
             }
         }

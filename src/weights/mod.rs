@@ -8,11 +8,13 @@
 //! * a single-file checkpoint in the original LDM / SGM key layout (civitai distribution), see
 //!   [`single_file`], whose keys are renamed to diffusers names on load.
 //!
-//! [`lora`] merges LoRA files into loaded stores and takes them out again.
+//! [`lora`] merges LoRA files into loaded stores and takes them out again; [`embeddings`] reads
+//! textual inversion embeddings.
 //!
 //! Files are memory-mapped; each tensor is materialised once on the requested device, in the
 //! requested dtype (floating-point tensors only; integer buffers keep their type).
 
+pub mod embeddings;
 pub mod folder;
 pub mod lora;
 pub mod single_file;

@@ -32,7 +32,7 @@ pub const PROMPT_CHARS: (usize, usize) = (2, 3000);
 pub const NEGATIVE_PROMPT_CHARS: (usize, usize) = (2, 2000);
 pub const SIDE: (i64, i64) = (128, 2048);
 pub const SIDE_MULTIPLE: i64 = 64;
-/// `lora[].weight`: range and default.
+/// `lora[].weight` and `embeddings[].weight`: range and default.
 pub const LORA_WEIGHT: (f64, f64) = (-4.0, 4.0);
 pub const LORA_WEIGHT_DEFAULT: f64 = 1.0;
 pub const STEPS: (i64, i64) = (1, 100);
@@ -242,6 +242,7 @@ const HANDLED: &[&str] = &[
     "taskType",
     "lora",
     "vae",
+    "embeddings",
     "taskUUID",
     "positivePrompt",
     "negativePrompt",
@@ -274,7 +275,6 @@ const HANDLED: &[&str] = &[
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("controlNet", "ControlNet guidance"),
     ("lycoris", "LyCORIS adapters"),
-    ("embeddings", "textual inversion embeddings"),
     ("ipAdapters", "IP-Adapters"),
     ("refiner", "refiner models"),
     ("usePromptWeighting", "prompt weighting syntax"),
@@ -519,6 +519,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.loras = fields.loras(state, &model)?;
     request.vae = fields.vae(state, &model)?;
     request.prompt_weighting = prompt_weighting;
+    request.embeddings = fields.embeddings(state, &model)?;
 
     Ok(InferenceTask {
         task_uuid,
@@ -672,14 +673,44 @@ impl Fields<'_> {
         state: &AppState,
         model: &ModelEntry,
     ) -> Result<Vec<(String, f64)>, RunwareError> {
-        let Some(value) = self.get("lora") else {
+        let requested =
+            self.weighted_models("lora", "a LoRA AIR id such as civitai:132942@146296")?;
+        state
+            .lora_set("lora", model, &requested)
+            .map_err(RunwareError::from_job)
+    }
+
+    /// `embeddings`: `[{model, weight}]`, each `model` a registered textual inversion embedding
+    /// (AIR id or alias) of the task model's family, `weight` -4..4 (default 1).
+    fn embeddings(
+        &self,
+        state: &AppState,
+        model: &ModelEntry,
+    ) -> Result<Vec<(String, f64)>, RunwareError> {
+        let requested = self.weighted_models(
+            "embeddings",
+            "an embedding AIR id such as civitai:7808@9208",
+        )?;
+        state
+            .embedding_set("embeddings", model, &requested)
+            .map_err(RunwareError::from_job)
+    }
+
+    /// A `[{model, weight}]` list (`lora`, `embeddings`): each `model` a string, each `weight`
+    /// in -4..4 (default 1); errors name `field`.
+    fn weighted_models(
+        &self,
+        field: &str,
+        example: &str,
+    ) -> Result<Vec<(String, Option<f64>)>, RunwareError> {
+        let Some(value) = self.get(field) else {
             return Ok(Vec::new());
         };
         let shape = || {
             RunwareError::invalid(
-                "lora",
+                field,
                 format!(
-                    "`lora` must be an array of {{model, weight}} objects. Given: {}",
+                    "`{field}` must be an array of {{model, weight}} objects. Given: {}",
                     kind_of(value)
                 ),
             )
@@ -687,7 +718,8 @@ impl Fields<'_> {
         let Value::Array(items) = value else {
             return Err(shape());
         };
-        let as_lora = |e: JobError| RunwareError::from_job(e.with_parameter("lora"));
+        let as_field = |e: JobError| RunwareError::from_job(e.with_parameter(field));
+        let (model_field, weight_field) = (format!("{field}.model"), format!("{field}.weight"));
         let mut requested = Vec::with_capacity(items.len());
         for item in items {
             let Value::Object(obj) = item else {
@@ -695,29 +727,27 @@ impl Fields<'_> {
             };
             let item = Fields(obj);
             let name = match item.get("model") {
-                Some(v) => params::string_value("lora.model", v).map_err(as_lora)?,
+                Some(v) => params::string_value(&model_field, v).map_err(as_field)?,
                 None => None,
             }
             .ok_or_else(|| {
                 RunwareError::missing(
-                    "lora",
-                    "each `lora` item needs `model`: a LoRA AIR id such as civitai:132942@146296",
+                    field,
+                    format!("each `{field}` item needs `model`: {example}"),
                 )
             })?;
             let weight = match item.get("weight") {
-                Some(v) => params::f64_value("lora.weight", v).map_err(as_lora)?,
+                Some(v) => params::f64_value(&weight_field, v).map_err(as_field)?,
                 None => None,
             };
             let weight = match weight {
-                Some(w) => params::check_range("lora.weight", w, LORA_WEIGHT.0, LORA_WEIGHT.1)
-                    .map_err(as_lora)?,
+                Some(w) => params::check_range(&weight_field, w, LORA_WEIGHT.0, LORA_WEIGHT.1)
+                    .map_err(as_field)?,
                 None => LORA_WEIGHT_DEFAULT,
             };
             requested.push((name, Some(weight)));
         }
-        state
-            .lora_set("lora", model, &requested)
-            .map_err(RunwareError::from_job)
+        Ok(requested)
     }
 
     /// `vae`: a registered VAE (AIR id or alias) for the task model's latent space.
