@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::controlnet::{self, ControlNetUnit};
 use super::inpaint::{self, MaskImage, Outpaint};
 use crate::schedulers::SchedulerSpec;
 use crate::{Error, Result};
@@ -52,6 +53,8 @@ pub struct GenerationRequest {
     /// LoRAs to merge into the model for this request: registry id (or alias) and weight
     /// (negative weights subtract). The empty list runs the plain model.
     pub loras: Vec<(String, f64)>,
+    /// ControlNets guiding this request, their residuals summed (empty: none).
+    pub controlnets: Vec<ControlNetUnit>,
 }
 
 impl GenerationRequest {
@@ -73,6 +76,7 @@ impl GenerationRequest {
             outpaint: None,
             latents: None,
             loras: Vec::new(),
+            controlnets: Vec::new(),
         }
     }
 
@@ -130,6 +134,7 @@ impl GenerationRequest {
             }
         }
         inpaint::check(self)?;
+        controlnet::check(&self.controlnets)?;
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,
