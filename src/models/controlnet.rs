@@ -312,6 +312,7 @@ impl ControlNetModel {
     /// `ramp` (diffusers' guess mode) the scales instead rise geometrically from 0.1 x `scale` on
     /// the first skip to `scale` on the middle block (`logspace(-1, 0)`), so coarse features
     /// dominate.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         sample: &Tensor,
