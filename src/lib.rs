@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod models;
 pub mod pipeline;
+pub mod preprocess;
 pub mod registry;
 pub mod schedulers;
 pub mod store;

@@ -9,7 +9,9 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 use sd_serve::pipeline::{GenerationRequest, InitImage, PromptEmbedding, StableDiffusion, Vae};
-use sd_serve::registry::{Location, LoraSource, ModelSource, Registry, VaeSource};
+use sd_serve::registry::{
+    ControlNetSource, Location, LoraSource, ModelSource, Registry, VaeSource,
+};
 use sd_serve::schedulers::SchedulerSpec;
 use sd_serve::weights::embeddings::TextualInversion;
 use sd_serve::weights::lora::{merge_loras, Lora};
@@ -309,6 +311,22 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
             format!("\taliases: {}", vae.aliases.join(", "))
         };
         println!("{}\tvae {}\t{source}{aliases}", vae.id, vae.family);
+    }
+    for net in registry.controlnets() {
+        let source = match &net.source {
+            ControlNetSource::Folder(path) => path.display().to_string(),
+            ControlNetSource::Hub { repo, revision } => format!("hf:{repo}@{revision}"),
+        };
+        let aliases = if net.aliases.is_empty() {
+            String::new()
+        } else {
+            format!("\taliases: {}", net.aliases.join(", "))
+        };
+        let preprocessor = net.preprocessor.as_deref().unwrap_or("-");
+        println!(
+            "{}\tcontrolnet {}\t{source}\tpreprocessor {preprocessor}{aliases}",
+            net.id, net.family
+        );
     }
     Ok(())
 }

@@ -8,8 +8,10 @@
 //! merges. An `[[embedding]]` entry is a textual inversion embedding, named the same way, with
 //! the token that calls it up in prompts. A `[[vae]]` entry names a VAE a request may use instead
 //! of the model's own: a diffusers `AutoencoderKL` folder (`path`) or hub repo (`hf`), or a single
-//! `.safetensors` file (`file`, local or inside an `hf` repo). The format is documented in the
-//! shipped `models.toml`.
+//! `.safetensors` file (`file`, local or inside an `hf` repo). A `[[controlnet]]` entry names a
+//! diffusers ControlNet folder (`path`, or an `hf` repo holding `config.json` +
+//! `diffusion_pytorch_model.safetensors`) with its family and the preprocessor its control images
+//! come from. The format is documented in the shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -111,6 +113,116 @@ struct RegistryToml {
     vaes: Vec<VaeToml>,
     #[serde(default, rename = "embedding")]
     embeddings: Vec<EmbeddingToml>,
+    #[serde(default, rename = "controlnet")]
+    controlnets: Vec<ControlNetToml>,
+}
+
+/// Where a ControlNet's diffusers folder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlNetSource {
+    /// A local folder with `config.json` and the weights.
+    Folder(PathBuf),
+    /// A hub repo whose root is such a folder.
+    Hub { repo: String, revision: String },
+}
+
+/// One ControlNet the registry knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family of models the ControlNet was trained with; other families refuse it.
+    pub family: Family,
+    pub source: ControlNetSource,
+    /// The kind of control image it reads ("canny", "depth", "openpose", ...): what a dialect's
+    /// preprocessor name selects and what `auto_hint` runs.
+    pub preprocessor: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlNetToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    path: Option<String>,
+    hf: Option<String>,
+    revision: Option<String>,
+    preprocessor: Option<String>,
+    description: Option<String>,
+}
+
+impl ControlNetToml {
+    fn into_entry(self, base: &Path) -> Result<ControlNetEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, controlnet `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        let source = match (self.path, self.hf) {
+            (Some(path), None) => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                ControlNetSource::Folder(base.join(path))
+            }
+            (None, Some(repo)) => {
+                check_repo_id(&repo).map_err(bad)?;
+                ControlNetSource::Hub {
+                    repo,
+                    revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
+                }
+            }
+            _ => return Err(bad("give exactly one of `path` and `hf`".into())),
+        };
+        Ok(ControlNetEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            preprocessor: self.preprocessor.map(|p| p.to_ascii_lowercase()),
+            description: self.description,
+        })
+    }
+}
+
+impl ControlNetEntry {
+    /// The local folder of the ControlNet, its two files fetched from the hub when needed (hub
+    /// settings from the environment, see [`HubOptions::from_env`]).
+    pub fn local_dir(&self) -> Result<PathBuf> {
+        let dir = match &self.source {
+            ControlNetSource::Folder(path) => path.clone(),
+            ControlNetSource::Hub { repo, revision } => {
+                let hub = HubOptions::from_env()?;
+                let repo = HubRepo::new(&hub, repo, revision)?;
+                let config = repo.get("config.json")?;
+                repo.get("diffusion_pytorch_model.safetensors")?;
+                config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| Error::model("hub file without a folder"))?
+            }
+        };
+        if !dir.join("config.json").is_file() {
+            return Err(Error::model(format!(
+                "controlnet `{}`: {} has no config.json",
+                self.id,
+                dir.display()
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// Whether this ControlNet reads images made by the named preprocessor.
+    pub fn expects(&self, preprocessor: &str) -> bool {
+        self.preprocessor
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case(preprocessor))
+    }
 }
 
 /// Where a LoRA file is.
@@ -697,6 +809,7 @@ pub struct Registry {
     loras: Vec<LoraEntry>,
     vaes: Vec<VaeEntry>,
     embeddings: Vec<EmbeddingEntry>,
+    controlnets: Vec<ControlNetEntry>,
 }
 
 impl Registry {
@@ -732,6 +845,9 @@ impl Registry {
         }
         for raw in parsed.embeddings {
             reg.add_embedding(raw.into_entry(base)?)?;
+        }
+        for raw in parsed.controlnets {
+            reg.add_controlnet(raw.into_entry(base)?)?;
         }
         Ok(reg)
     }
@@ -830,6 +946,10 @@ impl Registry {
             self.embeddings.retain(|e| e.id != entry.id);
             self.add_embedding(entry)?;
         }
+        for entry in other.controlnets {
+            self.controlnets.retain(|e| e.id != entry.id);
+            self.add_controlnet(entry)?;
+        }
         Ok(())
     }
 
@@ -881,6 +1001,64 @@ impl Registry {
                 "unknown embedding `{name}` (ids are case-sensitive). Known embeddings: {known}"
             ))
         })
+    }
+
+    /// Adds a ControlNet entry; its id and aliases must not collide with known ControlNet names.
+    pub fn add_controlnet(&mut self, entry: ControlNetEntry) -> Result<()> {
+        let mut seen = HashSet::new();
+        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::model(format!(
+                    "controlnet `{}` lists the name `{name}` twice",
+                    entry.id
+                )));
+            }
+            if let Some(other) = self.controlnet(name) {
+                return Err(Error::model(format!(
+                    "controlnet name `{name}` is used by both `{}` and `{}`",
+                    other.id, entry.id
+                )));
+            }
+        }
+        self.controlnets.push(entry);
+        Ok(())
+    }
+
+    pub fn controlnets(&self) -> impl Iterator<Item = &ControlNetEntry> {
+        self.controlnets.iter()
+    }
+
+    /// The ControlNet whose id or alias is exactly `name`.
+    pub fn controlnet(&self, name: &str) -> Option<&ControlNetEntry> {
+        self.controlnets.iter().find(|e| e.id == name).or_else(|| {
+            self.controlnets
+                .iter()
+                .find(|e| e.aliases.iter().any(|a| a == name))
+        })
+    }
+
+    /// Looks up a registered ControlNet id or alias (never a path); an unknown name is an
+    /// invalid request listing the known ControlNets.
+    pub fn resolve_controlnet(&self, name: &str) -> Result<ControlNetEntry> {
+        self.controlnet(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.controlnets.iter().map(|e| e.id.as_str()).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Error::invalid(format!(
+                "unknown ControlNet `{name}` (ids are case-sensitive). Known ControlNets: {known}"
+            ))
+        })
+    }
+
+    /// The ControlNet for `family` that reads `preprocessor` images (the first registered), for
+    /// dialects that name a control type instead of a model.
+    pub fn controlnet_for(&self, family: Family, preprocessor: &str) -> Option<&ControlNetEntry> {
+        self.controlnets
+            .iter()
+            .find(|e| e.family == family && e.expects(preprocessor))
     }
 
     pub fn loras(&self) -> impl Iterator<Item = &LoraEntry> {
@@ -1462,6 +1640,30 @@ mod tests {
         assert!(e.contains("exactly one source"), "{e}");
         let t = "[[model]]\nid = \"x\"\n";
         assert!(Registry::from_toml_str(t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn controlnet_entries() {
+        let t = "[[controlnet]]\nid = \"cn\"\naliases = [\"civitai:9@9\"]\nfamily = \"sd1\"\n\
+                 path = \"cn-folder\"\npreprocessor = \"Canny\"\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let e = reg.resolve_controlnet("civitai:9@9").unwrap();
+        assert_eq!(e.id, "cn");
+        assert_eq!(
+            e.source,
+            ControlNetSource::Folder(PathBuf::from("/m/cn-folder"))
+        );
+        assert!(e.expects("canny"));
+        assert_eq!(
+            reg.controlnet_for(Family::Sd1, "canny")
+                .map(|e| e.id.as_str()),
+            Some("cn")
+        );
+        assert!(reg.controlnet_for(Family::Sdxl, "canny").is_none());
+        let err = reg.resolve_controlnet("nope").unwrap_err().to_string();
+        assert!(err.contains("Known ControlNets: cn"), "{err}");
+        let both = "[[controlnet]]\nid = \"a\"\nfamily = \"sd1\"\npath = \"x\"\nhf = \"o/r\"\n";
+        assert!(Registry::from_toml_str(both, Path::new("/m")).is_err());
     }
 
     #[test]

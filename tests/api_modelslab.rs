@@ -513,7 +513,7 @@ async fn bad_input_names_the_field_and_the_limit() {
         (
             TEXT2IMG,
             with("controlnet_model", json!("canny")),
-            "`controlnet_model` is not supported yet",
+            "send the request to the controlnet endpoint",
         ),
         (
             TEXT2IMG,
@@ -543,12 +543,12 @@ async fn bad_input_names_the_field_and_the_limit() {
         (
             "/api/v6/images/controlnet",
             ok.clone(),
-            "`controlnet_model` is not supported yet",
+            "`controlnet_model` is required",
         ),
         (
             "/api/v5/controlnet",
-            ok.clone(),
-            "`controlnet_model` is not supported yet",
+            with("controlnet_model", json!("canny")),
+            "`init_image` (or `control_image`) is required for controlnet",
         ),
         // Dreambooth routes run a named model.
         (

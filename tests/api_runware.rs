@@ -691,7 +691,7 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
         (json!({"lora": {"model": "x"}}), "invalidLora", "lora"),
         (
             json!({"controlNet": [{"model": "x", "guideImage": "y"}]}),
-            "unsupportedParameter",
+            "invalidControlNet",
             "controlNet",
         ),
         (json!({"maskImage": "abc"}), "missingSeedImage", "seedImage"),

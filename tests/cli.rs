@@ -189,6 +189,11 @@ fn models_lists_the_registry() {
         stdout.contains("tiny-sd15-lora-kohya\tlora sd1\t"),
         "LoRAs are listed: {stdout}"
     );
+    assert!(
+        stdout.contains("tiny-sd15-controlnet-a\tcontrolnet sd1\t")
+            && stdout.contains("preprocessor canny"),
+        "ControlNets are listed: {stdout}"
+    );
     let builtin = sd_serve().arg("models").output().unwrap();
     assert!(builtin.status.success());
     assert!(String::from_utf8_lossy(&builtin.stdout).contains("stable-diffusion-xl-base-1.0"));

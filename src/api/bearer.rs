@@ -24,6 +24,12 @@
 //! image is resized to the output size (Lanczos3). The documentation lists `negative_prompt`
 //! for `/control` only; `/generate` accepts it too.
 //!
+//! `/control` starts from the uploaded image (img2img, see [`img2img_strength`]); when the
+//! registry has a canny ControlNet for the model's family, the image's Canny edges also guide
+//! every step through it at conditioning scale `control_strength` (diffusers'
+//! ControlNet img2img pipeline), so the outlines of the upload hold while the prompt repaints
+//! it. The `X-ControlNet` header names the ControlNet that ran.
+//!
 //! # Responses
 //!
 //! Success: `200`, `Content-Type: image/png`, the PNG bytes of one image. Headers a client may
@@ -63,10 +69,11 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{Map, Value};
 
+use super::control;
 use super::media::{self, ImageInput, MediaError};
 use super::output::{JobError, JobErrorKind, OutputSpec};
 use super::{auth, params, random_seed, AppState};
-use crate::pipeline::{GenerationRequest, InitImage};
+use crate::pipeline::{ControlNetUnit, GenerationRequest, InitImage};
 use crate::registry::ModelEntry;
 use crate::store::TEMP_LINK_TTL;
 
@@ -378,8 +385,24 @@ async fn control_image(state: AppState, request: Request) -> Result<Response, Be
     )?;
     let strength = img2img_strength(control_strength, request.steps);
     let denoising_steps = ((request.steps as f64 * strength) as usize).min(request.steps);
-    request.init_image = Some(InitImage { image, strength });
     let mut headers = HeaderMap::new();
+    // The family's canny ControlNet, where one is registered, keeps the upload's outlines.
+    if let Ok(net) = state.controlnet_of_type("image", &entry, "canny") {
+        let edges = control::run_preprocessor(
+            "image",
+            crate::preprocess::Preprocessor::CANNY,
+            image.clone(),
+        )
+        .await?;
+        request.controlnets.push(ControlNetUnit {
+            scale: control_strength,
+            ..ControlNetUnit::new(net.id.clone(), edges)
+        });
+        if let Ok(value) = HeaderValue::from_str(&net.id) {
+            headers.insert(HeaderName::from_static("x-controlnet"), value);
+        }
+    }
+    request.init_image = Some(InitImage { image, strength });
     headers.insert(
         HeaderName::from_static("x-denoising-steps"),
         HeaderValue::from(denoising_steps),

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod bearer;
+pub mod control;
 pub mod media;
 pub mod modelslab;
 pub mod output;

@@ -18,6 +18,10 @@
 //! [`LCM_STEPS`] steps at guidance [`LCM_GUIDANCE`] (see there for why and for the client values
 //! that are kept), and the credit cost is that of the same request without `lcm`, halved by
 //! `pricing.lcm_factor`.
+//!
+//! `controlnet=canny` turns `init_image_file` into Canny edges that guide a text-to-image run
+//! through the model family's registered canny ControlNet (`image_strength` then has no
+//! effect, as documented); `depth` and `openpose` need detection models and are refused by name.
 
 use std::collections::HashMap;
 
@@ -31,10 +35,11 @@ use image::imageops::FilterType;
 use image::RgbImage;
 use serde::Serialize;
 
+use super::control;
 use super::media::{self, ImageInput, MediaError};
 use super::output::{JobError, JobErrorKind, OutputSpec};
 use super::{params, random_seed, AppState};
-use crate::pipeline::{GenerationRequest, InitImage};
+use crate::pipeline::{ControlNetUnit, GenerationRequest, InitImage};
 use crate::registry::ModelEntry;
 use crate::schedulers::{SchedulerKind, SchedulerSpec};
 
@@ -366,7 +371,17 @@ async fn run_inference(state: &AppState, request: Request) -> Result<InferenceRe
             .await
             .map_err(media_error)?;
         let image = fit_init_image(image, request.width, request.height).await?;
-        request.init_image = Some(InitImage { image, strength });
+        match &parsed.controlnet {
+            // With a ControlNet the upload is the control: its edges, no img2img start.
+            Some(id) => {
+                let preprocessor = control::preprocessor("controlnet", "canny")?;
+                let edges = control::run_preprocessor("controlnet", preprocessor, image).await?;
+                request
+                    .controlnets
+                    .push(ControlNetUnit::new(id.clone(), edges));
+            }
+            None => request.init_image = Some(InitImage { image, strength }),
+        }
     }
     let (num_images, width, height, steps) = (
         request.num_images,
@@ -445,6 +460,8 @@ struct Parsed {
     /// The steps the request is priced at: those it would run without `lcm`.
     priced_steps: usize,
     image_strength: f64,
+    /// `controlnet`: the registry id of the ControlNet the init image's edges guide.
+    controlnet: Option<String>,
 }
 
 fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<Parsed, ApiError> {
@@ -496,20 +513,28 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
         Some(lora) => state.lora_set("lora", entry, &[(lora.to_string(), Some(lora_scale))])?,
         None => Vec::new(),
     };
-    // ControlNet is documented but not implemented: refuse rather than ignore.
-    if let Some(controlnet) = form.non_empty("controlnet") {
-        if CONTROLNETS.contains(&controlnet.to_ascii_lowercase().as_str()) {
-            return Err(JobError::not_supported(
-                "controlnet",
-                &format!("ControlNet `{controlnet}` cannot be applied; leave `controlnet` empty"),
-            )
-            .into());
+    let controlnet = match form.non_empty("controlnet") {
+        Some(name) => {
+            let lower = name.to_ascii_lowercase();
+            if !CONTROLNETS.contains(&lower.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "`controlnet` must be one of {}. Given: {name:?}",
+                    CONTROLNETS.join(", ")
+                )));
+            }
+            // The control image is the init image's preprocessed form: refused before any work
+            // when the preprocessor or the ControlNet is not available.
+            control::preprocessor("controlnet", &lower)?;
+            if form.init_image.is_none() {
+                return Err(ApiError::bad_request(format!(
+                    "`controlnet` = {lower} needs `{INIT_IMAGE_FIELD}`: the image whose edges \
+                     guide the generation"
+                )));
+            }
+            Some(state.controlnet_of_type("controlnet", entry, &lower)?.id)
         }
-        return Err(ApiError::bad_request(format!(
-            "`controlnet` must be one of {}. Given: {controlnet:?}",
-            CONTROLNETS.join(", ")
-        )));
-    }
+        None => None,
+    };
 
     let image_strength = number(form, "image_strength")?.unwrap_or(DEFAULT_IMAGE_STRENGTH);
     if !(image_strength > 0.0 && image_strength <= 1.0) {
@@ -517,7 +542,7 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
             "`image_strength` must be > 0 and <= 1. Given: {image_strength}"
         )));
     }
-    if form.init_image.is_some() && (steps as f64 * image_strength) < 1.0 {
+    if form.init_image.is_some() && controlnet.is_none() && (steps as f64 * image_strength) < 1.0 {
         return Err(ApiError::bad_request(format!(
             "`image_strength` {image_strength} with {steps} `steps` runs no denoising step: \
              `steps` x `image_strength` must be at least 1"
@@ -542,6 +567,7 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
         lcm,
         priced_steps,
         image_strength,
+        controlnet,
     })
 }
 

@@ -18,6 +18,9 @@
 //!
 //! Textual inversion embeddings change no weight: each job's embeddings are read (files kept
 //! parsed per worker) and handed to the model for that job's prompts only.
+//!
+//! ControlNets a job names are loaded beside the models and kept (the most recently used few)
+//! for the next jobs.
 
 mod cache;
 mod queue;
@@ -31,10 +34,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
+use crate::models::controlnet::ControlNetModel;
 use crate::pipeline::{
     images, request, Canvas, GenerationRequest, PromptEmbedding, StableDiffusion, Vae,
 };
-use crate::registry::{EmbeddingEntry, LoraEntry, ModelEntry, Registry, VaeEntry};
+use crate::registry::{ControlNetEntry, EmbeddingEntry, LoraEntry, ModelEntry, Registry, VaeEntry};
 use crate::weights::embeddings::TextualInversion;
 use crate::weights::lora::{merge_loras, Lora, MergedLoras};
 use crate::weights::{Family, PipelineFiles};
@@ -292,6 +296,7 @@ impl Engine {
             .and_then(|()| self.check_loras(&job))
             .and_then(|()| self.check_vae_and_lcm(&job))
             .and_then(|()| self.check_embeddings(&job))
+            .and_then(|()| self.check_controlnets(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -364,6 +369,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Every ControlNet of the job is registered and, where the model's family is declared,
+    /// fits it.
+    fn check_controlnets(&self, job: &Job) -> Result<()> {
+        let family = self.registry.get(&job.model).and_then(|e| e.family);
+        for unit in &job.request.controlnets {
+            let entry = self.registry.resolve_controlnet(&unit.model)?;
+            if let Some(family) = family {
+                check_controlnet_family(&entry, &job.model, family)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             model_loads: self.shared.model_loads.load(Ordering::Relaxed),
@@ -424,6 +442,7 @@ fn run_worker(
     let mut lora_files = Recent::new(LORA_FILES_KEPT);
     let mut vaes = Recent::new(VAES_KEPT);
     let mut embedding_files = Recent::new(EMBEDDING_FILES_KEPT);
+    let mut controlnets = ControlNets::new(CONTROLNETS_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
         let (loads, evictions) = (cache.loads(), cache.evictions());
@@ -492,8 +511,69 @@ fn run_worker(
             })
             .collect::<Result<Vec<_>>>()?;
         model.model.set_embeddings(&embeddings)?;
-        run_job(&model.model, job, &shared.abort)
+        let nets = job
+            .request
+            .controlnets
+            .iter()
+            .map(|unit| {
+                let net = registry.resolve_controlnet(&unit.model)?;
+                check_controlnet_family(&net, &entry.id, model.files.family)?;
+                controlnets.get(&net, device, dtype)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        run_job(&model.model, &nets, job, &shared.abort)
     });
+}
+
+/// ControlNets a worker keeps loaded, so a run of jobs with the same control loads it once.
+const CONTROLNETS_KEPT: usize = 4;
+
+/// A ControlNet trained with one family asked of a model of another is the client's mistake.
+fn check_controlnet_family(net: &ControlNetEntry, model: &str, family: Family) -> Result<()> {
+    if net.family == family {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "ControlNet `{}` is for {} models, but model `{model}` is {family}",
+        net.id, net.family
+    )))
+}
+
+/// Loaded ControlNets by registry id, the least recently used dropped beyond `capacity`.
+struct ControlNets {
+    capacity: usize,
+    /// Oldest first.
+    entries: Vec<(String, Arc<ControlNetModel>)>,
+}
+
+impl ControlNets {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Vec::new(),
+        }
+    }
+
+    fn get(
+        &mut self,
+        entry: &ControlNetEntry,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Arc<ControlNetModel>> {
+        if let Some(at) = self.entries.iter().position(|(id, _)| *id == entry.id) {
+            let hit = self.entries.remove(at);
+            let net = hit.1.clone();
+            self.entries.push(hit);
+            return Ok(net);
+        }
+        let net = Arc::new(ControlNetModel::load(&entry.local_dir()?, device, dtype)?);
+        tracing::info!(controlnet = entry.id, "ControlNet loaded");
+        if self.entries.len() >= self.capacity.max(1) {
+            self.entries.remove(0);
+        }
+        self.entries.push((entry.id.clone(), net.clone()));
+        Ok(net)
+    }
 }
 
 /// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
@@ -705,7 +785,12 @@ fn cached_model<'c>(
 }
 
 /// Denoises the job's images together, then decodes and sends them one by one.
-fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Result<()> {
+fn run_job(
+    model: &StableDiffusion,
+    controlnets: &[Arc<ControlNetModel>],
+    job: &QueuedJob,
+    abort: &AtomicBool,
+) -> Result<()> {
     let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
     if !keep_going() {
         return Err(Error::Cancelled);
@@ -717,7 +802,8 @@ fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Resu
         job.send(JobEvent::Progress { step, total });
         true
     };
-    let latents = model.denoise_latents(&job.request, &mut progress)?;
+    let nets: Vec<&ControlNetModel> = controlnets.iter().map(Arc::as_ref).collect();
+    let latents = model.denoise_latents_controlled(&job.request, &nets, &mut progress)?;
     // Outpainting and `maskMargin` blend each generated picture back into the seed image.
     let canvas = Canvas::for_request(&job.request)?.filter(Canvas::pastes_back);
     for (index, seed) in job.request.seeds().into_iter().enumerate() {

@@ -2,6 +2,7 @@
 //! `config.json`, constructors taking a `VarBuilder` over diffusers-named weights.
 
 pub mod clip;
+pub mod controlnet;
 pub mod layers;
 pub mod unet;
 pub mod vae;

@@ -12,6 +12,17 @@ pub fn image_to_tensor(
     height: usize,
     device: &Device,
 ) -> Result<Tensor> {
+    Ok(image_to_unit_tensor(image, width, height, device)?.affine(2.0, -1.0)?)
+}
+
+/// An RGB image as a `[1, 3, H, W]` tensor in 0..1 (diffusers' control image processor, which
+/// does not normalise), resized (Lanczos) to `width` x `height` first when its size differs.
+pub fn image_to_unit_tensor(
+    image: &image::RgbImage,
+    width: usize,
+    height: usize,
+    device: &Device,
+) -> Result<Tensor> {
     let resized;
     let image = if image.width() as usize != width || image.height() as usize != height {
         resized = image::imageops::resize(
@@ -24,11 +35,7 @@ pub fn image_to_tensor(
     } else {
         image
     };
-    let data: Vec<f32> = image
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
-        .collect();
+    let data: Vec<f32> = image.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
     let t = Tensor::from_vec(data, (height, width, 3), device)?
         .permute((2, 0, 1))?
         .unsqueeze(0)?;

@@ -2,6 +2,7 @@
 //! classifier-free guidance, decoding. txt2img and img2img are one loop with different starts.
 
 pub mod conditioning;
+pub mod controlnet;
 pub mod images;
 pub mod inpaint;
 pub mod noise;
@@ -13,6 +14,7 @@ pub mod weighting;
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::controlnet::ControlNetModel;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, AutoencoderKlConfig};
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerSpec};
@@ -20,6 +22,7 @@ use crate::weights::{Component, Family, PipelineFiles, TokenizerFiles};
 use crate::{Error, Result};
 
 use conditioning::{PromptEmbeddings, TextEncoder};
+pub use controlnet::{ControlMode, ControlNetUnit};
 pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
@@ -402,7 +405,17 @@ impl StableDiffusion {
         req: &GenerationRequest,
         progress: Progress,
     ) -> Result<GenerationOutput> {
-        let latents = self.denoise_latents(req, progress)?;
+        self.generate_controlled(req, &[], progress)
+    }
+
+    /// [`Self::generate`] with the loaded ControlNets of `req.controlnets`, in the same order.
+    pub fn generate_controlled(
+        &self,
+        req: &GenerationRequest,
+        controlnets: &[&ControlNetModel],
+        progress: Progress,
+    ) -> Result<GenerationOutput> {
+        let latents = self.denoise_latents_controlled(req, controlnets, progress)?;
         let mut images = self.decode(&latents)?;
         if let Some(canvas) = inpaint::Canvas::for_request(req)?.filter(|c| c.pastes_back()) {
             let finished: Vec<_> = images::unit_to_rgb(&images)?
@@ -419,13 +432,23 @@ impl StableDiffusion {
 
     /// The denoising part of [`Self::generate`]: the final latents, before decoding.
     pub fn denoise_latents(&self, req: &GenerationRequest, progress: Progress) -> Result<Tensor> {
+        self.denoise_latents_controlled(req, &[], progress)
+    }
+
+    /// [`Self::denoise_latents`] with the loaded ControlNets of `req.controlnets`.
+    pub fn denoise_latents_controlled(
+        &self,
+        req: &GenerationRequest,
+        controlnets: &[&ControlNetModel],
+        progress: Progress,
+    ) -> Result<Tensor> {
         req.validate()?;
         let spec = match (&req.scheduler, &self.default_scheduler) {
             (Some(spec), _) | (None, Ok(spec)) => spec,
             (None, Err(why)) => return Err(Error::Scheduler(why.clone())),
         };
         let scheduler = schedulers::build(spec, &self.scheduler_config, req.steps)?;
-        self.denoise_latents_with(req, scheduler, progress)
+        self.denoise_latents_with_controls(req, scheduler, controlnets, progress)
     }
 
     /// The model's own scheduler config (`scheduler_config.json`), which request options override.
@@ -438,10 +461,28 @@ impl StableDiffusion {
     pub fn denoise_latents_with(
         &self,
         req: &GenerationRequest,
+        scheduler: Box<dyn Scheduler>,
+        progress: Progress,
+    ) -> Result<Tensor> {
+        self.denoise_latents_with_controls(req, scheduler, &[], progress)
+    }
+
+    /// [`Self::denoise_latents_with`] with the loaded ControlNets of `req.controlnets`, in order.
+    pub fn denoise_latents_with_controls(
+        &self,
+        req: &GenerationRequest,
         mut scheduler: Box<dyn Scheduler>,
+        controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
         req.validate()?;
+        let controls = controlnet::prepare(
+            &req.controlnets,
+            controlnets,
+            req.width,
+            req.height,
+            self.unet.needs_added_conditions(),
+        )?;
         // diffusers turns guidance off at scale <= 1 (one UNet pass instead of two).
         let guided = req.guidance_scale > 1.0;
         let cond = self.conditioning(req, guided)?;
@@ -568,12 +609,28 @@ impl StableDiffusion {
                 latents.clone()
             };
             let mut model_input = scheduler.scale_model_input(&model_input, index)?;
+            let control = controlnet::residuals(
+                &controls,
+                index - start,
+                total,
+                &model_input,
+                t,
+                &cond.hidden,
+                cond.added.as_ref(),
+                guided,
+                req.num_images,
+            )?;
             if let Some(extra) = &unet_extra {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
-            let prediction =
-                self.unet
-                    .forward(&model_input, t, &cond.hidden, cond.added.as_ref())?;
+            let prediction = self.unet.forward_with_residuals(
+                &model_input,
+                t,
+                &cond.hidden,
+                cond.added.as_ref(),
+                control.as_ref().map(|c| c.down.as_slice()),
+                control.as_ref().map(|c| &c.mid),
+            )?;
             let prediction = if guided {
                 let n = req.num_images;
                 let uncond = prediction.narrow(0, 0, n)?;

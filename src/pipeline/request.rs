@@ -5,6 +5,7 @@
 
 use candle_core::Tensor;
 
+use super::controlnet::{self, ControlNetUnit};
 use super::inpaint::{self, MaskImage, Outpaint};
 use crate::schedulers::SchedulerSpec;
 use crate::{Error, Result};
@@ -65,6 +66,8 @@ pub struct GenerationRequest {
     /// multiplies the vectors (0 leaves the embedding out). See
     /// [`super::textual_inversion`] for where their tokens go.
     pub embeddings: Vec<(String, f64)>,
+    /// ControlNets guiding this request, their residuals summed (empty: none).
+    pub controlnets: Vec<ControlNetUnit>,
 }
 
 impl GenerationRequest {
@@ -90,6 +93,7 @@ impl GenerationRequest {
             lcm_lora: false,
             prompt_weighting: super::PromptWeighting::None,
             embeddings: Vec::new(),
+            controlnets: Vec::new(),
         }
     }
 
@@ -170,6 +174,7 @@ impl GenerationRequest {
         if let Some(negative) = &self.negative_prompt {
             self.prompt_weighting.check_prompt(negative)?;
         }
+        controlnet::check(&self.controlnets)?;
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,

@@ -180,6 +180,24 @@ async fn start(
         ),
         None => None,
     };
+    let control = match &parsed.control {
+        Some(spec) => {
+            let source = match &spec.control_image {
+                Some(image) => {
+                    load_rgb(ImageInput::from_client_string(image.clone()), state.media())
+                        .await
+                        .map_err(|e| {
+                            JobError::invalid("control_image", format!("`control_image`: {e}"))
+                        })?
+                }
+                None => init.clone().ok_or_else(|| {
+                    JobError::invalid("init_image", "`init_image` is required for controlnet")
+                })?,
+            };
+            spec.units(source).await?
+        }
+        None => Vec::new(),
+    };
     let mask = match parsed.mask_image.take() {
         Some(image) => Some(
             load_image(ImageInput::from_client_string(image), state.media())
@@ -193,7 +211,8 @@ async fn start(
     let (temp, instant) = (parsed.temp, parsed.instant);
     let webhook = parsed.webhook.take();
     let track_id = parsed.track_id.take();
-    let (generation, meta) = parsed.into_request(init, mask)?;
+    let (mut generation, meta) = parsed.into_request(init, mask)?;
+    generation.controlnets = control;
     let output = OutputSpec {
         ttl: temp.then_some(TEMP_LINK_TTL),
         ..OutputSpec::default()

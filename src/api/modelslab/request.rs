@@ -3,18 +3,28 @@
 //!
 //! The clients send numbers and booleans as JSON values or as strings ("512", "7.5", "yes");
 //! both are accepted. `vae` names a registry VAE (`[[vae]]`) to decode with. Fields that change
-//! the image and that this server cannot apply yet (ControlNet, upscaling, ...) are refused by name unless they carry their "off"
+//! the image and that this server cannot apply yet (upscaling, ...) are refused by name unless
+//! they carry their "off"
 //! value; flags that only tune the hosted service (`tomesd`, `enhance_prompt`, `multi_lingual`,
 //! `safety_checker`) are accepted and reported in `meta` as not applied ("no").
+//!
+//! The ControlNet endpoints take `controlnet_model` (a comma list of control types such as
+//! `canny`, each served by the model family's registered ControlNet of that type, or registry
+//! ids), `controlnet_conditioning_scale` (one for all, default 1), `guess_mode`, and the control
+//! source: `control_image`, else `init_image`. With `auto_hint: yes` the source is preprocessed
+//! (Canny; model-based preprocessors are refused by name), otherwise it is the control image as
+//! sent. `init_image` becomes an img2img start only when `strength` is given.
 
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Map, Value};
 
+use crate::api::control;
 use crate::api::media::ImageInput;
 use crate::api::output::{JobError, JobErrorKind};
 use crate::api::{params, random_seed, AppState};
 use crate::pipeline::request::VAE_SCALE_FACTOR;
-use crate::pipeline::{GenerationRequest, InitImage, MaskImage};
+use crate::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, InitImage, MaskImage};
+use crate::preprocess::Preprocessor;
 use crate::registry::ModelEntry;
 use crate::schedulers::{DpmAlgorithm, SchedulerConfig, SchedulerKind, SchedulerSpec};
 
@@ -37,6 +47,9 @@ pub const MAX_CLIP_SKIP: i64 = 8;
 pub const DEFAULT_STRENGTH: f64 = 0.7;
 /// Image side when neither the request nor the model's defaults give one.
 pub const DEFAULT_SIDE: usize = 512;
+/// `controlnet_conditioning_scale`: range and default (diffusers' default scale).
+pub const CONTROLNET_SCALE: (f64, f64) = (0.0, 2.0);
+pub const DEFAULT_CONTROLNET_SCALE: f64 = 1.0;
 
 /// What a generation route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +95,43 @@ pub struct Parsed {
     loras: Vec<(String, f64)>,
     /// The registry id of `vae`.
     vae: Option<String>,
+    /// The ControlNet endpoint's settings.
+    pub control: Option<ControlSpec>,
+    /// `strength` was sent (the ControlNet endpoint then runs img2img on `init_image`).
+    pub strength_given: bool,
     /// The effective parameters, reported as `meta`.
     pub meta: Map<String, Value>,
+}
+
+/// What the ControlNet endpoint asks for; the control image is loaded by the handler.
+#[derive(Debug)]
+pub struct ControlSpec {
+    /// Registry id of each ControlNet, with the preprocessor `auto_hint` runs for it.
+    pub units: Vec<(String, Option<Preprocessor>)>,
+    pub scale: f64,
+    pub mode: ControlMode,
+    /// `control_image` as sent; `None`: the init image is the source.
+    pub control_image: Option<String>,
+}
+
+impl ControlSpec {
+    /// The request's ControlNet units for a loaded source image (preprocessed per unit when
+    /// `auto_hint` asked for it).
+    pub async fn units(&self, source: RgbImage) -> Result<Vec<ControlNetUnit>, JobError> {
+        let mut units = Vec::with_capacity(self.units.len());
+        for (id, preprocessor) in &self.units {
+            let image = match preprocessor {
+                Some(p) => control::run_preprocessor("auto_hint", *p, source.clone()).await?,
+                None => source.clone(),
+            };
+            units.push(ControlNetUnit {
+                scale: self.scale,
+                mode: self.mode,
+                ..ControlNetUnit::new(id.clone(), image)
+            });
+        }
+        Ok(units)
+    }
 }
 
 /// Read access to the body's fields; an absent field reads as `null`.
@@ -139,9 +187,6 @@ fn yes_no(b: bool) -> &'static str {
 
 /// Options that change the image and that this server cannot apply yet, refused when set.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("controlnet_model", "ControlNet"),
-    ("controlnet_type", "ControlNet"),
-    ("control_image", "ControlNet"),
     ("embeddings", "textual inversion embeddings"),
     ("embeddings_model", "textual inversion embeddings"),
     ("ip_adapter_id", "IP-Adapter"),
@@ -163,16 +208,110 @@ const ACCEPTED_FLAGS: &[&str] = &[
     "tomesd",
     "enhance_prompt",
     "multi_lingual",
+];
+
+/// The ControlNet fields, used by the ControlNet endpoints only.
+const CONTROLNET_FIELDS: &[&str] = &[
+    "controlnet_model",
+    "controlnet_type",
+    "control_image",
+    "controlnet_conditioning_scale",
     "auto_hint",
     "guess_mode",
 ];
 
-/// Refuses what `endpoint` cannot do at all on this server.
+/// Refuses what `endpoint` cannot do at all on this server (every endpoint runs now).
 pub fn check_endpoint(endpoint: Endpoint) -> Result<(), JobError> {
     match endpoint {
-        Endpoint::ControlNet => Err(JobError::not_supported("controlnet_model", "ControlNet")),
-        Endpoint::Text2Img | Endpoint::Img2Img | Endpoint::Inpaint => Ok(()),
+        Endpoint::ControlNet | Endpoint::Text2Img | Endpoint::Img2Img | Endpoint::Inpaint => Ok(()),
     }
+}
+
+/// The ControlNet endpoint's fields; elsewhere they must be absent (or off).
+fn controlnet(
+    state: &AppState,
+    f: &Fields<'_>,
+    model: &ModelEntry,
+    endpoint: Endpoint,
+) -> Result<Option<ControlSpec>, JobError> {
+    if endpoint != Endpoint::ControlNet {
+        for &field in CONTROLNET_FIELDS {
+            let set = match field {
+                "auto_hint" | "guess_mode" => f.flag(field)? == Some(true),
+                "controlnet_conditioning_scale" => {
+                    f.float(field)?;
+                    false
+                }
+                _ => f.is_set(field),
+            };
+            if set {
+                return Err(JobError::invalid(
+                    field,
+                    format!("`{field}` is used by ControlNet; send the request to the controlnet endpoint"),
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let control_type = f.text("controlnet_type")?;
+    if let Some(t) = &control_type {
+        if !control::is_control_type(t) {
+            return Err(JobError::invalid(
+                "controlnet_type",
+                format!(
+                    "`controlnet_type` must be one of {}. Given: {t:?}",
+                    control::CONTROL_TYPES.join(", ")
+                ),
+            ));
+        }
+    }
+    let names: Vec<String> = match f.text("controlnet_model")? {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => control_type.iter().cloned().collect(),
+    };
+    if names.is_empty() {
+        return Err(JobError::invalid(
+            "controlnet_model",
+            "`controlnet_model` is required: a control type such as canny (comma-separated for \
+             several)",
+        ));
+    }
+    let auto_hint = f.flag("auto_hint")?.unwrap_or(false);
+    let mut units = Vec::with_capacity(names.len());
+    for name in &names {
+        let entry = state.controlnet_by_name("controlnet_model", model, name)?;
+        let preprocessor = if auto_hint {
+            let kind = entry.preprocessor.clone().unwrap_or_else(|| name.clone());
+            Some(control::preprocessor("auto_hint", &kind)?)
+        } else {
+            None
+        };
+        units.push((entry.id, preprocessor));
+    }
+    let scale = match f.float("controlnet_conditioning_scale")? {
+        Some(s) => params::check_range(
+            "controlnet_conditioning_scale",
+            s,
+            CONTROLNET_SCALE.0,
+            CONTROLNET_SCALE.1,
+        )?,
+        None => DEFAULT_CONTROLNET_SCALE,
+    };
+    let mode = if f.flag("guess_mode")?.unwrap_or(false) {
+        ControlMode::ControlNet
+    } else {
+        ControlMode::Balanced
+    };
+    Ok(Some(ControlSpec {
+        units,
+        scale,
+        mode,
+        control_image: f.text("control_image")?,
+    }))
 }
 
 /// Parses a generation body. `model_required`: the route has no default model (dreambooth).
@@ -196,7 +335,6 @@ pub fn parse(
     for &field in ACCEPTED_FLAGS {
         f.flag(field)?;
     }
-    f.float("controlnet_conditioning_scale")?;
 
     let (model_id, model) = model(state, &f, model_required)?;
     let defaults = &model.defaults;
@@ -207,6 +345,7 @@ pub fn parse(
     } else {
         None
     };
+    let control = controlnet(state, &f, &model, endpoint)?;
 
     let prompt = params::string_value("prompt", f.get("prompt"))?.unwrap_or_default();
     if endpoint == Endpoint::Text2Img && prompt.trim().is_empty() {
@@ -293,8 +432,27 @@ pub fn parse(
                 "`init_image` is not used by text2img; send the request to img2img",
             ));
         }
+        Endpoint::ControlNet if mask_image.is_some() => {
+            return Err(JobError::not_supported(
+                "mask_image",
+                "inpainting with ControlNet",
+            ));
+        }
+        Endpoint::ControlNet
+            if init_image.is_none()
+                && control.as_ref().is_some_and(|c| c.control_image.is_none()) =>
+        {
+            return Err(JobError::invalid(
+                "init_image",
+                "`init_image` (or `control_image`) is required for controlnet: the image that \
+                 guides the generation, a link, base64 or a data URI",
+            ));
+        }
         _ => {}
     }
+    // On the ControlNet endpoint the init image is an img2img start only when `strength` says
+    // how much of it to keep; otherwise it is only the control source.
+    let strength_given = !f.get("strength").is_null();
     let strength = match f.float("strength")? {
         Some(s) if !(s > 0.0 && s <= 1.0) => {
             return Err(JobError::invalid(
@@ -349,6 +507,25 @@ pub fn parse(
         put("init_image", json!(init_shown));
         put("strength", json!(strength));
     }
+    if let Some(c) = &control {
+        put("init_image", json!(init_shown));
+        if strength_given {
+            put("strength", json!(strength));
+        }
+        let ids: Vec<&str> = c.units.iter().map(|(id, _)| id.as_str()).collect();
+        put("controlnet_model", json!(ids.join(",")));
+        put("controlnet_type", json!(f.text("controlnet_type")?));
+        put("control_image", json!(shown(&c.control_image)));
+        put("controlnet_conditioning_scale", json!(c.scale));
+        put(
+            "guess_mode",
+            json!(yes_no(c.mode == ControlMode::ControlNet)),
+        );
+        put(
+            "auto_hint",
+            json!(yes_no(c.units.iter().any(|(_, p)| p.is_some()))),
+        );
+    }
     if endpoint == Endpoint::Inpaint {
         put("mask_image", json!(shown(&mask_image)));
     }
@@ -401,6 +578,8 @@ pub fn parse(
         track_id,
         loras,
         vae,
+        control,
+        strength_given,
         meta,
     })
 }
@@ -437,6 +616,9 @@ impl Parsed {
         self.meta.insert("height".into(), json!(height));
         self.meta.insert("W".into(), json!(width));
         self.meta.insert("H".into(), json!(height));
+        // The ControlNet endpoint without `strength` uses the init image for its size and as
+        // the control source only.
+        let init = init.filter(|_| self.control.is_none() || self.strength_given);
         let init_image = init.map(|img| {
             let image = if (img.width() as usize, img.height() as usize) == (width, height) {
                 img

@@ -1,12 +1,14 @@
 //! Runware task arrays: `POST /v1` over HTTP and `GET /v1` upgraded to a WebSocket.
 //!
 //! A payload is a JSON array of task objects, each with a `taskType`: `authentication`, `ping`,
-//! `imageInference`, `imageUpload` and `getResponse` are served. Results are `data` items, one
+//! `imageInference` (with `controlNet`), `imageUpload`, `getResponse` and
+//! `imageControlNetPreProcess` (Canny) are served. Results are `data` items, one
 //! per image; failures are `errors` items naming the task (`taskType`, `taskUUID`), the
 //! parameter and the limit. `task` parses and validates, `run` executes (shared by both
 //! transports), `http` and `ws` speak the transports, `session` keeps WebSocket sessions
 //! resumable.
 
+mod control;
 mod error;
 mod http;
 mod run;

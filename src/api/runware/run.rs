@@ -13,17 +13,18 @@ use base64::Engine as _;
 use image::RgbImage;
 use serde_json::{json, Map, Value};
 
+use super::control::IMAGE_CONTROLNET_PREPROCESS;
 use super::error::{ErrorClass, RunwareError};
 use super::session::{Session, TaskClaim};
 use super::task::{
-    Delivery, GetResponseTask, InferenceTask, OutputType, Task, UploadTask, GET_RESPONSE,
-    IMAGE_INFERENCE, IMAGE_UPLOAD,
+    Delivery, GetResponseTask, InferenceTask, OutputType, PreProcessOutput, Task, UploadTask,
+    GET_RESPONSE, IMAGE_INFERENCE, IMAGE_UPLOAD,
 };
 use crate::api::media::{self, ImageFormat, ImageInput, MediaError};
 use crate::api::output::{JobError, JobErrorKind, OutputSpec, Produced, Running};
 use crate::api::AppState;
 use crate::pipeline::request::InitImage;
-use crate::pipeline::{GenerationRequest, MaskImage, Outpaint};
+use crate::pipeline::{ControlNetUnit, GenerationRequest, MaskImage, Outpaint};
 use crate::store::{ImageId, JobRecord, JobStatus, StoreError};
 
 /// The dialect name of Runware job records.
@@ -96,6 +97,15 @@ pub async fn run(state: &AppState, task: Task, outbox: Arc<dyn Outbox>) {
             }
         }
         Task::GetResponse(task) => outbox.send(get_response(state, &task).await),
+        Task::ControlNetPreProcess(task) => {
+            let uuid = task.task.task_uuid.clone();
+            match preprocess(state, task).await {
+                Ok(item) => outbox.send(Reply::Data(vec![item])),
+                Err(e) => outbox.send(Reply::Error(
+                    e.task(Some(IMAGE_CONTROLNET_PREPROCESS), Some(&uuid)),
+                )),
+            }
+        }
         Task::Authentication(_) | Task::Ping(_) => {}
     }
 }
@@ -157,6 +167,19 @@ impl Admitted {
                 outpainting: task.outpainting,
             };
             fit_seed_image(&mut request, inputs).await?;
+        }
+        for spec in &task.controlnets {
+            let image = load_image(state, "controlNet", &spec.guide_image)
+                .await?
+                .to_rgb8();
+            request.controlnets.push(ControlNetUnit {
+                model: spec.model.clone(),
+                image,
+                scale: spec.weight,
+                start: spec.start,
+                end: spec.end,
+                mode: spec.mode,
+            });
         }
         let cost = task.include_cost.then(|| {
             state.config().pricing.cost(
@@ -589,6 +612,71 @@ async fn upload(state: &AppState, task: UploadTask) -> Result<Value, RunwareErro
         ImageFormat::Png,
         &[],
     ))
+}
+
+/// Runs an `imageControlNetPreProcess` task: the input image's guide image (Canny edges),
+/// stored like an upload so its `guideImageUUID` can be a later `controlNet.guideImage`.
+async fn preprocess(state: &AppState, task: PreProcessOutput) -> Result<Value, RunwareError> {
+    let PreProcessOutput {
+        task,
+        output_types,
+        output_format,
+    } = task;
+    let _claim = claim(state, &task.task_uuid).await?;
+    let input = load_image(state, "inputImage", &task.input_image)
+        .await?
+        .to_rgb8();
+    let input = match task.size {
+        Some((w, h)) if input.dimensions() != (w, h) => tokio::task::spawn_blocking(move || {
+            image::imageops::resize(&input, w, h, image::imageops::FilterType::Lanczos3)
+        })
+        .await
+        .map_err(|e| store_failed(&e.to_string()))?,
+        _ => input,
+    };
+    let guide = crate::api::control::run_preprocessor("preProcessorType", task.preprocessor, input)
+        .await
+        .map_err(RunwareError::from_job)?;
+    let output = OutputSpec {
+        format: output_format,
+        ..OutputSpec::default()
+    };
+    let (id, bytes) = state
+        .store_image(image::DynamicImage::ImageRgb8(guide), output)
+        .await
+        .map_err(RunwareError::from_job)?;
+    let mut item = json!({
+        "taskType": IMAGE_CONTROLNET_PREPROCESS,
+        "taskUUID": task.task_uuid,
+        "guideImageUUID": id.to_string(),
+    });
+    if uuid::Uuid::parse_str(task.input_image.trim()).is_ok() {
+        item["inputImageUUID"] = json!(task.input_image.trim());
+    }
+    let mut record = JobRecord::new(
+        &task.task_uuid,
+        DIALECT,
+        json!({ "taskType": IMAGE_CONTROLNET_PREPROCESS, "taskUUID": task.task_uuid }),
+        None,
+    );
+    record.status = JobStatus::Success;
+    record.result_json = Some(json!({ "outputType": ["URL"], "items": [item.clone()] }));
+    let mut guard = insert_record(state, record).await?;
+    guard.settled = true;
+    let url = state.image_url(id, output_format);
+    // The image fields of a guide image carry a `guide` prefix (`guideImageURL`, ...).
+    let rendered = render(item, &output_types, &url, output_format, &bytes);
+    let renamed = match rendered {
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("image") {
+                Some(rest) => (format!("guideImage{rest}"), v),
+                None => (k, v),
+            })
+            .collect::<Map<String, Value>>(),
+        other => return Ok(other),
+    };
+    Ok(Value::Object(renamed))
 }
 
 /// The results of an earlier task: its items with `status: "success"`, its error, or (while it

@@ -10,6 +10,7 @@
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::control::{self, ControlNetSpec, PreProcessTask, IMAGE_CONTROLNET_PREPROCESS};
 use super::error::RunwareError;
 use crate::api::media::ImageFormat;
 use crate::api::output::JobError;
@@ -63,6 +64,15 @@ pub enum Task {
     ImageInference(Box<InferenceTask>),
     ImageUpload(UploadTask),
     GetResponse(GetResponseTask),
+    ControlNetPreProcess(PreProcessOutput),
+}
+
+/// An `imageControlNetPreProcess` task with its output options.
+#[derive(Debug, Clone)]
+pub struct PreProcessOutput {
+    pub task: PreProcessTask,
+    pub output_types: Vec<OutputType>,
+    pub output_format: ImageFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +129,8 @@ pub struct InferenceTask {
     pub mask_image: Option<String>,
     pub mask_margin: Option<u32>,
     pub outpainting: Option<Outpaint>,
+    /// `controlNet` items; their guide images are loaded when the task runs.
+    pub controlnets: Vec<ControlNetSpec>,
     pub output_types: Vec<OutputType>,
     pub output_format: ImageFormat,
     pub output_quality: u8,
@@ -187,7 +199,7 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
             return Err(RunwareError::missing(
                 "taskType",
                 "`taskType` is required: one of authentication, ping, imageInference, \
-                 imageUpload, getResponse",
+                 imageUpload, getResponse, imageControlNetPreProcess",
             ))
         }
         Some(Value::String(s)) => s.as_str(),
@@ -223,6 +235,14 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
         GET_RESPONSE => Ok(Task::GetResponse(GetResponseTask {
             task_uuid: fields.task_uuid()?,
         })),
+        IMAGE_CONTROLNET_PREPROCESS => {
+            let task = control::parse_preprocess(fields.0, fields.task_uuid()?)?;
+            Ok(Task::ControlNetPreProcess(PreProcessOutput {
+                task,
+                output_types: fields.output_types()?,
+                output_format: fields.output_format(ImageFormat::Png)?,
+            }))
+        }
         IMAGE_INFERENCE => Ok(Task::ImageInference(Box::new(parse_inference(
             fields, state,
         )?))),
@@ -230,7 +250,8 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
             "invalidTaskType",
             format!(
                 "taskType `{other}` is not supported by this server; supported: \
-                 authentication, ping, imageInference, imageUpload, getResponse"
+                 authentication, ping, imageInference, imageUpload, getResponse, \
+                 imageControlNetPreProcess"
             ),
         )
         .parameter("taskType")),
@@ -243,6 +264,7 @@ const HANDLED: &[&str] = &[
     "lora",
     "vae",
     "embeddings",
+    "controlNet",
     "taskUUID",
     "positivePrompt",
     "negativePrompt",
@@ -273,7 +295,6 @@ const HANDLED: &[&str] = &[
 /// Documented parameters this server cannot honour yet, with what they ask for. Their "off"
 /// values (null, false, empty string, list or object) are accepted.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("controlNet", "ControlNet guidance"),
     ("lycoris", "LyCORIS adapters"),
     ("ipAdapters", "IP-Adapters"),
     ("refiner", "refiner models"),
@@ -424,20 +445,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     }
 
     let output_types = fields.output_types()?;
-    let output_format = match fields.string("outputFormat")? {
-        None => ImageFormat::Jpeg,
-        Some(f) => match f.trim().to_ascii_uppercase().as_str() {
-            "JPG" | "JPEG" => ImageFormat::Jpeg,
-            "PNG" => ImageFormat::Png,
-            "WEBP" => ImageFormat::Webp,
-            _ => {
-                return Err(RunwareError::invalid(
-                    "outputFormat",
-                    format!("`outputFormat` must be one of JPG, PNG, WEBP. Given: {f:?}"),
-                ))
-            }
-        },
-    };
+    let output_format = fields.output_format(ImageFormat::Jpeg)?;
     let output_quality = match fields.int("outputQuality")? {
         Some(q) => range("outputQuality", q, OUTPUT_QUALITY.0, OUTPUT_QUALITY.1)? as u8,
         None => DEFAULT_OUTPUT_QUALITY,
@@ -520,6 +528,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.vae = fields.vae(state, &model)?;
     request.prompt_weighting = prompt_weighting;
     request.embeddings = fields.embeddings(state, &model)?;
+    let controlnets = control::parse_controlnets(fields.get("controlNet"), state, &model, steps)?;
 
     Ok(InferenceTask {
         task_uuid,
@@ -530,6 +539,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
         mask_image,
         mask_margin,
         outpainting,
+        controlnets,
         output_types,
         output_format,
         output_quality,
@@ -869,6 +879,22 @@ impl Fields<'_> {
             return Ok(None);
         }
         Ok(Some(Outpaint { blur, ..outpaint }))
+    }
+
+    /// `outputFormat`: JPG, PNG or WEBP; `default` when absent.
+    fn output_format(&self, default: ImageFormat) -> Result<ImageFormat, RunwareError> {
+        match self.string("outputFormat")? {
+            None => Ok(default),
+            Some(f) => match f.trim().to_ascii_uppercase().as_str() {
+                "JPG" | "JPEG" => Ok(ImageFormat::Jpeg),
+                "PNG" => Ok(ImageFormat::Png),
+                "WEBP" => Ok(ImageFormat::Webp),
+                _ => Err(RunwareError::invalid(
+                    "outputFormat",
+                    format!("`outputFormat` must be one of JPG, PNG, WEBP. Given: {f:?}"),
+                )),
+            },
+        }
     }
 
     /// `outputType`: one name or a list of names; `URL` when absent.

@@ -39,7 +39,7 @@ pub enum OneOrMany<T> {
 
 impl<T: Clone + std::fmt::Debug> OneOrMany<T> {
     /// The value for each of `n` items; a list must have exactly `n` entries.
-    fn expand(&self, n: usize, setting: &str) -> Result<Vec<T>> {
+    pub(crate) fn expand(&self, n: usize, setting: &str) -> Result<Vec<T>> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(vs) if vs.len() == n => Ok(vs.clone()),
@@ -392,6 +392,19 @@ impl UNet2DConditionConfig {
     }
 }
 
+/// What the down path and middle block leave for the up path (or a ControlNet's projections).
+pub(crate) struct Encoded {
+    /// The middle block's output (the last down block's without a middle block).
+    pub h: Tensor,
+    /// The skip connections in down-path order: the `conv_in` output, then each ResNet block's
+    /// and downsampler's output.
+    pub skips: Vec<Tensor>,
+    /// The time embedding after the ResNet blocks' activation.
+    pub temb_act: Tensor,
+    /// The text embeddings in the model dtype.
+    pub context: Tensor,
+}
+
 /// SDXL's extra conditioning (`added_cond_kwargs` in diffusers).
 #[derive(Debug, Clone)]
 pub struct AddedConditions {
@@ -422,8 +435,8 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    /// `conv_norm_out` and `conv_out`; None for the encoder half a ControlNet copies.
+    head: Option<(GroupNorm, Conv2d)>,
     in_channels: usize,
     cross_attention_dims: Vec<usize>,
     center_input_sample: bool,
@@ -433,9 +446,24 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// `vb` is rooted at the UNet's weights and fixes the dtype and device the model runs in.
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        Self::build(vb, cfg, true)
+    }
+
+    /// The down path and middle block only (time embedding included): the part of the UNet a
+    /// ControlNet copies. `up_block_types`, `out_channels` and `conv_out_kernel` are not read.
+    pub(crate) fn new_encoder(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        Self::build(vb, cfg, false)
+    }
+
+    fn build(vb: VarBuilder, cfg: &UNet2DConditionConfig, with_up_path: bool) -> Result<Self> {
         cfg.check_supported()?;
         let n = cfg.down_block_types.len();
-        if n == 0 || cfg.block_out_channels.len() != n || cfg.up_block_types.len() != n {
+        let up_blocks_given = if with_up_path {
+            cfg.up_block_types.len()
+        } else {
+            n
+        };
+        if n == 0 || cfg.block_out_channels.len() != n || up_blocks_given != n {
             return Err(Error::model(format!(
                 "unet config: `down_block_types` ({n}), `up_block_types` ({}) and \
                  `block_out_channels` ({}) must have the same, non-zero length",
@@ -590,7 +618,12 @@ impl UNet2DConditionModel {
 
         // Up path, mirroring the down path.
         let mut up_blocks = Vec::with_capacity(n);
-        for (i, block_type) in cfg.up_block_types.iter().enumerate() {
+        let up_block_types: &[String] = if with_up_path {
+            &cfg.up_block_types
+        } else {
+            &[]
+        };
+        for (i, block_type) in up_block_types.iter().enumerate() {
             let level = last - i;
             let prev_out = channels[(level + 1).min(last)];
             let skip_in = channels[level.saturating_sub(1)];
@@ -633,20 +666,26 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
-                norm_groups,
-                channels[0],
-                cfg.norm_eps,
-                vb.pp("conv_norm_out"),
-            )?,
-            conv_out: conv2d(
-                vb.pp("conv_out"),
-                channels[0],
-                cfg.out_channels,
-                cfg.conv_out_kernel,
-                conv_padding(cfg.conv_out_kernel),
-                1,
-            )?,
+            head: if with_up_path {
+                Some((
+                    candle_nn::group_norm(
+                        norm_groups,
+                        channels[0],
+                        cfg.norm_eps,
+                        vb.pp("conv_norm_out"),
+                    )?,
+                    conv2d(
+                        vb.pp("conv_out"),
+                        channels[0],
+                        cfg.out_channels,
+                        cfg.conv_out_kernel,
+                        conv_padding(cfg.conv_out_kernel),
+                        1,
+                    )?,
+                ))
+            } else {
+                None
+            },
             in_channels: cfg.in_channels,
             cross_attention_dims,
             center_input_sample: cfg.center_input_sample,
@@ -698,6 +737,66 @@ impl UNet2DConditionModel {
         down_residuals: Option<&[Tensor]>,
         mid_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let Encoded {
+            mut h,
+            mut skips,
+            temb_act,
+            context,
+        } = self.encode(sample, timestep, encoder_hidden_states, added, None)?;
+        if let Some(residuals) = down_residuals {
+            if residuals.len() != skips.len() {
+                return Err(Error::model(format!(
+                    "unet: {} down-block residuals given, the model has {} skip connections",
+                    residuals.len(),
+                    skips.len()
+                )));
+            }
+            for (skip, residual) in skips.iter_mut().zip(residuals) {
+                *skip = (&*skip + residual.to_dtype(self.dtype)?)?;
+            }
+        }
+        if let Some(residual) = mid_residual {
+            h = (h + residual.to_dtype(self.dtype)?)?;
+        }
+        let Some((conv_norm_out, conv_out)) = &self.head else {
+            return Err(Error::model(
+                "unet: this is the encoder half of a UNet (a ControlNet), it has no up path",
+            ));
+        };
+
+        // Up path: each block takes back as many skips as it has ResNet blocks, and upsamples
+        // to the size of the skips the next block will take (odd sizes round up on the way down).
+        for block in &self.up_blocks {
+            let taken = skips
+                .len()
+                .checked_sub(block.num_resnets())
+                .expect("skip count follows the block layout, this is a bug");
+            let own = skips.split_off(taken);
+            let upsample_to = match skips.last() {
+                Some(next) => {
+                    let (_, _, height, width) = next.dims4()?;
+                    Some((height, width))
+                }
+                None => None,
+            };
+            h = block.forward(&h, &own, &temb_act, &context, upsample_to)?;
+        }
+
+        let h = self.resnet_act.apply(&conv_norm_out.forward(&h)?)?;
+        Ok(conv_out.forward(&h)?)
+    }
+
+    /// The down path and middle block: checks the inputs, embeds the time (and SDXL's added
+    /// conditions), runs `conv_in`, adds `conditioning` (a ControlNet's embedded control image,
+    /// `[B, C0, H, W]`) to its output, then the down blocks and the middle block.
+    pub(crate) fn encode(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        conditioning: Option<&Tensor>,
+    ) -> Result<Encoded> {
         let (batch, channels, _, _) = sample.dims4()?;
         if channels != self.in_channels {
             return Err(Error::model(format!(
@@ -735,50 +834,22 @@ impl UNet2DConditionModel {
 
         // Down path; every intermediate output is kept for the skip connections.
         let mut h = self.conv_in.forward(&sample)?;
+        if let Some(conditioning) = conditioning {
+            h = h.broadcast_add(&conditioning.to_dtype(self.dtype)?)?;
+        }
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
             h = block.forward(&h, &temb_act, &context, &mut skips)?;
         }
-        if let Some(residuals) = down_residuals {
-            if residuals.len() != skips.len() {
-                return Err(Error::model(format!(
-                    "unet: {} down-block residuals given, the model has {} skip connections",
-                    residuals.len(),
-                    skips.len()
-                )));
-            }
-            for (skip, residual) in skips.iter_mut().zip(residuals) {
-                *skip = (&*skip + residual.to_dtype(self.dtype)?)?;
-            }
-        }
-
         if let Some(mid) = &self.mid_block {
             h = mid.forward(&h, &temb_act, &context)?;
         }
-        if let Some(residual) = mid_residual {
-            h = (h + residual.to_dtype(self.dtype)?)?;
-        }
-
-        // Up path: each block takes back as many skips as it has ResNet blocks, and upsamples
-        // to the size of the skips the next block will take (odd sizes round up on the way down).
-        for block in &self.up_blocks {
-            let taken = skips
-                .len()
-                .checked_sub(block.num_resnets())
-                .expect("skip count follows the block layout, this is a bug");
-            let own = skips.split_off(taken);
-            let upsample_to = match skips.last() {
-                Some(next) => {
-                    let (_, _, height, width) = next.dims4()?;
-                    Some((height, width))
-                }
-                None => None,
-            };
-            h = block.forward(&h, &own, &temb_act, &context, upsample_to)?;
-        }
-
-        let h = self.resnet_act.apply(&self.conv_norm_out.forward(&h)?)?;
-        Ok(self.conv_out.forward(&h)?)
+        Ok(Encoded {
+            h,
+            skips,
+            temb_act,
+            context,
+        })
     }
 
     /// The time embedding before the ResNet blocks' activation.

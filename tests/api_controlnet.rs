@@ -1,0 +1,647 @@
+//! ControlNet through each dialect against a real server on the tiny models and ControlNets:
+//! Runware `controlNet` (guide images as uploaded UUIDs and data URIs) and
+//! `imageControlNetPreProcess`, the ModelsLab controlnet routes (`auto_hint`, `guess_mode`,
+//! `control_image`), the bearer `/v1/images/control`, and token-multipart `controlnet=canny`.
+//! Each checks that the request succeeds, that the control image changes the output (and the
+//! same request repeats exactly), and that bad input is refused in the dialect's own shape.
+
+mod common;
+
+use base64::Engine as _;
+use common::server::{client, decode, TestServer, KEY};
+use reqwest::multipart::{Form, Part};
+use sd_serve::preprocess::canny;
+use serde_json::{json, Value};
+
+/// A PNG of `w` x `h`: a bright disc on a dark ground (strong edges), shifted by `offset`.
+fn disc_png(w: u32, h: u32, offset: i64) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let dx = x as i64 - (w as i64 / 2 + offset);
+        let dy = y as i64 - h as i64 / 2;
+        if dx * dx + dy * dy < (w as i64 / 4).pow(2) {
+            image::Rgb([230, 200, 40])
+        } else {
+            image::Rgb([20, 30, 60])
+        }
+    });
+    encode(image::DynamicImage::ImageRgb8(img))
+}
+
+fn encode(img: image::DynamicImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn data_uri(png: &[u8]) -> String {
+    format!("data:image/png;base64,{}", b64(png))
+}
+
+async fn download(url: &str) -> Vec<u8> {
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    r.bytes().await.unwrap().to_vec()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runware
+
+async fn runware(server: &TestServer, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(server.url("/v1"))
+        .bearer_auth(KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A 128x128, 2-step imageInference on tiny-sd15 with base64 output, `extra` merged in.
+fn inference(extra: Value) -> Value {
+    let mut task = json!({
+        "taskType": "imageInference",
+        "taskUUID": new_uuid(),
+        "positivePrompt": "a red fox in the snow",
+        "negativePrompt": "blurry",
+        "model": "tiny-sd15",
+        "width": 128,
+        "height": 128,
+        "steps": 2,
+        "seed": 11,
+        "outputType": "base64Data",
+        "outputFormat": "PNG",
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        task[k] = v.clone();
+    }
+    task
+}
+
+/// The image of a one-task Runware payload that must succeed.
+async fn runware_image(server: &TestServer, task: Value) -> Vec<u8> {
+    let (status, body) = runware(server, &json!([task])).await;
+    assert_eq!(status, 200, "{body}");
+    let item = &body["data"][0];
+    base64::engine::general_purpose::STANDARD
+        .decode(
+            item["imageBase64Data"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{body}")),
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runware_control_net_guides_and_preprocesses() {
+    let server = TestServer::start("cn-runware").await;
+
+    // Upload a guide image; use it by UUID.
+    let upload = json!({"taskType": "imageUpload", "taskUUID": new_uuid(),
+                        "image": data_uri(&disc_png(128, 128, 0))});
+    let (status, body) = runware(&server, &json!([upload])).await;
+    assert_eq!(status, 200, "{body}");
+    let guide_uuid = body["data"][0]["imageUUID"].as_str().unwrap().to_string();
+
+    let plain = runware_image(&server, inference(json!({}))).await;
+    let unit = |guide: &str| {
+        json!({"controlNet": [{"model": "tiny-sd15-controlnet-a",
+                                     "guideImage": guide, "weight": 1.0}]})
+    };
+    let guided = runware_image(&server, inference(unit(&guide_uuid))).await;
+    assert_ne!(plain, guided, "the ControlNet changes the image");
+    let again = runware_image(&server, inference(unit(&guide_uuid))).await;
+    assert_eq!(guided, again, "same request, same bytes");
+    // The same pixels as a data URI give the same image; another guide image another one.
+    let as_uri = runware_image(&server, inference(unit(&data_uri(&disc_png(128, 128, 0))))).await;
+    assert_eq!(guided, as_uri);
+    let other = runware_image(&server, inference(unit(&data_uri(&disc_png(128, 128, 30))))).await;
+    assert_ne!(guided, other, "the guide image matters");
+
+    // The window and the mode: by alias, from step 2 only, ControlNet mode.
+    let windowed = runware_image(
+        &server,
+        inference(json!({"controlNet": [{"model": "civitai:38784@44716",
+            "guideImage": guide_uuid, "startStep": 2, "controlMode": "controlnet"}]})),
+    )
+    .await;
+    assert_ne!(windowed, guided);
+    assert_ne!(windowed, plain);
+    // Two ControlNet units, percentages.
+    let two = runware_image(
+        &server,
+        inference(json!({"controlNet": [
+            {"model": "tiny-sd15-controlnet-a", "guideImage": guide_uuid, "weight": 0.5},
+            {"model": "tiny-sd15-controlnet-a", "guideImage": data_uri(&disc_png(64, 64, 8)),
+             "startStepPercentage": 0, "endStepPercentage": 50, "controlMode": "prompt"}]})),
+    )
+    .await;
+    assert_ne!(two, guided);
+
+    // Bad items are refused in Runware's shape, naming controlNet.
+    let item = |extra: Value| {
+        let mut unit = json!({"model": "tiny-sd15-controlnet-a", "guideImage": guide_uuid});
+        for (k, v) in extra.as_object().unwrap() {
+            unit[k] = v.clone();
+        }
+        json!({"controlNet": [unit]})
+    };
+    let cases = [
+        (
+            item(json!({"weight": 1.5})),
+            "invalidControlNet",
+            "controlNet.weight",
+        ),
+        (
+            item(json!({"startStep": 0})),
+            "invalidControlNet",
+            "startStep",
+        ),
+        (
+            item(json!({"startStep": 2, "endStep": 2})),
+            "invalidControlNet",
+            "endStep",
+        ),
+        (
+            item(json!({"startStep": 1, "startStepPercentage": 10})),
+            "invalidControlNet",
+            "alternatives",
+        ),
+        (
+            item(json!({"endStepPercentage": 101})),
+            "invalidControlNet",
+            "endStepPercentage",
+        ),
+        (
+            item(json!({"controlMode": "both"})),
+            "invalidControlNet",
+            "controlMode",
+        ),
+        (
+            item(json!({"model": "no-such-controlnet"})),
+            "invalidControlNet",
+            "unknown ControlNet",
+        ),
+        (
+            item(json!({"model": "tiny-sdxl-controlnet"})),
+            "invalidControlNet",
+            "sdxl",
+        ),
+        (
+            item(json!({"guideImage": new_uuid()})),
+            "invalidControlNet",
+            "not the UUID",
+        ),
+        (
+            item(json!({"strength": 0.5})),
+            "unsupportedParameter",
+            "controlNet.strength",
+        ),
+        (
+            json!({"controlNet": [{"guideImage": "abc"}]}),
+            "missingControlNet",
+            "model",
+        ),
+        (
+            json!({"controlNet": [{"model": "tiny-sd15-controlnet-a"}]}),
+            "missingControlNet",
+            "guideImage",
+        ),
+        (
+            json!({"controlNet": {"model": "x"}}),
+            "invalidControlNet",
+            "array",
+        ),
+    ];
+    for (extra, code, needle) in cases {
+        let (_, body) = runware(&server, &json!([inference(extra.clone())])).await;
+        let error = &body["errors"][0];
+        assert_eq!(error["code"], code, "{extra}: {body}");
+        assert_eq!(error["parameter"], "controlNet", "{extra}: {body}");
+        assert_eq!(error["taskType"], "imageInference");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains(needle), "`{needle}` not in {message}");
+    }
+
+    // imageControlNetPreProcess: Canny edges of the input, stored for later use.
+    let input = disc_png(96, 80, 0);
+    let task_uuid = new_uuid();
+    let (status, body) = runware(
+        &server,
+        &json!([{"taskType": "imageControlNetPreProcess", "taskUUID": task_uuid,
+                 "inputImage": data_uri(&input), "preProcessorType": "canny",
+                 "outputType": ["URL", "base64Data"], "outputFormat": "PNG"}]),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let item = &body["data"][0];
+    assert_eq!(item["taskType"], "imageControlNetPreProcess");
+    assert_eq!(item["taskUUID"], task_uuid.as_str());
+    let guide = decode(&download(item["guideImageURL"].as_str().unwrap()).await).to_rgb8();
+    let b64_guide = base64::engine::general_purpose::STANDARD
+        .decode(item["guideImageBase64Data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decode(&b64_guide).to_rgb8(), guide);
+    let expected = canny::canny(
+        &canny::rgb_to_gray(&decode(&input).to_rgb8()),
+        canny::DEFAULT_LOW,
+        canny::DEFAULT_HIGH,
+    )
+    .unwrap();
+    let edges = image::DynamicImage::ImageRgb8(guide.clone()).to_luma8();
+    assert_eq!(
+        edges, expected,
+        "the guide image is the input's Canny edges"
+    );
+    assert!(
+        expected.pixels().any(|p| p.0[0] == 255),
+        "the disc has edges"
+    );
+    // The guide image's UUID works as a guideImage.
+    let guide_id = item["guideImageUUID"].as_str().unwrap();
+    runware_image(&server, inference(unit(guide_id))).await;
+
+    for (task, code, parameter) in [
+        (
+            json!({"preProcessorType": "depth"}),
+            "unsupportedParameter",
+            "preProcessorType",
+        ),
+        (
+            json!({"preProcessorType": "sketchy"}),
+            "invalidPreProcessorType",
+            "preProcessorType",
+        ),
+        (
+            json!({"preProcessorType": null}),
+            "missingPreProcessorType",
+            "preProcessorType",
+        ),
+        (
+            json!({"inputImage": null}),
+            "missingInputImage",
+            "inputImage",
+        ),
+        (
+            json!({"lowThresholdCanny": 300}),
+            "invalidLowThresholdCanny",
+            "lowThresholdCanny",
+        ),
+        (
+            json!({"lowThresholdCanny": 200, "highThresholdCanny": 100}),
+            "invalidLowThresholdCanny",
+            "lowThresholdCanny",
+        ),
+    ] {
+        let mut body = json!({"taskType": "imageControlNetPreProcess", "taskUUID": new_uuid(),
+                              "inputImage": data_uri(&input), "preProcessorType": "canny"});
+        for (k, v) in task.as_object().unwrap() {
+            if v.is_null() {
+                body.as_object_mut().unwrap().remove(k);
+            } else {
+                body[k] = v.clone();
+            }
+        }
+        let (_, reply) = runware(&server, &json!([body])).await;
+        let error = &reply["errors"][0];
+        assert_eq!(error["code"], code, "{task}: {reply}");
+        assert_eq!(error["parameter"], parameter, "{task}: {reply}");
+        assert_eq!(error["taskType"], "imageControlNetPreProcess");
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// ModelsLab
+
+const CONTROLNET: &str = "/api/v6/images/controlnet";
+
+async fn modelslab(server: &TestServer, path: &str, body: &Value) -> Value {
+    let r = client()
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.unwrap()
+}
+
+async fn modelslab_image(server: &TestServer, path: &str, body: &Value) -> (Vec<u8>, Value) {
+    let r = modelslab(server, path, body).await;
+    assert_eq!(r["status"], "success", "{r}");
+    (download(r["output"][0].as_str().unwrap()).await, r)
+}
+
+fn assert_modelslab_error(body: &Value, needle: &str) {
+    assert_eq!(body["status"], "error", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "`{needle}` not in {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modelslab_controlnet_routes() {
+    let server = TestServer::start("cn-modelslab").await;
+    let photo = b64(&disc_png(64, 64, 0));
+    let body = |extra: Value| {
+        let mut b = json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "a fox",
+            "negative_prompt": "blurry", "init_image": photo, "controlnet_model": "canny",
+            "auto_hint": "yes", "num_inference_steps": "2", "seed": "5"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                b.as_object_mut().unwrap().remove(k);
+            } else {
+                b[k] = v.clone();
+            }
+        }
+        b
+    };
+
+    let (hinted, r) = modelslab_image(&server, CONTROLNET, &body(json!({}))).await;
+    let meta = &r["meta"];
+    assert_eq!(meta["controlnet_model"], "tiny-sd15-controlnet-a", "{meta}");
+    assert_eq!(meta["auto_hint"], "yes");
+    assert_eq!(meta["guess_mode"], "no");
+    assert_eq!(meta["controlnet_conditioning_scale"], 1.0);
+    assert_eq!(
+        (meta["width"].as_u64(), meta["height"].as_u64()),
+        (Some(64), Some(64))
+    );
+    let (again, _) = modelslab_image(&server, "/api/v5/controlnet", &body(json!({}))).await;
+    assert_eq!(hinted, again, "same request, same image (v5 route too)");
+
+    let (plain, _) = modelslab_image(
+        &server,
+        "/api/v6/images/text2img",
+        &json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "a fox",
+                "negative_prompt": "blurry", "width": 64, "height": 64,
+                "num_inference_steps": "2", "seed": "5"}),
+    )
+    .await;
+    assert_ne!(plain, hinted, "the ControlNet changes the image");
+
+    // Without auto_hint the image is the control as sent; a control_image replaces the init
+    // image as the source; guess mode and the scale change the result.
+    let (raw, r) = modelslab_image(&server, CONTROLNET, &body(json!({"auto_hint": "no"}))).await;
+    assert_eq!(r["meta"]["auto_hint"], "no");
+    assert_ne!(raw, hinted);
+    let other = data_uri(&disc_png(64, 64, 12));
+    let (by_control, _) =
+        modelslab_image(&server, CONTROLNET, &body(json!({"control_image": other}))).await;
+    assert_ne!(by_control, hinted);
+    let (guess, r) =
+        modelslab_image(&server, CONTROLNET, &body(json!({"guess_mode": "yes"}))).await;
+    assert_eq!(r["meta"]["guess_mode"], "yes");
+    assert_ne!(guess, hinted);
+    let (half, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_conditioning_scale": "0.5"})),
+    )
+    .await;
+    assert_ne!(half, hinted);
+    // Multi-ControlNet by a comma list (type and registry id).
+    let (multi, r) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_model": "canny,tiny-sd15-controlnet-a"})),
+    )
+    .await;
+    assert_eq!(
+        r["meta"]["controlnet_model"],
+        "tiny-sd15-controlnet-a,tiny-sd15-controlnet-a"
+    );
+    assert_ne!(multi, hinted);
+
+    for (extra, needle) in [
+        (
+            json!({"controlnet_model": "depth"}),
+            "no `depth` ControlNet",
+        ),
+        (
+            json!({"controlnet_model": "tiny-sdxl-controlnet"}),
+            "is for sdxl models",
+        ),
+        (
+            json!({"controlnet_model": "nope"}),
+            "unknown ControlNet `nope`",
+        ),
+        (
+            json!({"controlnet_model": null}),
+            "`controlnet_model` is required",
+        ),
+        (
+            json!({"controlnet_type": "sketch"}),
+            "`controlnet_type` must be one of",
+        ),
+        (
+            json!({"controlnet_conditioning_scale": "3"}),
+            "controlnet_conditioning_scale",
+        ),
+        (
+            json!({"init_image": null}),
+            "`init_image` (or `control_image`) is required",
+        ),
+        (
+            json!({"mask_image": photo}),
+            "`mask_image` is not supported yet",
+        ),
+        (json!({"control_image": "not base64!"}), "`control_image`"),
+        (json!({"guess_mode": "maybe"}), "guess_mode"),
+    ] {
+        let r = modelslab(&server, CONTROLNET, &body(extra.clone())).await;
+        assert_modelslab_error(&r, needle);
+    }
+    // On the other routes the ControlNet fields are refused by name.
+    let r = modelslab(
+        &server,
+        "/api/v6/images/text2img",
+        &json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "x", "controlnet_model": "canny"}),
+    )
+    .await;
+    assert_modelslab_error(&r, "send the request to the controlnet endpoint");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bearer
+
+fn control_form(image: Vec<u8>, fields: &[(&str, &str)]) -> Form {
+    let mut form = Form::new().part(
+        "image",
+        Part::bytes(image)
+            .file_name("input.png")
+            .mime_str("image/png")
+            .unwrap(),
+    );
+    for (name, value) in fields {
+        form = form.text(name.to_string(), value.to_string());
+    }
+    form
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_control_uses_the_canny_controlnet() {
+    let server = TestServer::start("cn-bearer").await;
+    let send = |model: &'static str, image: Vec<u8>, strength: &'static str| {
+        let form = control_form(
+            image,
+            &[
+                ("model", model),
+                ("prompt", "a fox"),
+                ("steps", "10"),
+                ("seed", "3"),
+                ("control_strength", strength),
+            ],
+        );
+        let server = &server;
+        async move {
+            client()
+                .post(server.url("/v1/images/control"))
+                .bearer_auth(KEY)
+                .multipart(form)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = send("tiny-sd15", disc_png(128, 128, 0), "0.5").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-controlnet"], "tiny-sd15-controlnet-a");
+    let a = r.bytes().await.unwrap();
+    let b = send("tiny-sd15", disc_png(128, 128, 0), "0.5")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(a, b, "same request, same bytes");
+    // Another outline, same colours elsewhere: the edges change the image.
+    let c = send("tiny-sd15", disc_png(128, 128, 20), "0.5")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_ne!(a, c);
+    // A family without a canny ControlNet runs img2img alone.
+    let r = send("tiny-sd2", disc_png(128, 128, 0), "0.5").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-controlnet").is_none());
+    // Bad input keeps the dialect's JSON error.
+    let r = send("tiny-sd15", disc_png(128, 128, 0), "1.5").await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "control_strength", "{body}");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token-multipart
+
+async fn sinkin(
+    server: &TestServer,
+    fields: &[(&str, &str)],
+    image: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let mut form = Form::new().text("access_token", KEY);
+    for (k, v) in fields {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    if let Some(image) = image {
+        form = form.part(
+            "init_image_file",
+            Part::bytes(image)
+                .file_name("init.png")
+                .mime_str("image/png")
+                .unwrap(),
+        );
+    }
+    let r = client()
+        .post(server.url("/api/inference"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sinkin_controlnet_canny_guides_from_the_init_image() {
+    let server = TestServer::start("cn-sinkin").await;
+    let fields = |controlnet: &'static str| {
+        vec![
+            ("model_id", "tiny-sd15"),
+            ("prompt", "a fox"),
+            ("width", "128"),
+            ("height", "128"),
+            ("steps", "2"),
+            ("num_images", "1"),
+            ("seed", "8"),
+            ("use_default_neg", "false"),
+            ("controlnet", controlnet),
+        ]
+    };
+    let image_of = |body: &Value| body["images"][0].as_str().unwrap().to_string();
+    let (status, body) = sinkin(&server, &fields("canny"), Some(disc_png(128, 128, 0))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["error_code"], 0);
+    let a = download(&image_of(&body)).await;
+    let (_, body) = sinkin(&server, &fields("canny"), Some(disc_png(128, 128, 0))).await;
+    assert_eq!(
+        a,
+        download(&image_of(&body)).await,
+        "same request, same image"
+    );
+    let (_, body) = sinkin(&server, &fields("canny"), Some(disc_png(128, 128, 25))).await;
+    assert_ne!(
+        a,
+        download(&image_of(&body)).await,
+        "the edges change the image"
+    );
+    // image_strength has no effect with a ControlNet.
+    let mut with_strength = fields("canny");
+    with_strength.push(("image_strength", "0.3"));
+    let (_, body) = sinkin(&server, &with_strength, Some(disc_png(128, 128, 0))).await;
+    assert_eq!(a, download(&image_of(&body)).await);
+
+    for (controlnet, image, status, needle) in [
+        ("depth", true, 400, "`controlnet` is not supported yet"),
+        ("openpose", true, 400, "`controlnet` is not supported yet"),
+        (
+            "sketch",
+            true,
+            400,
+            "`controlnet` must be one of canny, depth, openpose",
+        ),
+        ("canny", false, 400, "needs `init_image_file`"),
+    ] {
+        let image = image.then(|| disc_png(128, 128, 0));
+        let (code, body) = sinkin(&server, &fields(controlnet), image).await;
+        assert_eq!(code, status, "{body}");
+        assert_eq!(body["error_code"], 1);
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(needle), "`{needle}` not in {message}");
+    }
+    // A family without a canny ControlNet is refused by name.
+    let mut sd2 = fields("canny");
+    sd2[0] = ("model_id", "tiny-sd2");
+    let (code, body) = sinkin(&server, &sd2, Some(disc_png(128, 128, 0))).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no `canny` ControlNet"),
+        "{body}"
+    );
+    server.stop().await;
+}

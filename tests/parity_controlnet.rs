@@ -1,0 +1,177 @@
+//! ControlNet parity with diffusers' `StableDiffusionControlNetPipeline` and
+//! `StableDiffusionXLControlNetPipeline` on the tiny fixture models and ControlNets (manifest
+//! `controlnet`): one ControlNet, a scale with a start fraction, guess mode (`ControlMode::ControlNet`),
+//! two ControlNets (MultiControlNet) with their own scales and end fractions; then properties
+//! of the control (it changes the output, scale 0 and an empty window do not).
+
+mod common;
+
+use candle_core::{DType, Device};
+use sd_serve::models::controlnet::ControlNetModel;
+use sd_serve::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, StableDiffusion};
+
+use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline};
+
+/// Same bounds as the txt2img parity (`parity_pipeline.rs`, `parity_inpaint.rs`): 3 steps of a
+/// UNet plus a ControlNet with guidance in f32, where the reference sums in another order (and
+/// computes the guess-mode `logspace` ramp in its own way, which may round the last bit
+/// differently); rounding differences of a few 1e-7 per op grow with guidance. Latents are
+/// compared unnormalised (std 3 to 16 on these random weights); images are 0..1 pixels after one
+/// f32 VAE decode.
+const IMAGE_TOL: f32 = 2e-5;
+const LATENT_TOL: f32 = 2e-4;
+
+fn load_controlnet(name: &str) -> ControlNetModel {
+    ControlNetModel::load(
+        &fixtures().join("controlnets").join(name),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn rgb(path: &str) -> image::RgbImage {
+    image::open(fixtures().join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .to_rgb8()
+}
+
+/// The golden case's request and its units' model names.
+fn request_for(case: &serde_json::Value) -> GenerationRequest {
+    let mut req = golden_request(case);
+    let guess = case["guess_mode"].as_bool().expect("guess_mode");
+    for unit in case["units"].as_array().expect("units") {
+        let f = |k: &str| unit[k].as_f64().unwrap_or_else(|| panic!("unit field {k}"));
+        let model = unit["model"].as_str().expect("model");
+        req.controlnets.push(ControlNetUnit {
+            model: model.to_string(),
+            image: rgb(unit["image"].as_str().expect("image")),
+            scale: f("scale"),
+            start: f("start"),
+            end: f("end"),
+            mode: if guess {
+                ControlMode::ControlNet
+            } else {
+                ControlMode::Balanced
+            },
+        });
+    }
+    req
+}
+
+#[test]
+fn controlnet_pipelines_match_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["controlnet"]["cases"]
+        .as_array()
+        .expect("controlnet cases");
+    assert!(cases.len() >= 4, "expected the golden ControlNet cases");
+    let mut report = Vec::new();
+    let mut pipelines: Vec<(String, StableDiffusion)> = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let model = case["model"].as_str().expect("model");
+        if !pipelines.iter().any(|(m, _)| m == model) {
+            pipelines.push((model.to_string(), pipeline(model)));
+        }
+        let sd = &pipelines.iter().find(|(m, _)| m == model).unwrap().1;
+        let golden = load_goldens(case["file"].as_str().expect("file"));
+        let req = request_for(case);
+        let nets: Vec<ControlNetModel> = req
+            .controlnets
+            .iter()
+            .map(|u| load_controlnet(&u.model))
+            .collect();
+        let net_refs: Vec<&ControlNetModel> = nets.iter().collect();
+        let latents = sd
+            .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let diff = max_abs_diff(&latents, &golden["latents_final"]);
+        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
+        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
+        if let Some(expected) = golden.get("images") {
+            let images = sd.decode(&latents).unwrap();
+            let diff = max_abs_diff(&images, expected);
+            line += &format!(", images {diff:.2e}");
+            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
+        }
+        report.push(line);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+fn small_request() -> GenerationRequest {
+    let mut req = GenerationRequest::new("a red bicycle");
+    req.negative_prompt = Some("blurry".into());
+    req.width = 64;
+    req.height = 64;
+    req.steps = 3;
+    req.seed = 9;
+    req
+}
+
+#[test]
+fn the_control_image_and_scale_matter() {
+    let sd = pipeline("tiny-sd15");
+    let net = load_controlnet("tiny-sd15-controlnet-a");
+    let run = |req: &GenerationRequest| {
+        sd.denoise_latents_controlled(req, &[&net], &mut |_, _| true)
+            .unwrap()
+    };
+    let plain = sd
+        .denoise_latents(&small_request(), &mut |_, _| true)
+        .unwrap();
+
+    let mut req = small_request();
+    req.controlnets
+        .push(ControlNetUnit::new("a", rgb("goldens/init.png")));
+    let controlled = run(&req);
+    let effect = max_abs_diff(&controlled, &plain);
+    eprintln!("control vs none: {effect:.3e}");
+    assert!(effect > 1e-2, "no effect");
+
+    // Another control image gives another result.
+    req.controlnets[0].image = rgb("goldens/canny_synthetic_64.png");
+    let other = run(&req);
+    let effect = max_abs_diff(&other, &controlled);
+    eprintln!("another control image: {effect:.3e}");
+    assert!(effect > 1e-2, "image ignored");
+
+    // Scale 0 adds zero residuals: the plain result, exactly.
+    req.controlnets[0].scale = 0.0;
+    assert_eq!(max_abs_diff(&run(&req), &plain), 0.0);
+
+    // Each mode differs from the others.
+    req.controlnets[0].scale = 1.0;
+    let mut by_mode = Vec::new();
+    for mode in [
+        ControlMode::Balanced,
+        ControlMode::Prompt,
+        ControlMode::ControlNet,
+    ] {
+        req.controlnets[0].mode = mode;
+        by_mode.push(run(&req));
+    }
+    assert!(max_abs_diff(&by_mode[0], &by_mode[1]) > 1e-3);
+    assert!(max_abs_diff(&by_mode[1], &by_mode[2]) > 1e-3);
+
+    // A control image of another size is resized to the output size.
+    req.controlnets[0].mode = ControlMode::Balanced;
+    req.controlnets[0].image = rgb("goldens/canny_synthetic.png");
+    let resized = run(&req);
+    assert!(resized.dims() == plain.dims());
+}
+
+#[test]
+fn a_controlnet_of_another_family_is_refused() {
+    let sd = pipeline("tiny-sdxl");
+    let net = load_controlnet("tiny-sd15-controlnet-a");
+    let mut req = small_request();
+    req.controlnets
+        .push(ControlNetUnit::new("sd15-net", rgb("goldens/init.png")));
+    let e = sd
+        .denoise_latents_controlled(&req, &[&net], &mut |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sd15-net") && e.contains("SDXL"), "{e}");
+}
