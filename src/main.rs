@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use sd_serve::pipeline::{GenerationRequest, InitImage, StableDiffusion};
+use sd_serve::pipeline::{GenerationRequest, InitImage, Refiner, StableDiffusion};
 use sd_serve::registry::{Location, LoraSource, ModelSource, Registry};
 use sd_serve::schedulers::SchedulerSpec;
 use sd_serve::weights::lora::{merge_loras, Lora};
@@ -129,6 +129,12 @@ struct GenerateArgs {
     /// A LoRA of the registry, `ID` (its default weight) or `ID:WEIGHT`; repeat for several.
     #[arg(long = "lora")]
     loras: Vec<String>,
+    /// An SDXL refiner of the registry (id or alias) for the last steps; see --refiner-start.
+    #[arg(long)]
+    refiner: Option<String>,
+    /// The step (1..=steps) at which the refiner takes over: the base runs up to it.
+    #[arg(long, requires = "refiner")]
+    refiner_start: Option<usize>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -293,7 +299,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .negative_prompt
         .or_else(|| defaults.negative_prompt.clone());
     // The resolution each family was trained at, when neither the request nor the model says.
-    let default_side = if entry.family == Some(Family::Sdxl) {
+    let default_side = if matches!(entry.family, Some(Family::Sdxl | Family::SdxlRefiner)) {
         1024
     } else {
         512
@@ -332,6 +338,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             bail!("--latents {}: no tensor named `latents`", path.display());
         };
         req.latents = Some(latents.to_dtype(DType::F32)?);
+    }
+    if let Some(model) = &args.refiner {
+        let Some(step) = args.refiner_start else {
+            bail!("--refiner needs --refiner-start (the step at which the refiner takes over)");
+        };
+        if step == 0 || step > req.steps {
+            bail!(
+                "--refiner-start must be between 1 and --steps ({}). Given: {step}",
+                req.steps
+            );
+        }
+        req.refiner = Some(Refiner {
+            model: model.clone(),
+            start: step as f64 / req.steps as f64,
+        });
     }
     req.validate()?;
 
@@ -373,11 +394,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let model = StableDiffusion::load(&files, &device, dtype)?;
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 
+    let refiner = match &req.refiner {
+        Some(r) => {
+            let refiner_entry = registry.resolve(&r.model)?;
+            let files = refiner_entry.load(&device, dtype)?;
+            Some(StableDiffusion::load(&files, &device, dtype)?)
+        }
+        None => None,
+    };
+
     let started = Instant::now();
-    let output = model.generate(&req, &mut |step, total| {
+    let mut progress = |step, total| {
         tracing::debug!(step, total, "denoising");
         true
-    })?;
+    };
+    let output = match &refiner {
+        Some(refiner) => model.generate_refined(refiner, &req, &mut progress)?,
+        None => model.generate(&req, &mut progress)?,
+    };
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         images = req.num_images,

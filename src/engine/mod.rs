@@ -279,6 +279,7 @@ impl Engine {
             .check(&job.request)
             .and_then(|()| job.request.validate())
             .and_then(|()| self.check_loras(&job))
+            .and_then(|()| self.check_refiner(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -317,6 +318,32 @@ impl Engine {
             let lora = self.registry.resolve_lora(id)?;
             if let Some(family) = family {
                 check_lora_family(&lora, &job.model, family)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A refiner is a registered model; where families are declared, an `sdxl-refiner` (or
+    /// `sdxl`) one, and the job's model SDXL. Undeclared families are checked when loaded.
+    fn check_refiner(&self, job: &Job) -> Result<()> {
+        let Some(refiner) = &job.request.refiner else {
+            return Ok(());
+        };
+        let entry = self.registry.resolve_id(&refiner.model)?;
+        if let Some(family) = entry.family {
+            if !matches!(family, Family::SdxlRefiner | Family::Sdxl) {
+                return Err(Error::invalid(format!(
+                    "refiner `{}` is {family}: a refiner must be an sdxl-refiner (or sdxl) model",
+                    entry.id
+                )));
+            }
+        }
+        if let Some(family) = self.registry.get(&job.model).and_then(|e| e.family) {
+            if family != Family::Sdxl {
+                return Err(Error::invalid(format!(
+                    "a refiner works only with SDXL models; model `{}` is {family}",
+                    job.model
+                )));
             }
         }
         Ok(())
@@ -378,43 +405,85 @@ fn run_worker(
     dtype: DType,
     cache_budget: usize,
 ) {
+    // The cache holds base models and refiners alike, one entry per registry id, each with its
+    // own weights (a refiner shares no tensor with its base). A refined job needs its base,
+    // then its refiner, never both at once: when the budget fits only one, loading the refiner
+    // evicts the base, whose share of the job is done by then.
     let mut cache = ModelCache::new(cache_budget);
     let mut lora_files = LoraFiles::new(LORA_FILES_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
-        let (loads, evictions) = (cache.loads(), cache.evictions());
-        let loaded = cached_model(&mut cache, &entry, device, dtype).map(|_| ());
-        let counts = [
-            (&shared.model_loads, cache.loads() - loads),
-            (&shared.model_evictions, cache.evictions() - evictions),
-        ];
-        for (counter, n) in counts {
-            counter.fetch_add(n, Ordering::Relaxed);
-        }
-        loaded?;
-        // Cached now: the model just loaded is never evicted.
-        let model = cached_model(&mut cache, &entry, device, dtype)?;
         let wanted = job
             .request
             .loras
             .iter()
-            .map(|(id, weight)| {
-                let lora = registry.resolve_lora(id)?;
-                check_lora_family(&lora, &entry.id, model.files.family)?;
-                Ok((lora, *weight))
-            })
+            .map(|(id, weight)| Ok((registry.resolve_lora(id)?, *weight)))
             .collect::<Result<Vec<_>>>()?;
-        let switched = model.set_loras(&wanted, &mut lora_files, device);
-        // The originals a merge keeps count against the budget like the weights do.
-        let bytes = model.bytes();
-        let evictions = cache.evictions();
-        cache.resize(&entry.id, bytes);
-        let evicted = cache.evictions() - evictions;
-        shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
-        switched?;
-        let model = cached_model(&mut cache, &entry, device, dtype)?;
-        run_job(&model.model, job, &shared.abort)
+        let model = ready_model(
+            shared,
+            &mut cache,
+            &entry,
+            &wanted,
+            &mut lora_files,
+            device,
+            dtype,
+        )?;
+        let Some(refiner) = &job.request.refiner else {
+            return run_job(&model.model, job, &shared.abort);
+        };
+        // The base's share stops where the refiner starts (it refuses non-SDXL models).
+        let latents = denoise_job(&model.model, job, &shared.abort, None)?;
+        let refiner_entry = registry.resolve_id(&refiner.model)?;
+        // The refiner runs without LoRAs (an SDXL base used as refiner may have some merged).
+        let refiner = ready_model(
+            shared,
+            &mut cache,
+            &refiner_entry,
+            &[],
+            &mut lora_files,
+            device,
+            dtype,
+        )?;
+        let latents = denoise_job(&refiner.model, job, &shared.abort, Some(&latents))?;
+        send_images(&refiner.model, &latents, job, &shared.abort)
     });
+}
+
+/// The model of `entry` from the worker's cache (loaded on a miss) with the LoRA set `wanted`
+/// merged, the load and eviction counters updated.
+fn ready_model<'c>(
+    shared: &Shared,
+    cache: &'c mut ModelCache<LoadedModel>,
+    entry: &ModelEntry,
+    wanted: &[(LoraEntry, f64)],
+    lora_files: &mut LoraFiles,
+    device: &Device,
+    dtype: DType,
+) -> Result<&'c mut LoadedModel> {
+    let (loads, evictions) = (cache.loads(), cache.evictions());
+    let loaded = cached_model(cache, entry, device, dtype).map(|_| ());
+    let counts = [
+        (&shared.model_loads, cache.loads() - loads),
+        (&shared.model_evictions, cache.evictions() - evictions),
+    ];
+    for (counter, n) in counts {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    loaded?;
+    // Cached now: the model just loaded is never evicted.
+    let model = cached_model(cache, entry, device, dtype)?;
+    for (lora, _) in wanted {
+        check_lora_family(lora, &entry.id, model.files.family)?;
+    }
+    let switched = model.set_loras(wanted, lora_files, device);
+    // The originals a merge keeps count against the budget like the weights do.
+    let bytes = model.bytes();
+    let evictions = cache.evictions();
+    cache.resize(&entry.id, bytes);
+    let evicted = cache.evictions() - evictions;
+    shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
+    switched?;
+    cached_model(cache, entry, device, dtype)
 }
 
 /// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
@@ -584,6 +653,19 @@ fn cached_model<'c>(
 
 /// Denoises the job's images together, then decodes and sends them one by one.
 fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Result<()> {
+    let latents = denoise_job(model, job, abort, None)?;
+    send_images(model, &latents, job, abort)
+}
+
+/// The job's latents from `model`: the whole denoising, or with a refiner the base's share
+/// (`refine_from` `None`) or the refiner's (continuing from `refine_from`). Each share reports
+/// its own steps.
+fn denoise_job(
+    model: &StableDiffusion,
+    job: &QueuedJob,
+    abort: &AtomicBool,
+    refine_from: Option<&candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
     let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
     if !keep_going() {
         return Err(Error::Cancelled);
@@ -595,7 +677,20 @@ fn run_job(model: &StableDiffusion, job: &QueuedJob, abort: &AtomicBool) -> Resu
         job.send(JobEvent::Progress { step, total });
         true
     };
-    let latents = model.denoise_latents(&job.request, &mut progress)?;
+    match refine_from {
+        None => model.denoise_latents(&job.request, &mut progress),
+        Some(latents) => model.refine_latents(&job.request, latents, &mut progress),
+    }
+}
+
+/// Decodes the job's latents with `model`'s VAE and sends the images one by one.
+fn send_images(
+    model: &StableDiffusion,
+    latents: &candle_core::Tensor,
+    job: &QueuedJob,
+    abort: &AtomicBool,
+) -> Result<()> {
+    let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
     // Outpainting and `maskMargin` blend each generated picture back into the seed image.
     let canvas = Canvas::for_request(&job.request)?.filter(Canvas::pastes_back);
     for (index, seed) in job.request.seeds().into_iter().enumerate() {
