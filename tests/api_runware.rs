@@ -1453,6 +1453,7 @@ async fn http_refiner_takes_over_and_bad_refiners_are_refused() {
         refined(json!({"model": REFINER, "startStepPercentage": 50})),
         refined(json!({"model": REFINER, "startStep": 3})),
         refined(Value::Null),
+        refined(json!({})),
     ] {
         let (status, body) = post(&server, &json!([task])).await;
         assert_eq!(status, 200, "{body}");
@@ -1465,6 +1466,10 @@ async fn http_refiner_takes_over_and_bad_refiners_are_refused() {
     );
     assert_ne!(images[0], images[2], "a later start changes the image");
     assert_ne!(images[0], images[3], "the refiner changes the image");
+    assert_eq!(
+        images[3], images[4],
+        "an empty `refiner` object is no refiner"
+    );
 
     // The same request in process: base then refiner, decoded by the refiner's VAE.
     let base = common::pipeline(SDXL);

@@ -711,7 +711,8 @@ impl Fields<'_> {
         model: &ModelEntry,
         steps: usize,
     ) -> Result<Option<Refiner>, RunwareError> {
-        let Some(value) = self.get("refiner") else {
+        // An "off" refiner (`{}`, `{"model": null}`, `false`) is no refiner.
+        let Some(value) = self.get("refiner").filter(|v| !is_off(v)) else {
             return Ok(None);
         };
         let Value::Object(obj) = value else {
