@@ -1569,5 +1569,13 @@ async fn http_refiner_takes_over_and_bad_refiners_are_refused() {
             assert!(message.contains(word), "{}: {message}", task["refiner"]);
         }
     }
+    // A refiner does not generate alone.
+    let alone = inference(json!({"model": REFINER, "steps": 4}));
+    let (status, body) = post(&server, &json!([alone])).await;
+    assert_eq!(status, 400, "{body}");
+    let e = &errors(&body)[0];
+    assert_eq!(e["code"], "invalidModel", "{e}");
+    assert_eq!(e["parameter"], "model", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("refiner"), "{e}");
     server.stop().await;
 }

@@ -458,6 +458,11 @@ async fn bad_refiners_are_refused_at_submit() {
             &["tiny-sd2", "sd2", "sdxl-refiner"],
         ),
         ("tiny-sd15", "tiny-sdxl-refiner", &["SDXL", "sd1"]),
+        (
+            "tiny-sdxl-refiner",
+            "tiny-sdxl-refiner",
+            &["tiny-sdxl-refiner", "alone"],
+        ),
     ] {
         let mut job = refined_job(0.5);
         job.model = model.into();

@@ -172,6 +172,9 @@ fn refiner_requests_are_checked() {
     let wrong = latents.narrow(2, 0, 4).unwrap();
     let e = err(refiner.refine_latents(&req, &wrong, &mut |_, _| true));
     assert!(e.contains("latents"), "{e}");
+    // A refiner does not generate alone.
+    let e = err(refiner.generate(&small_request(), &mut |_, _| panic!("no step may run")));
+    assert!(e.contains("SDXL refiner"), "{e}");
     // `generate` alone would skip the refiner's share.
     let e = err(base.generate(&req, &mut |_, _| true));
     assert!(e.contains("generate_refined"), "{e}");

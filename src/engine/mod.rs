@@ -323,9 +323,18 @@ impl Engine {
         Ok(())
     }
 
-    /// A refiner is a registered model; where families are declared, an `sdxl-refiner` (or
-    /// `sdxl`) one, and the job's model SDXL. Undeclared families are checked when loaded.
+    /// A refiner is never the job's model. A job's refiner is a registered model; where
+    /// families are declared, an `sdxl-refiner` (or `sdxl`) one, and the job's model SDXL.
+    /// Undeclared families are checked when loaded.
     fn check_refiner(&self, job: &Job) -> Result<()> {
+        let declared = self.registry.get(&job.model).and_then(|e| e.family);
+        if declared == Some(Family::SdxlRefiner) {
+            return Err(Error::invalid(format!(
+                "model `{}` is an SDXL refiner: it finishes an SDXL model's denoising (name it as \
+                 the request's refiner) and does not generate alone",
+                job.model
+            )));
+        }
         let Some(refiner) = &job.request.refiner else {
             return Ok(());
         };
@@ -338,7 +347,7 @@ impl Engine {
                 )));
             }
         }
-        if let Some(family) = self.registry.get(&job.model).and_then(|e| e.family) {
+        if let Some(family) = declared {
             if family != Family::Sdxl {
                 return Err(Error::invalid(format!(
                     "a refiner works only with SDXL models; model `{}` is {family}",

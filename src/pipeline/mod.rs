@@ -408,6 +408,13 @@ impl StableDiffusion {
         progress: Progress,
     ) -> Result<Tensor> {
         req.validate()?;
+        if refine_from.is_none() && self.family == Family::SdxlRefiner {
+            // Trained on the last, least noisy timesteps only: from noise it makes no image.
+            return Err(Error::invalid(
+                "this model is an SDXL refiner: it finishes an SDXL model's denoising (name it \
+                 as the request's refiner) and does not generate alone",
+            ));
+        }
         if refine_from.is_none() && req.refiner.is_some() && self.family != Family::Sdxl {
             return Err(Error::invalid(format!(
                 "a refiner works only with SDXL base models; this model is {}",

@@ -361,6 +361,15 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     let model = state
         .model_entry(&model_name)
         .map_err(RunwareError::from_job)?;
+    if model.family == Some(Family::SdxlRefiner) {
+        return Err(RunwareError::invalid(
+            "model",
+            format!(
+                "model `{model_name}` is an SDXL refiner: name it in `refiner` of an SDXL model's \
+                 task; it does not generate alone"
+            ),
+        ));
+    }
     let defaults = &model.defaults;
 
     let steps_hi = STEPS.1.min(limits.max_steps as i64);
