@@ -8,7 +8,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
-use sd_serve::pipeline::{GenerationRequest, InitImage, PromptEmbedding, StableDiffusion, Vae};
+use sd_serve::pipeline::{
+    GenerationRequest, InitImage, PromptEmbedding, Refiner, StableDiffusion, Vae,
+};
 use sd_serve::registry::{
     ControlNetSource, Location, LoraSource, ModelSource, Registry, VaeSource,
 };
@@ -143,6 +145,12 @@ struct GenerateArgs {
     /// repeat for several. Its token is used where the prompts write it, else appended.
     #[arg(long = "embedding")]
     embeddings: Vec<String>,
+    /// An SDXL refiner of the registry (id or alias) for the last steps; see --refiner-start.
+    #[arg(long)]
+    refiner: Option<String>,
+    /// The step (1..=steps) at which the refiner takes over: the base runs up to it.
+    #[arg(long, requires = "refiner")]
+    refiner_start: Option<usize>,
     /// Output PNG; with several images, `NAME-<i>.png` beside it.
     #[arg(long)]
     output: PathBuf,
@@ -370,7 +378,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .negative_prompt
         .or_else(|| defaults.negative_prompt.clone());
     // The resolution each family was trained at, when neither the request nor the model says.
-    let default_side = if entry.family == Some(Family::Sdxl) {
+    let default_side = if matches!(entry.family, Some(Family::Sdxl | Family::SdxlRefiner)) {
         1024
     } else {
         512
@@ -424,6 +432,21 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             Ok((entry.id, weight.unwrap_or(entry.default_weight)))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(model) = &args.refiner {
+        let Some(step) = args.refiner_start else {
+            bail!("--refiner needs --refiner-start (the step at which the refiner takes over)");
+        };
+        if step == 0 || step > req.steps {
+            bail!(
+                "--refiner-start must be between 1 and --steps ({}). Given: {step}",
+                req.steps
+            );
+        }
+        req.refiner = Some(Refiner {
+            model: model.clone(),
+            start: step as f64 / req.steps as f64,
+        });
+    }
     req.validate()?;
 
     let loras = args
@@ -502,11 +525,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     model.set_embeddings(&embeddings)?;
     tracing::info!(model = %entry.id, seconds = started.elapsed().as_secs_f64(), "model loaded");
 
+    let refiner = match &req.refiner {
+        Some(r) => {
+            let refiner_entry = registry.resolve(&r.model)?;
+            let files = refiner_entry.load(&device, dtype)?;
+            Some(StableDiffusion::load(&files, &device, dtype)?)
+        }
+        None => None,
+    };
+
     let started = Instant::now();
-    let output = model.generate(&req, &mut |step, total| {
+    let mut progress = |step, total| {
         tracing::debug!(step, total, "denoising");
         true
-    })?;
+    };
+    let output = match &refiner {
+        Some(refiner) => model.generate_refined(refiner, &req, &mut progress)?,
+        None => model.generate(&req, &mut progress)?,
+    };
     tracing::info!(
         seconds = started.elapsed().as_secs_f64(),
         images = req.num_images,

@@ -42,6 +42,7 @@ fn reference_repo(family: Family) -> &'static str {
         Family::Sd1 => "stable-diffusion-v1-5/stable-diffusion-v1-5",
         Family::Sd2 => "stabilityai/stable-diffusion-2-1",
         Family::Sdxl => "stabilityai/stable-diffusion-xl-base-1.0",
+        Family::SdxlRefiner => "stabilityai/stable-diffusion-xl-refiner-1.0",
     }
 }
 
@@ -1344,6 +1345,14 @@ impl ModelEntry {
             }
         };
         if let Some(family) = self.family {
+            // A refiner's files hold other components than a base model's: no declaration
+            // turns one into the other.
+            if (family == Family::SdxlRefiner) != (files.family == Family::SdxlRefiner) {
+                return Err(Error::model(format!(
+                    "model `{}` is declared {family} but its files are an {} model",
+                    self.id, files.family
+                )));
+            }
             if family != files.family {
                 tracing::warn!(
                     "model `{}` is declared {family} but its files look like {}; using {family}",

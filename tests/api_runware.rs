@@ -736,11 +736,6 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
             "unsupportedParameter",
             "ipAdapters",
         ),
-        (
-            json!({"refiner": {"model": "x"}}),
-            "unsupportedParameter",
-            "refiner",
-        ),
         (json!({"vae": "civitai:1@2"}), "invalidVae", "vae"),
         (
             json!({"promptWeighting": "a1111"}),
@@ -1575,5 +1570,155 @@ async fn http_vae_override_gives_the_diffusers_image() {
         assert_eq!(e["type"], "string", "{e}");
         assert!(e["message"].as_str().unwrap().contains(says), "{e}");
     }
+    server.stop().await;
+}
+
+/// The tiny SDXL base and its refiner (fixture registry ids).
+const SDXL: &str = "tiny-sdxl";
+const REFINER: &str = "tiny-sdxl-refiner";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_refiner_takes_over_and_bad_refiners_are_refused() {
+    let server = TestServer::start("rw-http-refiner").await;
+    let refined = |refiner: Value| {
+        inference(json!({
+            "model": SDXL, "steps": 4, "seed": 99, "outputFormat": "PNG",
+            "outputType": "base64Data", "refiner": refiner,
+        }))
+    };
+    let image_of = |body: &Value| {
+        let item = &data(body)[0];
+        decode(&b64(item["imageBase64Data"].as_str().unwrap())).to_rgb8()
+    };
+    let mut images = Vec::new();
+    for task in [
+        refined(json!({"model": REFINER, "startStep": 2})),
+        refined(json!({"model": REFINER, "startStepPercentage": 50})),
+        refined(json!({"model": REFINER, "startStep": 3})),
+        refined(Value::Null),
+        refined(json!({})),
+    ] {
+        let (status, body) = post(&server, &json!([task])).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(data(&body)[0]["seed"], 99);
+        images.push(image_of(&body));
+    }
+    assert_eq!(
+        images[0], images[1],
+        "startStep 2 of 4 is startStepPercentage 50"
+    );
+    assert_ne!(images[0], images[2], "a later start changes the image");
+    assert_ne!(images[0], images[3], "the refiner changes the image");
+    assert_eq!(
+        images[3], images[4],
+        "an empty `refiner` object is no refiner"
+    );
+
+    // The same request in process: base then refiner, decoded by the refiner's VAE.
+    let base = common::pipeline(SDXL);
+    let refiner = common::pipeline(REFINER);
+    let mut req = sd_serve::pipeline::GenerationRequest::new("a red fox in the snow");
+    (req.width, req.height, req.steps, req.seed) = (128, 128, 4, 99);
+    req.guidance_scale = 7.0; // Runware's default CFGScale
+    req.refiner = Some(sd_serve::pipeline::Refiner {
+        model: REFINER.into(),
+        start: 0.5,
+    });
+    let out = base
+        .generate_refined(&refiner, &req, &mut |_, _| true)
+        .unwrap();
+    assert_eq!(
+        out.to_rgb().unwrap()[0],
+        images[0],
+        "the server runs the library's path"
+    );
+
+    let cases: Vec<(Value, &str, &[&str])> = vec![
+        (
+            json!({"model": "no-such-refiner", "startStep": 2}),
+            "invalidRefiner",
+            &["no-such-refiner", REFINER],
+        ),
+        (
+            json!({"model": "tiny-sd15", "startStep": 2}),
+            "invalidRefiner",
+            &["tiny-sd15", "sd1", "not an SDXL refiner"],
+        ),
+        (
+            json!({"model": REFINER, "startStep": 1}),
+            "invalidRefiner",
+            &["startStep", "2", "4"],
+        ),
+        (
+            json!({"model": REFINER, "startStep": 5}),
+            "invalidRefiner",
+            &["startStep", "Given: 5"],
+        ),
+        (
+            json!({"model": REFINER, "startStepPercentage": 0}),
+            "invalidRefiner",
+            &["startStepPercentage", "1", "99"],
+        ),
+        (
+            json!({"model": REFINER, "startStepPercentage": 100}),
+            "invalidRefiner",
+            &["startStepPercentage", "99"],
+        ),
+        (
+            json!({"model": REFINER, "startStep": 2, "startStepPercentage": 50}),
+            "invalidRefiner",
+            &["alternatives"],
+        ),
+        (
+            json!({"model": REFINER}),
+            "missingRefiner",
+            &["startStep", "startStepPercentage"],
+        ),
+        (
+            json!({"startStep": 2}),
+            "missingRefiner",
+            &["refiner.model"],
+        ),
+        (
+            json!({"model": REFINER, "startStep": 2, "aestheticScore": 7}),
+            "invalidRefiner",
+            &["aestheticScore"],
+        ),
+        (json!("tiny-sdxl-refiner"), "invalidRefiner", &["object"]),
+    ];
+    let mut tasks: Vec<Value> = cases.iter().map(|(r, _, _)| refined(r.clone())).collect();
+    // An SD1 model takes no refiner.
+    tasks.push(inference(
+        json!({"refiner": {"model": REFINER, "startStep": 2}, "steps": 4}),
+    ));
+    let (status, body) = post(&server, &Value::Array(tasks.clone())).await;
+    assert_eq!(status, 400, "{body}");
+    let errs = errors(&body);
+    assert_eq!(errs.len(), tasks.len(), "{body}");
+    let expected = cases
+        .iter()
+        .map(|(_, code, words)| (*code, *words))
+        .chain([("invalidRefiner", &["only with SDXL", "sd1"][..])]);
+    for ((code, words), task) in expected.zip(&tasks) {
+        let e = errs
+            .iter()
+            .find(|e| e["taskUUID"] == task["taskUUID"])
+            .unwrap_or_else(|| panic!("no error for {}", task["refiner"]));
+        assert_eq!(e["code"], code, "{}: {e}", task["refiner"]);
+        assert_eq!(e["parameter"], "refiner", "{e}");
+        assert_eq!(e["type"], "object", "{e}");
+        let message = e["message"].as_str().unwrap();
+        for word in words {
+            assert!(message.contains(word), "{}: {message}", task["refiner"]);
+        }
+    }
+    // A refiner does not generate alone.
+    let alone = inference(json!({"model": REFINER, "steps": 4}));
+    let (status, body) = post(&server, &json!([alone])).await;
+    assert_eq!(status, 400, "{body}");
+    let e = &errors(&body)[0];
+    assert_eq!(e["code"], "invalidModel", "{e}");
+    assert_eq!(e["parameter"], "model", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("refiner"), "{e}");
     server.stop().await;
 }

@@ -245,3 +245,75 @@ fn a_registry_vae_replaces_the_model_vae() {
         "{stderr}"
     );
 }
+
+#[test]
+fn generate_with_a_refiner_gives_the_diffusers_image() {
+    let dir = scratch("generate_with_a_refiner_gives_the_diffusers_image");
+    let manifest = common::manifest();
+    let case = manifest["refiner"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "euler_half")
+        .expect("the euler_half refiner golden")
+        .clone();
+    let out = dir.join("refined.png");
+    let run = sd_serve()
+        .args(["generate", "--model", "tiny-sdxl", "--models"])
+        .arg(fixtures().join("models.toml"))
+        .args(["--prompt", case["prompt"].as_str().unwrap()])
+        .args([
+            "--negative-prompt",
+            case["negative_prompt"].as_str().unwrap(),
+        ])
+        .args(["--seed", &case["seed"].to_string()])
+        .args(["--steps", &case["steps"].to_string()])
+        .args(["--scheduler", "Euler", "--refiner", "tiny-sdxl-refiner"])
+        .args(["--refiner-start", "2", "--output"])
+        .arg(&out)
+        .output()
+        .expect("sd-serve runs");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let image = image::open(&out).unwrap().to_rgb8();
+    let golden = common::load_goldens(case["file"].as_str().unwrap());
+    let expected = common::flat(&golden["images"]);
+    // The PNG holds round(255 * x): half a level of quantisation, plus the pipeline's f32
+    // bound on 0..1 pixels (2e-5, see parity_refiner.rs).
+    let worst = image
+        .as_raw()
+        .iter()
+        .zip(&expected)
+        .map(|(&ours, &x)| (ours as f32 / 255.0 - x).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 0.5 / 255.0 + 2e-5, "PNG differs by {worst}");
+
+    // Refused with the reason: a start outside 1..=steps, a non-refiner, a non-SDXL base.
+    for (model, extra, words) in [
+        (
+            "tiny-sdxl",
+            ["--refiner", "tiny-sdxl-refiner", "--refiner-start", "0"],
+            &["--refiner-start"][..],
+        ),
+        (
+            "tiny-sdxl",
+            ["--refiner", "tiny-sd15", "--refiner-start", "2"],
+            &["sdxl-refiner", "sd1"],
+        ),
+        (
+            "tiny-sd15",
+            ["--refiner", "tiny-sdxl-refiner", "--refiner-start", "2"],
+            &["SDXL", "sd1"],
+        ),
+    ] {
+        let run = generate(model, &extra, &dir.join("refused.png"));
+        assert!(!run.status.success(), "{model} {extra:?}");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        for word in words {
+            assert!(stderr.contains(word), "{model} {extra:?}: {stderr}");
+        }
+    }
+}

@@ -367,3 +367,114 @@ async fn each_device_runs_its_own_job() {
     wait_until(&engine, "both jobs stop", |s| s.running == 0).await;
     assert_eq!(engine.stats().cancelled, 2);
 }
+
+fn refined_job(start: f64) -> Job {
+    let mut req = request(4, 1, 77);
+    req.scheduler = Some(SchedulerSpec::parse("Euler").unwrap());
+    req.refiner = Some(sd_serve::pipeline::Refiner {
+        model: "tiny-sdxl-refiner".into(),
+        start,
+    });
+    job("tiny-sdxl", req)
+}
+
+#[tokio::test]
+async fn a_refined_job_hands_over_to_the_refiner_and_both_are_cached() {
+    let engine = engine(4);
+    let job = refined_job(0.5);
+    let mut handle = engine.submit(job.clone()).unwrap();
+    let seen = events(&mut handle).await;
+    assert!(matches!(seen.last(), Some(JobEvent::Finished)), "{seen:?}");
+    // Each share reports its own steps: 2 of the base, then 2 of the refiner.
+    let steps: Vec<(usize, usize)> = seen
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Progress { step, total } => Some((*step, *total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, [(1, 2), (2, 2), (1, 2), (2, 2)]);
+    let image = seen
+        .iter()
+        .find_map(|e| match e {
+            JobEvent::Image { image, .. } => Some(image.clone()),
+            _ => None,
+        })
+        .expect("an image");
+    let load = |id: &str| {
+        let files = registry()
+            .resolve_id(id)
+            .unwrap()
+            .load(&Device::Cpu, DType::F32)
+            .unwrap();
+        StableDiffusion::load(&files, &Device::Cpu, DType::F32).unwrap()
+    };
+    let expected = load("tiny-sdxl")
+        .generate_refined(&load("tiny-sdxl-refiner"), &job.request, &mut |_, _| true)
+        .unwrap()
+        .to_rgb()
+        .unwrap();
+    assert!(
+        image.as_raw() == expected[0].as_raw(),
+        "differs from generate_refined"
+    );
+
+    // Within the budget both stay loaded.
+    let mut handle = engine.submit(refined_job(0.75)).unwrap();
+    assert!(matches!(
+        events(&mut handle).await.last(),
+        Some(JobEvent::Finished)
+    ));
+    let stats = engine.stats();
+    assert_eq!((stats.model_loads, stats.model_evictions), (2, 0));
+}
+
+#[tokio::test]
+async fn a_budget_for_one_model_still_runs_refined_jobs() {
+    let mut config = EngineConfig::new(vec![Device::Cpu]);
+    // Smaller than any model: the refiner's load evicts the base, whose share is done.
+    config.model_cache_bytes = 1;
+    let engine = Engine::start(config, registry()).unwrap();
+    for _ in 0..2 {
+        let mut handle = engine.submit(refined_job(0.5)).unwrap();
+        let events = events(&mut handle).await;
+        assert!(
+            matches!(events.last(), Some(JobEvent::Finished)),
+            "{events:?}"
+        );
+    }
+    let stats = engine.stats();
+    assert_eq!((stats.model_loads, stats.model_evictions), (4, 3));
+}
+
+#[tokio::test]
+async fn bad_refiners_are_refused_at_submit() {
+    let engine = engine(4);
+    for (model, refiner, words) in [
+        ("tiny-sdxl", "no-such-model", &["no-such-model"][..]),
+        (
+            "tiny-sdxl",
+            "tiny-sd2",
+            &["tiny-sd2", "sd2", "sdxl-refiner"],
+        ),
+        ("tiny-sd15", "tiny-sdxl-refiner", &["SDXL", "sd1"]),
+        (
+            "tiny-sdxl-refiner",
+            "tiny-sdxl-refiner",
+            &["tiny-sdxl-refiner", "alone"],
+        ),
+    ] {
+        let mut job = refined_job(0.5);
+        job.model = model.into();
+        job.request.refiner.as_mut().unwrap().model = refiner.into();
+        match engine.submit(job) {
+            Err(SubmitError::Invalid(e)) => {
+                let message = e.to_string();
+                for word in words {
+                    assert!(message.contains(word), "{model} + {refiner}: {message}");
+                }
+            }
+            other => panic!("{model} + {refiner}: expected a refusal, got {other:?}"),
+        }
+    }
+}

@@ -70,8 +70,13 @@ fn fixture_registry_resolves_ids_with_defaults() {
             "tiny-sd15-single",
             "tiny-sdxl-single",
             "tiny-sd15-curated",
-            "tiny-sd15-inpaint"
+            "tiny-sd15-inpaint",
+            "tiny-sdxl-refiner"
         ]
+    );
+    assert_eq!(
+        reg.resolve("tiny-sdxl-refiner").unwrap().family,
+        Some(Family::SdxlRefiner)
     );
     assert_eq!(
         reg.resolve_id("civitai:102438@133677").unwrap().id,
@@ -347,4 +352,35 @@ fn single_file_without_config_takes_reference_tokenizers() {
         "built-in SD1.5 config"
     );
     assert_eq!(p.tokenizer.pad_token, "<|endoftext|>");
+}
+
+#[test]
+fn a_refiner_folder_loads_as_a_refiner_and_no_declaration_turns_it_into_a_base() {
+    setup();
+    let files = registry()
+        .resolve("tiny-sdxl-refiner")
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .unwrap();
+    assert_eq!(files.family, Family::SdxlRefiner);
+    // Its only text encoder (SDXL's second, with projection) sits in the first place.
+    assert!(files.text_encoder_2.is_none() && files.tokenizer_2.is_none());
+    assert_eq!(files.text_encoder.config["projection_dim"], 16);
+    assert!(!files.force_zeros_for_empty_prompt);
+    for (declared, path, words) in [
+        ("sdxl", "tiny-sdxl-refiner", ["sdxl", "sdxl-refiner"]),
+        ("sdxl-refiner", "tiny-sdxl", ["sdxl-refiner", "sdxl model"]),
+    ] {
+        let toml = format!("[[model]]\nid = \"m\"\nfamily = \"{declared}\"\npath = \"{path}\"\n");
+        let reg = Registry::from_toml_str(&toml, &fixtures()).unwrap();
+        let e = reg
+            .resolve("m")
+            .unwrap()
+            .load(&Device::Cpu, DType::F32)
+            .unwrap_err()
+            .to_string();
+        for word in words {
+            assert!(e.contains(word), "{declared} {path}: {e}");
+        }
+    }
 }

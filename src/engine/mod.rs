@@ -297,6 +297,7 @@ impl Engine {
             .and_then(|()| self.check_vae_and_lcm(&job))
             .and_then(|()| self.check_embeddings(&job))
             .and_then(|()| self.check_controlnets(&job))
+            .and_then(|()| self.check_refiner(&job))
         {
             self.shared.queue.count_invalid();
             return Err(SubmitError::Invalid(e));
@@ -382,6 +383,41 @@ impl Engine {
         Ok(())
     }
 
+    /// A refiner is never the job's model. A job's refiner is a registered model; where
+    /// families are declared, an `sdxl-refiner` (or `sdxl`) one, and the job's model SDXL.
+    /// Undeclared families are checked when loaded.
+    fn check_refiner(&self, job: &Job) -> Result<()> {
+        let declared = self.registry.get(&job.model).and_then(|e| e.family);
+        if declared == Some(Family::SdxlRefiner) {
+            return Err(Error::invalid(format!(
+                "model `{}` is an SDXL refiner: it finishes an SDXL model's denoising (name it as \
+                 the request's refiner) and does not generate alone",
+                job.model
+            )));
+        }
+        let Some(refiner) = &job.request.refiner else {
+            return Ok(());
+        };
+        let entry = self.registry.resolve_id(&refiner.model)?;
+        if let Some(family) = entry.family {
+            if !matches!(family, Family::SdxlRefiner | Family::Sdxl) {
+                return Err(Error::invalid(format!(
+                    "refiner `{}` is {family}: a refiner must be an sdxl-refiner (or sdxl) model",
+                    entry.id
+                )));
+            }
+        }
+        if let Some(family) = declared {
+            if family != Family::Sdxl {
+                return Err(Error::invalid(format!(
+                    "a refiner works only with SDXL models; model `{}` is {family}",
+                    job.model
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             model_loads: self.shared.model_loads.load(Ordering::Relaxed),
@@ -438,6 +474,10 @@ fn run_worker(
     dtype: DType,
     cache_budget: usize,
 ) {
+    // The cache holds base models and refiners alike, one entry per registry id, each with its
+    // own weights (a refiner shares no tensor with its base). A refined job needs its base,
+    // then its refiner, never both at once: when the budget fits only one, loading the refiner
+    // evicts the base, whose share of the job is done by then.
     let mut cache = ModelCache::new(cache_budget);
     let mut lora_files = Recent::new(LORA_FILES_KEPT);
     let mut vaes = Recent::new(VAES_KEPT);
@@ -445,32 +485,24 @@ fn run_worker(
     let mut controlnets = ControlNets::new(CONTROLNETS_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
-        let (loads, evictions) = (cache.loads(), cache.evictions());
-        let loaded = cached_model(&mut cache, &entry, device, dtype).map(|_| ());
-        let counts = [
-            (&shared.model_loads, cache.loads() - loads),
-            (&shared.model_evictions, cache.evictions() - evictions),
-        ];
-        for (counter, n) in counts {
-            counter.fetch_add(n, Ordering::Relaxed);
-        }
-        loaded?;
-        // Cached now: the model just loaded is never evicted.
-        let model = cached_model(&mut cache, &entry, device, dtype)?;
-        let family = model.files.family;
-        let mut wanted = job
+        let loras = job
             .request
             .loras
             .iter()
-            .map(|(id, weight)| {
-                let lora = registry.resolve_lora(id)?;
-                check_lora_family(&lora, &entry.id, family)?;
-                Ok((lora, *weight))
-            })
+            .map(|(id, weight)| Ok((registry.resolve_lora(id)?, *weight)))
             .collect::<Result<Vec<_>>>()?;
-        if job.request.lcm_lora {
-            wanted.push((lcm_lora(registry, &entry.id, family)?.clone(), 1.0));
-        }
+        let model = ready_model(
+            shared,
+            &mut cache,
+            registry,
+            &entry,
+            &loras,
+            job.request.lcm_lora,
+            &mut lora_files,
+            device,
+            dtype,
+        )?;
+        let family = model.files.family;
         let vae = match &job.request.vae {
             Some(name) => {
                 let vae = registry.resolve_vae(name)?;
@@ -481,15 +513,6 @@ fn run_worker(
             }
             None => None,
         };
-        let switched = model.set_loras(&wanted, &mut lora_files, device);
-        // The originals a merge keeps count against the budget like the weights do.
-        let bytes = model.bytes();
-        let evictions = cache.evictions();
-        cache.resize(&entry.id, bytes);
-        let evicted = cache.evictions() - evictions;
-        shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
-        switched?;
-        let model = cached_model(&mut cache, &entry, device, dtype)?;
         model.model.set_vae(vae.as_deref())?;
         let embeddings = job
             .request
@@ -497,7 +520,7 @@ fn run_worker(
             .iter()
             .map(|(id, weight)| {
                 let found = registry.resolve_embedding(id)?;
-                check_embedding_family(&found, &entry.id, model.files.family)?;
+                check_embedding_family(&found, &entry.id, family)?;
                 let embedding = embedding_files.get_or_load(&found.id, || {
                     TextualInversion::load(&found.local_path()?, device)
                 })?;
@@ -517,12 +540,81 @@ fn run_worker(
             .iter()
             .map(|unit| {
                 let net = registry.resolve_controlnet(&unit.model)?;
-                check_controlnet_family(&net, &entry.id, model.files.family)?;
+                check_controlnet_family(&net, &entry.id, family)?;
                 controlnets.get(&net, device, dtype)
             })
             .collect::<Result<Vec<_>>>()?;
-        run_job(&model.model, &nets, job, &shared.abort)
+        let Some(refiner) = &job.request.refiner else {
+            return run_job(&model.model, &nets, job, &shared.abort);
+        };
+        // The base's share stops where the refiner starts (it refuses non-SDXL models).
+        let latents = denoise_job(&model.model, &nets, job, &shared.abort, None)?;
+        let refiner_entry = registry.resolve_id(&refiner.model)?;
+        // The refiner runs without LoRAs (an SDXL base used as refiner may have some merged),
+        // embeddings or ControlNets, and decodes with its own VAE, or the request's when it
+        // names one.
+        let refiner = ready_model(
+            shared,
+            &mut cache,
+            registry,
+            &refiner_entry,
+            &[],
+            false,
+            &mut lora_files,
+            device,
+            dtype,
+        )?;
+        refiner.model.set_embeddings(&[])?;
+        refiner.model.set_vae(vae.as_deref())?;
+        let latents = denoise_job(&refiner.model, &[], job, &shared.abort, Some(&latents))?;
+        send_images(&refiner.model, &latents, job, &shared.abort)
     });
+}
+
+/// The model of `entry` from the worker's cache (loaded on a miss) with the LoRA set `loras`
+/// merged, and with `lcm` the family's LCM-LoRA at weight 1 after them; the load and eviction
+/// counters updated.
+#[allow(clippy::too_many_arguments)]
+fn ready_model<'c>(
+    shared: &Shared,
+    cache: &'c mut ModelCache<LoadedModel>,
+    registry: &Registry,
+    entry: &ModelEntry,
+    loras: &[(LoraEntry, f64)],
+    lcm: bool,
+    lora_files: &mut Recent<Lora>,
+    device: &Device,
+    dtype: DType,
+) -> Result<&'c mut LoadedModel> {
+    let (loads, evictions) = (cache.loads(), cache.evictions());
+    let loaded = cached_model(cache, entry, device, dtype).map(|_| ());
+    let counts = [
+        (&shared.model_loads, cache.loads() - loads),
+        (&shared.model_evictions, cache.evictions() - evictions),
+    ];
+    for (counter, n) in counts {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    loaded?;
+    // Cached now: the model just loaded is never evicted.
+    let model = cached_model(cache, entry, device, dtype)?;
+    let family = model.files.family;
+    for (lora, _) in loras {
+        check_lora_family(lora, &entry.id, family)?;
+    }
+    let mut wanted = loras.to_vec();
+    if lcm {
+        wanted.push((lcm_lora(registry, &entry.id, family)?.clone(), 1.0));
+    }
+    let switched = model.set_loras(&wanted, lora_files, device);
+    // The originals a merge keeps count against the budget like the weights do.
+    let bytes = model.bytes();
+    let evictions = cache.evictions();
+    cache.resize(&entry.id, bytes);
+    let evicted = cache.evictions() - evictions;
+    shared.model_evictions.fetch_add(evicted, Ordering::Relaxed);
+    switched?;
+    cached_model(cache, entry, device, dtype)
 }
 
 /// ControlNets a worker keeps loaded, so a run of jobs with the same control loads it once.
@@ -791,6 +883,20 @@ fn run_job(
     job: &QueuedJob,
     abort: &AtomicBool,
 ) -> Result<()> {
+    let latents = denoise_job(model, controlnets, job, abort, None)?;
+    send_images(model, &latents, job, abort)
+}
+
+/// The job's latents from `model`: the whole denoising (guided by `controlnets`), or with a
+/// refiner the base's share (`refine_from` `None`) or the refiner's (continuing from
+/// `refine_from`). Each share reports its own steps.
+fn denoise_job(
+    model: &StableDiffusion,
+    controlnets: &[Arc<ControlNetModel>],
+    job: &QueuedJob,
+    abort: &AtomicBool,
+    refine_from: Option<&candle_core::Tensor>,
+) -> Result<candle_core::Tensor> {
     let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
     if !keep_going() {
         return Err(Error::Cancelled);
@@ -802,8 +908,23 @@ fn run_job(
         job.send(JobEvent::Progress { step, total });
         true
     };
-    let nets: Vec<&ControlNetModel> = controlnets.iter().map(Arc::as_ref).collect();
-    let latents = model.denoise_latents_controlled(&job.request, &nets, &mut progress)?;
+    match refine_from {
+        None => {
+            let nets: Vec<&ControlNetModel> = controlnets.iter().map(Arc::as_ref).collect();
+            model.denoise_latents_controlled(&job.request, &nets, &mut progress)
+        }
+        Some(latents) => model.refine_latents(&job.request, latents, &mut progress),
+    }
+}
+
+/// Decodes the job's latents with `model`'s VAE and sends the images one by one.
+fn send_images(
+    model: &StableDiffusion,
+    latents: &candle_core::Tensor,
+    job: &QueuedJob,
+    abort: &AtomicBool,
+) -> Result<()> {
+    let keep_going = || job.is_wanted() && !abort.load(Ordering::SeqCst);
     // Outpainting and `maskMargin` blend each generated picture back into the seed image.
     let canvas = Canvas::for_request(&job.request)?.filter(Canvas::pastes_back);
     for (index, seed) in job.request.seeds().into_iter().enumerate() {

@@ -172,3 +172,54 @@ pub fn batch_conditioning(
     };
     Ok(BatchConditioning { hidden, added })
 }
+
+/// SDXL refiner: its one encoder (OpenCLIP bigG) as SDXL's second, the penultimate layer
+/// without the final layer norm and the projected pooled output (diffusers' refiner
+/// `encode_prompt` with `text_encoder` absent).
+pub fn encode_refiner(
+    encoder: &TextEncoder,
+    prompt: &str,
+    device: &Device,
+) -> Result<PromptEmbeddings> {
+    let ids = encoder
+        .tokenizer
+        .encode_prompts(&[prompt])?
+        .to_device(device)?;
+    let out = encoder.model.forward(&ids)?;
+    let hidden = pick_from_end(&out.hidden_states, 2)?.clone();
+    let pooled = out.text_embeds.ok_or_else(|| {
+        crate::Error::model(
+            "an SDXL refiner's text encoder must have a text projection \
+             (CLIPTextModelWithProjection)",
+        )
+    })?;
+    Ok(PromptEmbeddings {
+        hidden,
+        pooled: Some(pooled),
+    })
+}
+
+/// Aesthetic score of the prompt's rows and of the negative rows (diffusers' defaults).
+pub const AESTHETIC_SCORE: f32 = 6.0;
+pub const NEGATIVE_AESTHETIC_SCORE: f32 = 2.5;
+
+/// The SDXL refiner's time ids, `[rows, 5]`: original size, crop top-left, aesthetic score
+/// (`requires_aesthetics_score`); the negative rows (first `n` when `guided`) score
+/// [`NEGATIVE_AESTHETIC_SCORE`], the prompt's rows [`AESTHETIC_SCORE`].
+pub fn aesthetic_time_ids(
+    n: usize,
+    guided: bool,
+    size: (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let (height, width) = (size.0 as f32, size.1 as f32);
+    let row = |score: f32| [height, width, 0.0, 0.0, score];
+    let mut rows = Vec::with_capacity(2 * n);
+    if guided {
+        rows.extend(std::iter::repeat_n(row(NEGATIVE_AESTHETIC_SCORE), n));
+    }
+    rows.extend(std::iter::repeat_n(row(AESTHETIC_SCORE), n));
+    let flat: Vec<f32> = rows.concat();
+    Ok(Tensor::from_vec(flat, (rows.len(), 5), device)?.to_dtype(dtype)?)
+}

@@ -26,7 +26,7 @@ pub use controlnet::{ControlMode, ControlNetUnit};
 pub use inpaint::{Canvas, MaskImage, Outpaint};
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
-pub use request::{GenerationRequest, InitImage};
+pub use request::{GenerationRequest, InitImage, Refiner};
 pub use textual_inversion::PromptEmbedding;
 use textual_inversion::RequestEncoders;
 pub use weighting::PromptWeighting;
@@ -131,7 +131,8 @@ fn build_unet(
 /// (the fp16-fix VAE). SD 1.x/2.x VAEs are fine in f16 and diffusers never upcasts them; bf16
 /// has f32's range.
 pub fn vae_dtype(family: Family, dtype: DType, vae_config: &AutoencoderKlConfig) -> DType {
-    if family == Family::Sdxl && dtype == DType::F16 && vae_config.force_upcast {
+    let sdxl_vae = matches!(family, Family::Sdxl | Family::SdxlRefiner);
+    if sdxl_vae && dtype == DType::F16 && vae_config.force_upcast {
         DType::F32
     } else {
         dtype
@@ -169,6 +170,9 @@ impl StableDiffusion {
             return Err(Error::model(
                 "SDXL models have two text encoders, SD1/SD2 models one",
             ));
+        }
+        if files.family == Family::SdxlRefiner {
+            check_refiner_files(files)?;
         }
         let unet = build_unet(&files.unet, dtype, device)?;
         let Vae {
@@ -388,6 +392,9 @@ impl StableDiffusion {
         req: &GenerationRequest,
         guided: bool,
     ) -> Result<conditioning::BatchConditioning> {
+        if self.family == Family::SdxlRefiner {
+            return self.refiner_conditioning(req, guided);
+        }
         let (cond, uncond) = self.prompt_embeddings(req, guided)?;
         conditioning::batch_conditioning(
             &cond,
@@ -396,6 +403,44 @@ impl StableDiffusion {
             (req.height, req.width),
             self.dtype,
         )
+    }
+
+    /// The SDXL refiner's conditioning: its one encoder (no `clip_skip`: diffusers' refiner
+    /// call takes the default layer), the negative prompt encoded (zeros only where the
+    /// model says `force_zeros_for_empty_prompt`), and aesthetic-score time ids.
+    fn refiner_conditioning(
+        &self,
+        req: &GenerationRequest,
+        guided: bool,
+    ) -> Result<conditioning::BatchConditioning> {
+        let encode =
+            |text: &str| conditioning::encode_refiner(&self.text_encoder, text, &self.device);
+        let cond = encode(&req.prompt)?;
+        let uncond = if !guided {
+            None
+        } else if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt {
+            Some(cond.zeros_like()?)
+        } else {
+            Some(encode(req.negative_prompt.as_deref().unwrap_or(""))?)
+        };
+        let size = (req.height, req.width);
+        let mut batch = conditioning::batch_conditioning(
+            &cond,
+            uncond.as_ref(),
+            req.num_images,
+            size,
+            self.dtype,
+        )?;
+        if let Some(added) = batch.added.as_mut() {
+            added.time_ids = conditioning::aesthetic_time_ids(
+                req.num_images,
+                guided,
+                size,
+                self.dtype,
+                &self.device,
+            )?;
+        }
+        Ok(batch)
     }
 
     /// Runs a request to float images. `progress(step, total)` is called after every denoising
@@ -415,6 +460,11 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<GenerationOutput> {
+        if req.refiner.is_some() {
+            return Err(Error::invalid(
+                "a request with a refiner runs through `generate_refined`, with the refiner model",
+            ));
+        }
         let latents = self.denoise_latents_controlled(req, controlnets, progress)?;
         let mut images = self.decode(&latents)?;
         if let Some(canvas) = inpaint::Canvas::for_request(req)?.filter(|c| c.pastes_back()) {
@@ -431,6 +481,7 @@ impl StableDiffusion {
     }
 
     /// The denoising part of [`Self::generate`]: the final latents, before decoding.
+    /// With `req.refiner` this is the base model's share: it stops where the refiner starts.
     pub fn denoise_latents(&self, req: &GenerationRequest, progress: Progress) -> Result<Tensor> {
         self.denoise_latents_controlled(req, &[], progress)
     }
@@ -442,13 +493,72 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
-        req.validate()?;
+        let scheduler = self.scheduler_for(req)?;
+        self.denoise(req, scheduler, controlnets, None, progress)
+    }
+
+    /// The request's scheduler (or the model's own) for `req.steps` steps.
+    fn scheduler_for(&self, req: &GenerationRequest) -> Result<Box<dyn Scheduler>> {
         let spec = match (&req.scheduler, &self.default_scheduler) {
             (Some(spec), _) | (None, Ok(spec)) => spec,
             (None, Err(why)) => return Err(Error::Scheduler(why.clone())),
         };
-        let scheduler = schedulers::build(spec, &self.scheduler_config, req.steps)?;
-        self.denoise_latents_with_controls(req, scheduler, controlnets, progress)
+        schedulers::build(spec, &self.scheduler_config, req.steps)
+    }
+
+    /// The refiner's share of a request with `req.refiner`: this model (an `sdxl-refiner`, or
+    /// an SDXL base used as refiner) continues from the base model's final `latents` (from
+    /// [`Self::denoise_latents`], not decoded) at the first timestep below the cut-off, with
+    /// its own conditioning, scheduler config and per-image noise generators seeded afresh
+    /// with `seed + i` (as a diffusers refiner call given its own seeded generators).
+    pub fn refine_latents(
+        &self,
+        req: &GenerationRequest,
+        latents: &Tensor,
+        progress: Progress,
+    ) -> Result<Tensor> {
+        req.validate()?;
+        if req.refiner.is_none() {
+            return Err(Error::invalid(
+                "refine_latents needs a request with a refiner",
+            ));
+        }
+        if !matches!(self.family, Family::Sdxl | Family::SdxlRefiner) {
+            return Err(Error::invalid(format!(
+                "a refiner must be an sdxl-refiner (or sdxl) model; this one is {}",
+                self.family
+            )));
+        }
+        let want = [
+            req.num_images,
+            self.vae_config.latent_channels,
+            req.height / request::VAE_SCALE_FACTOR,
+            req.width / request::VAE_SCALE_FACTOR,
+        ];
+        if latents.dims() != want {
+            return Err(Error::invalid(format!(
+                "the refiner takes latents shaped {want:?}. Given: {:?}",
+                latents.dims()
+            )));
+        }
+        let scheduler = self.scheduler_for(req)?;
+        self.denoise(req, scheduler, &[], Some(latents), progress)
+    }
+
+    /// A request with a refiner, start to finish: this (SDXL base) model denoises up to the
+    /// refiner's start, `refiner` does the rest and decodes with its VAE.
+    pub fn generate_refined(
+        &self,
+        refiner: &StableDiffusion,
+        req: &GenerationRequest,
+        progress: Progress,
+    ) -> Result<GenerationOutput> {
+        let latents = self.denoise_latents(req, &mut *progress)?;
+        let latents = refiner.refine_latents(req, &latents, progress)?;
+        Ok(GenerationOutput {
+            images: refiner.decode(&latents)?,
+            seeds: req.seeds(),
+        })
     }
 
     /// The model's own scheduler config (`scheduler_config.json`), which request options override.
@@ -471,13 +581,44 @@ impl StableDiffusion {
     pub fn denoise_latents_with_controls(
         &self,
         req: &GenerationRequest,
-        mut scheduler: Box<dyn Scheduler>,
+        scheduler: Box<dyn Scheduler>,
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
+        self.denoise(req, scheduler, controlnets, None, progress)
+    }
+
+    /// The denoising loop. `refine_from`: this model is the refiner, continuing from these
+    /// latents; otherwise, with `req.refiner`, the loop stops where the refiner starts.
+    fn denoise(
+        &self,
+        req: &GenerationRequest,
+        mut scheduler: Box<dyn Scheduler>,
+        controlnets: &[&ControlNetModel],
+        refine_from: Option<&Tensor>,
+        progress: Progress,
+    ) -> Result<Tensor> {
         req.validate()?;
+        if refine_from.is_none() && self.family == Family::SdxlRefiner {
+            // Trained on the last, least noisy timesteps only: from noise it makes no image.
+            return Err(Error::invalid(
+                "this model is an SDXL refiner: it finishes an SDXL model's denoising (name it \
+                 as the request's refiner) and does not generate alone",
+            ));
+        }
+        if refine_from.is_none() && req.refiner.is_some() && self.family != Family::Sdxl {
+            return Err(Error::invalid(format!(
+                "a refiner works only with SDXL base models; this model is {}",
+                self.family
+            )));
+        }
+        // The refiner's share runs without ControlNets, as diffusers' refiner pipeline does.
+        let units = match refine_from {
+            Some(_) => &[][..],
+            None => &req.controlnets[..],
+        };
         let controls = controlnet::prepare(
-            &req.controlnets,
+            units,
             controlnets,
             req.width,
             req.height,
@@ -497,6 +638,11 @@ impl StableDiffusion {
         ];
 
         let timesteps = scheduler.timesteps().to_vec();
+        let train_timesteps = self.scheduler_config.num_train_timesteps.unwrap_or(1000);
+        let end = match (&req.refiner, refine_from) {
+            (Some(refiner), None) => base_steps(&timesteps, refiner.start, train_timesteps),
+            _ => timesteps.len(),
+        };
         if let Some(latents) = &req.latents {
             if latents.dim(1)? != latent_channels {
                 return Err(Error::invalid(format!(
@@ -533,6 +679,14 @@ impl StableDiffusion {
             }
         };
         let (start, mut latents) = match (&req.init_image, &canvas) {
+            // The refiner continues from the base model's latents as they are.
+            _ if refine_from.is_some() => {
+                let from = refine_from.expect("checked by the guard; this is a bug");
+                let start = req.refiner.as_ref().map_or(0, |r| {
+                    refiner_start(&timesteps, r.start, train_timesteps, scheduler.order())
+                });
+                (start, from.to_dtype(DType::F32)?)
+            }
             (None, _) => {
                 let initial = initial_noise(&mut noise)?;
                 (0, (initial * scheduler.init_noise_sigma())?)
@@ -595,14 +749,14 @@ impl StableDiffusion {
         };
         latents = latents.to_dtype(self.dtype)?;
 
-        let total = timesteps.len().saturating_sub(start);
-        if total == 0 {
+        if timesteps.len() <= start && refine_from.is_none() {
             return Err(Error::invalid(format!(
                 "`strength` leaves no denoising step of the {} scheduled",
                 timesteps.len()
             )));
         }
-        for (index, &t) in timesteps.iter().enumerate().skip(start) {
+        let total = end.saturating_sub(start);
+        for (index, &t) in timesteps.iter().enumerate().take(end).skip(start) {
             let model_input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -699,5 +853,91 @@ impl StableDiffusion {
             out.push(images::decoded_to_unit(&decoded)?);
         }
         Ok(Tensor::cat(&out, 0)?)
+    }
+}
+
+/// diffusers' discrete cut-off between base and refiner: `round(T - start * T)` for `T`
+/// training timesteps.
+fn refiner_cutoff(start: f64, train_timesteps: usize) -> f64 {
+    let t = train_timesteps as f64;
+    (t - start * t).round()
+}
+
+/// How many of `timesteps` the base model runs when the refiner starts at `start`: those at or
+/// above the cut-off (diffusers' SDXL `denoising_end`). `start` = 1 keeps them all.
+fn base_steps(timesteps: &[f64], start: f64, train_timesteps: usize) -> usize {
+    if start >= 1.0 {
+        return timesteps.len();
+    }
+    let cutoff = refiner_cutoff(start, train_timesteps);
+    timesteps.iter().filter(|&&t| t >= cutoff).count()
+}
+
+/// Where the refiner starts in its `timesteps` (diffusers' SDXL img2img `denoising_start`): it
+/// runs those below the cut-off, one more for a second-order scheduler whose count is even (so
+/// it does not begin between the two evaluations of a step).
+fn refiner_start(timesteps: &[f64], start: f64, train_timesteps: usize, order: usize) -> usize {
+    let cutoff = refiner_cutoff(start, train_timesteps);
+    let mut run = timesteps.iter().filter(|&&t| t < cutoff).count();
+    if order == 2 && run % 2 == 0 {
+        run += 1;
+    }
+    timesteps.len().saturating_sub(run)
+}
+
+/// An SDXL refiner's UNet reads 5 time ids (original size, crop, aesthetic score) beside the
+/// pooled embedding; a config that adds up otherwise would fail at the first step.
+fn check_refiner_files(files: &PipelineFiles) -> Result<()> {
+    if files.text_encoder_2.is_some() {
+        return Err(Error::model(
+            "an SDXL refiner has one text encoder (SDXL's second); these files have two",
+        ));
+    }
+    let get = |v: &serde_json::Value, key: &str| v.get(key).and_then(serde_json::Value::as_u64);
+    let unet = &files.unet.config;
+    let (Some(per_id), Some(total), Some(pooled)) = (
+        get(unet, "addition_time_embed_dim"),
+        get(unet, "projection_class_embeddings_input_dim"),
+        get(&files.text_encoder.config, "projection_dim"),
+    ) else {
+        return Err(Error::model(
+            "an SDXL refiner needs `addition_time_embed_dim` and \
+             `projection_class_embeddings_input_dim` in its UNet config and `projection_dim` in \
+             its text encoder config",
+        ));
+    };
+    if total != 5 * per_id + pooled {
+        return Err(Error::model(format!(
+            "the refiner UNet's `projection_class_embeddings_input_dim` is {total}; with 5 time \
+             ids (size, crop, aesthetic score) of {per_id} and a pooled embedding of {pooled} it \
+             must be {}",
+            5 * per_id + pooled
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod refiner_tests {
+    use super::*;
+
+    #[test]
+    fn split_follows_diffusers_cutoffs() {
+        // SDXL "leading" schedule, 4 steps: 751, 501, 251, 1; start 0.5 cuts at 500.
+        let ts = [751.0, 501.0, 251.0, 1.0];
+        assert_eq!(base_steps(&ts, 0.5, 1000), 2);
+        assert_eq!(refiner_start(&ts, 0.5, 1000, 1), 2);
+        // 7 leading steps, start 3/7: cut-off 571 leaves the base 2 steps, the refiner 5.
+        let ts7 = [853.0, 711.0, 569.0, 427.0, 285.0, 143.0, 1.0];
+        assert_eq!(base_steps(&ts7, 3.0 / 7.0, 1000), 2);
+        assert_eq!(refiner_start(&ts7, 3.0 / 7.0, 1000, 1), 2);
+        // start 1: the base runs everything, the refiner nothing.
+        assert_eq!(base_steps(&ts, 1.0, 1000), 4);
+        assert_eq!(refiner_start(&ts, 1.0, 1000, 1), 4);
+        // Second order (Heun, 3 steps: 1 + 2 + 2 listed): an even count below the cut-off
+        // grows by one so the refiner starts on a whole step.
+        let heun = [667.0, 334.0, 334.0, 1.0, 1.0];
+        assert_eq!(refiner_start(&heun, 0.5, 1000, 2), 0);
+        assert_eq!(refiner_start(&heun, 0.8, 1000, 2), 2);
     }
 }

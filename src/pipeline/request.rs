@@ -25,6 +25,18 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+/// An SDXL refiner taking over the last part of the denoising (diffusers' `denoising_end` on
+/// the base model and `denoising_start` on the refiner, both `start`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refiner {
+    /// Registry id (or alias) of an `sdxl-refiner` (or `sdxl`) model.
+    pub model: String,
+    /// Where the refiner starts, as a fraction of the schedule in (0, 1]: the base model runs
+    /// the timesteps >= `round(T * (1 - start))` (T = training timesteps, 1000), the refiner the
+    /// rest. 1 leaves the refiner no step (it only decodes).
+    pub start: f64,
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     pub prompt: String,
@@ -68,6 +80,8 @@ pub struct GenerationRequest {
     pub embeddings: Vec<(String, f64)>,
     /// ControlNets guiding this request, their residuals summed (empty: none).
     pub controlnets: Vec<ControlNetUnit>,
+    /// An SDXL refiner for the last steps; `None`: the model denoises alone.
+    pub refiner: Option<Refiner>,
 }
 
 impl GenerationRequest {
@@ -94,6 +108,7 @@ impl GenerationRequest {
             prompt_weighting: super::PromptWeighting::None,
             embeddings: Vec::new(),
             controlnets: Vec::new(),
+            refiner: None,
         }
     }
 
@@ -175,6 +190,23 @@ impl GenerationRequest {
             self.prompt_weighting.check_prompt(negative)?;
         }
         controlnet::check(&self.controlnets)?;
+        if let Some(refiner) = &self.refiner {
+            if !(refiner.start > 0.0 && refiner.start <= 1.0) {
+                return Err(Error::invalid(format!(
+                    "the refiner's start must be > 0 and <= 1 (a fraction of the steps). \
+                     Given: {}",
+                    refiner.start
+                )));
+            }
+            if refiner.model.trim().is_empty() {
+                return Err(Error::invalid("the refiner's `model` must not be empty"));
+            }
+            if self.mask.is_some() || self.outpaint.is_some() {
+                return Err(Error::invalid(
+                    "a refiner cannot be combined with inpainting or outpainting",
+                ));
+            }
+        }
         if let Some(latents) = &self.latents {
             let want = [
                 self.num_images,

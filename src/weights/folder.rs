@@ -5,13 +5,14 @@
 //! unet/ vae/ text_encoder/    config.json + diffusion_pytorch_model[.fp16].safetensors
 //!                             (transformers models: model[.fp16].safetensors; large ones are
 //!                             sharded behind *.safetensors.index[.fp16].json)
-//! text_encoder_2/ tokenizer_2/   SDXL only
+//! text_encoder_2/ tokenizer_2/   SDXL only (an SDXL refiner has these and no first encoder)
 //! tokenizer/                  tokenizer.json or vocab.json + merges.txt, special_tokens_map.json,
 //!                             tokenizer_config.json
 //! scheduler/scheduler_config.json
 //! ```
 //!
-//! Family rule (see [`family_from_configs`]): SDXL when the pipeline has a `text_encoder_2` or the
+//! A folder with `text_encoder_2` but no `text_encoder` is an SDXL refiner (family
+//! `sdxl-refiner`). Otherwise the family rule (see [`family_from_configs`]): SDXL when the pipeline has a `text_encoder_2` or the
 //! UNet uses `addition_embed_type = "text_time"`; otherwise SD2 when the UNet has
 //! `use_linear_projection = true` (every SD 2.x UNet, no SD 1.x one), or, for a UNet config
 //! without that field, when the text encoder is OpenCLIP-like (`hidden_act = "gelu"` or
@@ -88,27 +89,30 @@ impl ModelIndex {
         self.components.iter().any(|c| c == component)
     }
 
-    /// The pipelines sd-serve can run need a UNet, a VAE and a (first) text encoder; SDXL
-    /// refiners (no first text encoder) and transformer-based pipelines (SD3, Flux) are refused.
+    /// The pipelines sd-serve can run need a UNet, a VAE and a (first) text encoder, or, for an
+    /// SDXL refiner, the second one alone; transformer-based pipelines (SD3, Flux) are refused.
     pub(crate) fn check_supported(&self, dir: &Path) -> Result<()> {
-        for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        let needed: &[&str] = if self.is_refiner() {
+            &["unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"]
+        } else {
+            &["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+        };
+        for needed in needed {
             if !self.has(needed) {
-                let what = if self.class_name.starts_with("StableDiffusionXL")
-                    && needed == "text_encoder"
-                {
-                    " (an SDXL refiner has only the OpenCLIP encoder; refiners are not supported)"
-                } else {
-                    ""
-                };
                 return Err(Error::model(format!(
-                    "unsupported pipeline `{}` in {}: it has no `{needed}` component{what}; \
-                     sd-serve runs Stable Diffusion 1.x, 2.x and SDXL base pipelines",
+                    "unsupported pipeline `{}` in {}: it has no `{needed}` component; sd-serve \
+                     runs Stable Diffusion 1.x, 2.x, SDXL base and SDXL refiner pipelines",
                     self.class_name,
                     dir.display()
                 )));
             }
         }
         Ok(())
+    }
+
+    /// An SDXL refiner: the second (OpenCLIP bigG) text encoder without the first.
+    pub(crate) fn is_refiner(&self) -> bool {
+        !self.has("text_encoder") && self.has("text_encoder_2")
     }
 
     /// SDXL pipelines carry a second text encoder.
@@ -353,6 +357,9 @@ pub fn load_diffusers_folder_variant(
 ) -> Result<PipelineFiles> {
     let index = ModelIndex::read(dir)?;
     index.check_supported(dir)?;
+    if index.is_refiner() {
+        return load_refiner_folder(dir, &index, variant, device, dtype);
+    }
     let unet = load_component(&dir.join("unet"), variant, device, dtype)?;
     let vae = load_component(&dir.join("vae"), variant, device, dtype)?;
     let text_encoder = load_text_encoder(&dir.join("text_encoder"), variant, device, dtype)?;
@@ -390,6 +397,54 @@ pub fn load_diffusers_folder_variant(
         force_zeros_for_empty_prompt: index
             .force_zeros_for_empty_prompt
             .unwrap_or(family == Family::Sdxl),
+    })
+}
+
+/// An SDXL refiner folder: its only text encoder (`text_encoder_2`, with `tokenizer_2`) goes in
+/// the first encoder's place. diffusers' refiner pipelines encode the empty negative prompt
+/// unless `force_zeros_for_empty_prompt` says otherwise (the published refiner says false).
+fn load_refiner_folder(
+    dir: &Path,
+    index: &ModelIndex,
+    variant: Option<&str>,
+    device: &Device,
+    dtype: DType,
+) -> Result<PipelineFiles> {
+    let unet = load_component(&dir.join("unet"), variant, device, dtype)?;
+    if unet
+        .config
+        .get("addition_embed_type")
+        .and_then(Value::as_str)
+        != Some("text_time")
+    {
+        return Err(Error::model(format!(
+            "{}: a pipeline with only `text_encoder_2` is an SDXL refiner, but its UNet has no \
+             `addition_embed_type: \"text_time\"` conditioning",
+            dir.display()
+        )));
+    }
+    let vae = load_component(&dir.join("vae"), variant, device, dtype)?;
+    let text_encoder = load_text_encoder(&dir.join("text_encoder_2"), variant, device, dtype)?;
+    let tokenizer = load_tokenizer_dir(
+        &dir.join("tokenizer_2"),
+        max_positions(&text_encoder.config),
+    )?;
+    let scheduler_config = read_scheduler_config(dir)?;
+    tracing::info!(
+        "loaded sdxl-refiner pipeline `{}` from {}",
+        index.class_name,
+        dir.display()
+    );
+    Ok(PipelineFiles {
+        family: Family::SdxlRefiner,
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2: None,
+        tokenizer,
+        tokenizer_2: None,
+        scheduler_config,
+        force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
     })
 }
 

@@ -43,6 +43,11 @@ pub enum Family {
     Sd2,
     /// Stable Diffusion XL: two text encoders, pooled + size conditioning.
     Sdxl,
+    /// The SDXL refiner: SDXL's second text encoder only (OpenCLIP bigG, pooled), a UNet
+    /// conditioned on size, crop and an aesthetic score, the SDXL VAE. It finishes the last
+    /// steps of an SDXL base model's denoising.
+    #[serde(rename = "sdxl-refiner")]
+    SdxlRefiner,
 }
 
 impl Family {
@@ -51,6 +56,7 @@ impl Family {
             Family::Sd1 => "sd1",
             Family::Sd2 => "sd2",
             Family::Sdxl => "sdxl",
+            Family::SdxlRefiner => "sdxl-refiner",
         }
     }
 }
@@ -68,8 +74,9 @@ impl std::str::FromStr for Family {
             "sd1" | "sd15" | "sd1.5" => Ok(Family::Sd1),
             "sd2" | "sd21" | "sd2.1" => Ok(Family::Sd2),
             "sdxl" => Ok(Family::Sdxl),
+            "sdxl-refiner" | "sdxl_refiner" => Ok(Family::SdxlRefiner),
             other => Err(Error::model(format!(
-                "unknown model family `{other}`: expected one of sd1, sd2, sdxl"
+                "unknown model family `{other}`: expected one of sd1, sd2, sdxl, sdxl-refiner"
             ))),
         }
     }
@@ -158,6 +165,8 @@ pub struct PipelineFiles {
     pub family: Family,
     pub unet: Component,
     pub vae: Component,
+    /// The first text encoder; for an SDXL refiner its only one, the OpenCLIP bigG encoder
+    /// diffusers calls `text_encoder_2` (with `tokenizer` then its `tokenizer_2`).
     pub text_encoder: Component,
     /// SDXL's second text encoder (OpenCLIP ViT-bigG with projection).
     pub text_encoder_2: Option<Component>,

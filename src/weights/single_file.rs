@@ -96,8 +96,10 @@ where
     }
     if refiner {
         return Err(Error::model(
-            "unsupported checkpoint: this is an SDXL refiner (only the OpenCLIP bigG encoder, \
-             `conditioner.embedders.0.model.*`); refiners are not supported",
+            "unsupported checkpoint: this is a single-file SDXL refiner (only the OpenCLIP bigG \
+             encoder, `conditioner.embedders.0.model.*`); single-file refiners are not supported \
+             yet: use the refiner's diffusers folder or hub repo \
+             (stabilityai/stable-diffusion-xl-refiner-1.0)",
         ));
     }
     if sd2 {
@@ -207,6 +209,8 @@ pub fn convert_key(key: &str, ctx: &ConversionContext) -> Option<(Target, Conver
             .strip_prefix(SD2_OPENCLIP_PREFIX)
             .and_then(|r| openclip_key(r, ctx.openclip_layers, false))
             .map(|c| (Target::TextEncoder, c)),
+        // Never reached: `detect_family` refuses single-file refiners.
+        Family::SdxlRefiner => None,
         Family::Sdxl => {
             if let Some(rest) = key.strip_prefix(SDXL_CLIP_PREFIX) {
                 clip_key(rest).map(|k| (Target::TextEncoder, Conversion::Rename(k)))
@@ -501,7 +505,9 @@ fn builtin(family: Family) -> BuiltinConfigs {
             text_encoder_2: None,
             scheduler: include_str!("configs/sd21/scheduler.json"),
         },
-        Family::Sdxl => BuiltinConfigs {
+        // Refiners have no built-in single-file configs (`detect_family` refuses them); a
+        // refiner family declared for an SDXL file reads as SDXL here and fails its load check.
+        Family::Sdxl | Family::SdxlRefiner => BuiltinConfigs {
             unet: include_str!("configs/sdxl/unet.json"),
             vae: include_str!("configs/sdxl/vae.json"),
             text_encoder: include_str!("configs/sdxl/text_encoder.json"),
@@ -656,7 +662,7 @@ pub fn load_single_file_with_tokenizers(
     let openclip_config = match family {
         Family::Sd1 => None,
         Family::Sd2 => Some(&configs.text_encoder),
-        Family::Sdxl => configs.text_encoder_2.as_ref(),
+        Family::Sdxl | Family::SdxlRefiner => configs.text_encoder_2.as_ref(),
     };
     let ctx =
         ConversionContext::from_configs(family, &configs.unet, &configs.vae, openclip_config)?;

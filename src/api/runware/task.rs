@@ -15,9 +15,10 @@ use super::error::RunwareError;
 use crate::api::media::ImageFormat;
 use crate::api::output::JobError;
 use crate::api::{params, AppState};
-use crate::pipeline::{inpaint, GenerationRequest, Outpaint, PromptWeighting};
+use crate::pipeline::{inpaint, GenerationRequest, Outpaint, PromptWeighting, Refiner};
 use crate::registry::ModelEntry;
 use crate::schedulers::{SchedulerKind, SchedulerSpec};
+use crate::weights::Family;
 
 pub const AUTHENTICATION: &str = "authentication";
 pub const PING: &str = "ping";
@@ -54,6 +55,10 @@ pub const MASK_MARGIN: (i64, i64) = (
     inpaint::MAX_MASK_MARGIN as i64,
 );
 /// `outpainting.blur`, in pixels.
+/// `refiner.startStep`: from the second step to `steps`.
+pub const REFINER_START_STEP_MIN: i64 = 2;
+/// `refiner.startStepPercentage`: 1..99.
+pub const REFINER_START_PERCENTAGE: (i64, i64) = (1, 99);
 pub const OUTPAINT_BLUR: (i64, i64) = (0, inpaint::MAX_OUTPAINT_BLUR as i64);
 
 /// One parsed task.
@@ -290,6 +295,7 @@ const HANDLED: &[&str] = &[
     "outpainting",
     "deliveryMethod",
     "promptWeighting",
+    "refiner",
 ];
 
 /// Documented parameters this server cannot honour yet, with what they ask for. Their "off"
@@ -297,7 +303,6 @@ const HANDLED: &[&str] = &[
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("lycoris", "LyCORIS adapters"),
     ("ipAdapters", "IP-Adapters"),
-    ("refiner", "refiner models"),
     ("usePromptWeighting", "prompt weighting syntax"),
     ("referenceImages", "reference images"),
     ("safety", "content safety checks"),
@@ -377,6 +382,15 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     let model = state
         .model_entry(&model_name)
         .map_err(RunwareError::from_job)?;
+    if model.family == Some(Family::SdxlRefiner) {
+        return Err(RunwareError::invalid(
+            "model",
+            format!(
+                "model `{model_name}` is an SDXL refiner: name it in `refiner` of an SDXL model's \
+                 task; it does not generate alone"
+            ),
+        ));
+    }
     let defaults = &model.defaults;
 
     let steps_hi = STEPS.1.min(limits.max_steps as i64);
@@ -529,6 +543,13 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.prompt_weighting = prompt_weighting;
     request.embeddings = fields.embeddings(state, &model)?;
     let controlnets = control::parse_controlnets(fields.get("controlNet"), state, &model, steps)?;
+    request.refiner = fields.refiner(state, &model, steps)?;
+    if request.refiner.is_some() && (mask_image.is_some() || outpainting.is_some()) {
+        return Err(RunwareError::invalid(
+            "refiner",
+            "`refiner` cannot be combined with `maskImage` or `outpainting`",
+        ));
+    }
 
     Ok(InferenceTask {
         task_uuid,
@@ -771,6 +792,157 @@ impl Fields<'_> {
         name.map(|name| state.vae_for("vae", model, name.trim()))
             .transpose()
             .map_err(RunwareError::from_job)
+    }
+
+    /// `refiner`: `{model, startStep | startStepPercentage}`. `model` a registered SDXL refiner
+    /// (AIR id or alias) and the task model an SDXL one; exactly one start: `startStep`
+    /// 2..=`steps` (the base runs the steps before it) or `startStepPercentage` 1..99.
+    fn refiner(
+        &self,
+        state: &AppState,
+        model: &ModelEntry,
+        steps: usize,
+    ) -> Result<Option<Refiner>, RunwareError> {
+        // An "off" refiner (`{}`, `{"model": null}`, `false`) is no refiner.
+        let Some(value) = self.get("refiner").filter(|v| !is_off(v)) else {
+            return Ok(None);
+        };
+        let Value::Object(obj) = value else {
+            return Err(RunwareError::invalid(
+                "refiner",
+                format!(
+                    "`refiner` must be an object {{model, startStep | startStepPercentage}}. \
+                     Given: {}",
+                    kind_of(value)
+                ),
+            ));
+        };
+        let item = Fields(obj);
+        let as_refiner = |e: JobError| RunwareError::from_job(e.with_parameter("refiner"));
+        for name in obj.keys() {
+            if !["model", "startStep", "startStepPercentage"].contains(&name.as_str()) {
+                return Err(RunwareError::invalid(
+                    "refiner",
+                    format!(
+                        "`refiner.{name}` is not a refiner parameter: use model, startStep or \
+                         startStepPercentage"
+                    ),
+                ));
+            }
+        }
+        let name = match item.get("model") {
+            Some(v) => params::string_value("refiner.model", v).map_err(as_refiner)?,
+            None => None,
+        }
+        .filter(|m| !m.trim().is_empty())
+        .ok_or_else(|| {
+            RunwareError::missing(
+                "refiner",
+                "`refiner.model` is required: the AIR id of an SDXL refiner model",
+            )
+        })?;
+        let registry = state.registry();
+        let refiners = || {
+            let ids: Vec<&str> = registry
+                .models()
+                .filter(|m| m.family == Some(Family::SdxlRefiner))
+                .map(|m| m.id.as_str())
+                .collect();
+            if ids.is_empty() {
+                "none".to_string()
+            } else {
+                ids.join(", ")
+            }
+        };
+        let entry = registry.get(&name).ok_or_else(|| {
+            RunwareError::invalid(
+                "refiner",
+                format!(
+                    "`refiner.model`: model `{name}` is not available on this server. \
+                     Available refiners: {}",
+                    refiners()
+                ),
+            )
+        })?;
+        if let Some(family) = entry.family {
+            if !matches!(family, Family::SdxlRefiner | Family::Sdxl) {
+                return Err(RunwareError::invalid(
+                    "refiner",
+                    format!(
+                        "`refiner.model`: model `{name}` is {family}, not an SDXL refiner. \
+                         Available refiners: {}",
+                        refiners()
+                    ),
+                ));
+            }
+        }
+        if let Some(family) = model.family.filter(|f| *f != Family::Sdxl) {
+            return Err(RunwareError::invalid(
+                "refiner",
+                format!(
+                    "`refiner` works only with SDXL models: model `{}` is {family}",
+                    model.id
+                ),
+            ));
+        }
+        let step = item
+            .get("startStep")
+            .map(|v| params::i64_value("refiner.startStep", v).map_err(as_refiner))
+            .transpose()?
+            .flatten();
+        let percentage = item
+            .get("startStepPercentage")
+            .map(|v| params::i64_value("refiner.startStepPercentage", v).map_err(as_refiner))
+            .transpose()?
+            .flatten();
+        let start = match (step, percentage) {
+            (Some(_), Some(_)) => {
+                return Err(RunwareError::invalid(
+                    "refiner",
+                    "`refiner.startStep` and `refiner.startStepPercentage` are alternatives: \
+                     give one of them",
+                ))
+            }
+            (None, None) => {
+                return Err(RunwareError::missing(
+                    "refiner",
+                    format!(
+                        "`refiner` needs `startStep` ({REFINER_START_STEP_MIN} to `steps`) or \
+                         `startStepPercentage` ({} to {}): where the refiner takes over",
+                        REFINER_START_PERCENTAGE.0, REFINER_START_PERCENTAGE.1
+                    ),
+                ))
+            }
+            (Some(step), None) => {
+                if step < REFINER_START_STEP_MIN || step > steps as i64 {
+                    return Err(RunwareError::invalid(
+                        "refiner",
+                        format!(
+                            "`refiner.startStep` must be between {REFINER_START_STEP_MIN} and \
+                             `steps` ({steps}). Given: {step}"
+                        ),
+                    ));
+                }
+                step as f64 / steps as f64
+            }
+            (None, Some(p)) => {
+                let (lo, hi) = REFINER_START_PERCENTAGE;
+                if p < lo || p > hi {
+                    return Err(RunwareError::invalid(
+                        "refiner",
+                        format!(
+                            "`refiner.startStepPercentage` must be between {lo} and {hi}. \
+                             Given: {p}"
+                        ),
+                    ));
+                }
+                p as f64 / 100.0
+            }
+        };
+        Ok(Some(Refiner {
+            model: entry.id.clone(),
+            start,
+        }))
     }
 
     fn task_uuid(&self) -> Result<String, RunwareError> {
