@@ -324,6 +324,7 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
         let source = match &net.source {
             ControlNetSource::Folder(path) => path.display().to_string(),
             ControlNetSource::Hub { repo, revision } => format!("hf:{repo}@{revision}"),
+            ControlNetSource::File { path, .. } => path.display().to_string(),
         };
         let aliases = if net.aliases.is_empty() {
             String::new()

@@ -10,7 +10,8 @@
 //! of the model's own: a diffusers `AutoencoderKL` folder (`path`) or hub repo (`hf`), or a single
 //! `.safetensors` file (`file`, local or inside an `hf` repo). A `[[controlnet]]` entry names a
 //! diffusers ControlNet folder (`path`, or an `hf` repo holding `config.json` +
-//! `diffusion_pytorch_model.safetensors`) with its family and the preprocessor its control images
+//! `diffusion_pytorch_model.safetensors`), or a single file in the original ControlNet layout
+//! (`file`, with an optional `config`), with its family and the preprocessor its control images
 //! come from. The format is documented in the shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
@@ -125,6 +126,13 @@ pub enum ControlNetSource {
     Folder(PathBuf),
     /// A hub repo whose root is such a folder.
     Hub { repo: String, revision: String },
+    /// A local single file in the original ControlNet layout (`control_*.safetensors`), with
+    /// the diffusers config describing it (a `config.json` or a folder holding one); `None`:
+    /// the family's reference ControlNet config.
+    File {
+        path: PathBuf,
+        config: Option<PathBuf>,
+    },
 }
 
 /// One ControlNet the registry knows.
@@ -151,6 +159,10 @@ struct ControlNetToml {
     path: Option<String>,
     hf: Option<String>,
     revision: Option<String>,
+    /// A single-file ControlNet (original layout), instead of `path` / `hf`.
+    file: Option<String>,
+    /// The single file's diffusers config (`config.json` or its folder).
+    config: Option<String>,
     preprocessor: Option<String>,
     description: Option<String>,
 }
@@ -164,21 +176,36 @@ impl ControlNetToml {
                 "`id` must be non-empty, without surrounding spaces".into()
             ));
         }
-        let source = match (self.path, self.hf) {
-            (Some(path), None) => {
+        if self.config.is_some() && self.file.is_none() {
+            return Err(bad(
+                "`config` describes a single `file`; a folder has its own".into(),
+            ));
+        }
+        let source = match (self.path, self.hf, self.file) {
+            (None, None, Some(file)) => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                refuse_pickle(Path::new(&file)).map_err(|e| bad(e.to_string()))?;
+                ControlNetSource::File {
+                    path: base.join(file),
+                    config: self.config.map(|c| base.join(c)),
+                }
+            }
+            (Some(path), None, None) => {
                 if self.revision.is_some() {
                     return Err(bad("`revision` needs `hf`".into()));
                 }
                 ControlNetSource::Folder(base.join(path))
             }
-            (None, Some(repo)) => {
+            (None, Some(repo), None) => {
                 check_repo_id(&repo).map_err(bad)?;
                 ControlNetSource::Hub {
                     repo,
                     revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
                 }
             }
-            _ => return Err(bad("give exactly one of `path` and `hf`".into())),
+            _ => return Err(bad("give exactly one of `path`, `hf` and `file`".into())),
         };
         Ok(ControlNetEntry {
             id: self.id,
@@ -206,6 +233,13 @@ impl ControlNetEntry {
                     .parent()
                     .map(Path::to_path_buf)
                     .ok_or_else(|| Error::model("hub file without a folder"))?
+            }
+            ControlNetSource::File { path, .. } => {
+                return Err(Error::model(format!(
+                    "controlnet `{}` is the single file {}, not a folder",
+                    self.id,
+                    path.display()
+                )))
             }
         };
         if !dir.join("config.json").is_file() {
@@ -1673,6 +1707,44 @@ mod tests {
         assert!(err.contains("Known ControlNets: cn"), "{err}");
         let both = "[[controlnet]]\nid = \"a\"\nfamily = \"sd1\"\npath = \"x\"\nhf = \"o/r\"\n";
         assert!(Registry::from_toml_str(both, Path::new("/m")).is_err());
+    }
+
+    #[test]
+    fn single_file_controlnet_entries() {
+        let head = "[[controlnet]]\nid = \"c\"\nfamily = \"sd1\"\n";
+        let t = format!("{head}file = \"control_canny.safetensors\"\nconfig = \"cfg\"\n");
+        let reg = Registry::from_toml_str(&t, Path::new("/m")).unwrap();
+        assert_eq!(
+            reg.resolve_controlnet("c").unwrap().source,
+            ControlNetSource::File {
+                path: PathBuf::from("/m/control_canny.safetensors"),
+                config: Some(PathBuf::from("/m/cfg")),
+            }
+        );
+        let t = format!("{head}file = \"c.safetensors\"\n");
+        let reg = Registry::from_toml_str(&t, Path::new("/m")).unwrap();
+        let entry = reg.resolve_controlnet("c").unwrap();
+        assert!(matches!(
+            entry.source,
+            ControlNetSource::File { config: None, .. }
+        ));
+        assert!(entry.local_dir().is_err(), "a file is not a folder");
+        for (bad, needle) in [
+            (format!("{head}file = \"c.pth\"\n"), "pickle"),
+            (
+                format!("{head}path = \"x\"\nconfig = \"cfg\"\n"),
+                "`config`",
+            ),
+            (
+                format!("{head}path = \"x\"\nfile = \"c.safetensors\"\n"),
+                "exactly one",
+            ),
+        ] {
+            let err = Registry::from_toml_str(&bad, Path::new("/m"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -147,6 +147,30 @@ async fn runware_control_net_guides_and_preprocesses() {
     .await;
     assert_ne!(two, guided);
 
+    // Inpainting with a ControlNet: seed image + mask + controlNet (diffusers' ControlNet
+    // inpainting pipeline); the mask and the ControlNet each change the result.
+    let seed_image = data_uri(&disc_png(128, 128, 20));
+    let masked = json!({"seedImage": seed_image, "maskImage": data_uri(&left_half_mask(128, 128)),
+                        "strength": 1.0});
+    let mut with_control = masked.clone();
+    with_control["controlNet"] = unit(&guide_uuid)["controlNet"].clone();
+    let inpainted = runware_image(&server, inference(with_control.clone())).await;
+    assert_eq!(
+        decode(&inpainted).to_rgb8().dimensions(),
+        (128, 128),
+        "the requested size"
+    );
+    let inpainted_plain = runware_image(&server, inference(masked)).await;
+    assert_ne!(
+        inpainted, inpainted_plain,
+        "the ControlNet guides the inpainting"
+    );
+    let mut with_margin = with_control.clone();
+    with_margin["maskMargin"] = json!(32);
+    let (_, body) = runware(&server, &json!([inference(with_margin)])).await;
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("maskMargin"), "{body}");
+
     // Bad items are refused in Runware's shape, naming controlNet.
     let item = |extra: Value| {
         let mut unit = json!({"model": "tiny-sd15-controlnet-a", "guideImage": guide_uuid});
@@ -451,10 +475,6 @@ async fn modelslab_controlnet_routes() {
             json!({"init_image": null}),
             "`init_image` (or `control_image`) is required",
         ),
-        (
-            json!({"mask_image": photo}),
-            "`mask_image` is not supported yet",
-        ),
         (json!({"control_image": "not base64!"}), "`control_image`"),
         (json!({"guess_mode": "maybe"}), "guess_mode"),
     ] {
@@ -469,6 +489,91 @@ async fn modelslab_controlnet_routes() {
     )
     .await;
     assert_modelslab_error(&r, "send the request to the controlnet endpoint");
+    server.stop().await;
+}
+
+/// A grayscale PNG mask of `w` x `h`: white (repaint) in the left half.
+fn left_half_mask(w: u32, h: u32) -> Vec<u8> {
+    let img =
+        image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x < w / 2 { 255 } else { 0 }]));
+    encode(image::DynamicImage::ImageLuma8(img))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modelslab_controlnet_inpaints_with_two_models() {
+    let server = TestServer::start("cn-modelslab-inpaint").await;
+    let photo = b64(&disc_png(64, 64, 0));
+    let mask = b64(&left_half_mask(64, 64));
+    // Two registered ControlNets: the folder and the single-file form of the tiny SD1.5 one.
+    let body = |extra: Value| {
+        let mut b = json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "a fox",
+            "negative_prompt": "blurry", "init_image": photo, "mask_image": mask,
+            "controlnet_model": "tiny-sd15-controlnet-a,tiny-sd15-controlnet-single",
+            "auto_hint": "yes", "width": 64, "height": 64, "num_inference_steps": "2",
+            "seed": "7"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                b.as_object_mut().unwrap().remove(k);
+            } else {
+                b[k] = v.clone();
+            }
+        }
+        b
+    };
+    let (png, r) = modelslab_image(&server, CONTROLNET, &body(json!({}))).await;
+    let meta = &r["meta"];
+    assert_eq!(
+        meta["controlnet_model"], "tiny-sd15-controlnet-a,tiny-sd15-controlnet-single",
+        "{meta}"
+    );
+    assert_eq!(meta["mask_image"], "(base64 image)", "{meta}");
+    assert!(meta["strength"].is_number(), "{meta}");
+    assert_eq!(decode(&png).to_rgb8().dimensions(), (64, 64));
+    let (again, _) = modelslab_image(&server, CONTROLNET, &body(json!({}))).await;
+    assert_eq!(png, again, "same request, same image");
+
+    // A requested size other than the seed's: the seed and mask are resized to it.
+    let (big, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"width": 128, "height": 96})),
+    )
+    .await;
+    assert_eq!(decode(&big).to_rgb8().dimensions(), (128, 96));
+
+    // The mask matters (inpainting, not img2img), and so do the ControlNets.
+    let (unmasked, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"mask_image": null, "strength": 0.7})),
+    )
+    .await;
+    assert_ne!(unmasked, png);
+    let (one, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_model": "tiny-sd15-controlnet-a"})),
+    )
+    .await;
+    assert_ne!(one, png);
+    for (extra, needle) in [
+        (
+            json!({"mask_image": b64(&left_half_mask(32, 64))}),
+            "`mask_image` must be the size of `init_image` (64x64). Given: 32x64",
+        ),
+        (
+            json!({"controlnet_model": "tiny-sd15-controlnet-a,nope"}),
+            "unknown ControlNet `nope`",
+        ),
+        (
+            json!({"init_image": null, "control_image": photo}),
+            "`init_image` is required with `mask_image`",
+        ),
+        (json!({"mask_image": "not base64!"}), "`mask_image`"),
+    ] {
+        let r = modelslab(&server, CONTROLNET, &body(extra.clone())).await;
+        assert_modelslab_error(&r, needle);
+    }
     server.stop().await;
 }
 

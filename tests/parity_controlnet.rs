@@ -2,15 +2,25 @@
 //! `StableDiffusionXLControlNetPipeline` on the tiny fixture models and ControlNets (manifest
 //! `controlnet`): one ControlNet, a scale with a start fraction, guess mode (`ControlMode::ControlNet`),
 //! two ControlNets (MultiControlNet) with their own scales and end fractions; then properties
-//! of the control (it changes the output, scale 0 and an empty window do not).
+//! of the control (it changes the output, scale 0 and an empty window do not). ControlNet
+//! inpainting against `StableDiffusionControlNetInpaintPipeline` (manifest `controlnet_extra`),
+//! and the single-file ControlNet (original layout) against its diffusers folder.
 
 mod common;
 
-use candle_core::{DType, Device};
-use sd_serve::models::controlnet::ControlNetModel;
-use sd_serve::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, StableDiffusion};
+use std::collections::HashMap;
 
-use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline};
+use candle_core::{DType, Device, Tensor};
+use sd_serve::models::controlnet::ControlNetModel;
+use sd_serve::pipeline::{
+    ControlMode, ControlNetUnit, GenerationRequest, MaskImage, StableDiffusion,
+};
+use sd_serve::weights::{load_controlnet_file, WeightStore};
+
+use common::{
+    fixtures, golden_request, load_goldens, manifest, max_abs_diff, max_abs_store_diff, pipeline,
+    registry, scratch,
+};
 
 /// Same bounds as the txt2img parity (`parity_pipeline.rs`, `parity_inpaint.rs`): 3 steps of a
 /// UNet plus a ControlNet with guidance in f32, where the reference sums in another order (and
@@ -174,4 +184,144 @@ fn a_controlnet_of_another_family_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sd15-net") && e.contains("SDXL"), "{e}");
+}
+
+/// The case's request with its mask (manifest `controlnet_extra.inpaint_cases`).
+fn inpaint_request_for(case: &serde_json::Value) -> GenerationRequest {
+    let mut req = request_for(case);
+    let mask = case["mask_image"].as_str().expect("mask image");
+    req.mask = Some(MaskImage {
+        image: image::open(fixtures().join(mask))
+            .expect("mask image")
+            .to_luma8(),
+        margin: None,
+    });
+    req
+}
+
+#[test]
+fn controlnet_inpainting_matches_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["controlnet_extra"]["inpaint_cases"]
+        .as_array()
+        .expect("ControlNet inpainting cases");
+    assert!(cases.len() >= 2, "expected the golden cases");
+    let sd = pipeline("tiny-sd15");
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let golden = load_goldens(case["file"].as_str().expect("file"));
+        let req = inpaint_request_for(case);
+        assert!(req.init_image.is_some() && req.mask.is_some(), "{name}");
+        let nets: Vec<ControlNetModel> = req
+            .controlnets
+            .iter()
+            .map(|u| load_controlnet(&u.model))
+            .collect();
+        let net_refs: Vec<&ControlNetModel> = nets.iter().collect();
+        let latents = sd
+            .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let diff = max_abs_diff(&latents, &golden["latents_final"]);
+        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
+        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
+        if let Some(expected) = golden.get("images") {
+            // diffusers' ControlNet inpainting returns the decoded picture as it is (no paste).
+            let out = sd
+                .generate_controlled(&req, &net_refs, &mut |_, _| true)
+                .unwrap();
+            let diff = max_abs_diff(&out.images, expected);
+            line += &format!(", images {diff:.2e}");
+            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
+        }
+        // Without the ControlNets the same masked request gives another result.
+        let mut plain = req.clone();
+        plain.controlnets.clear();
+        let plain = sd.denoise_latents(&plain, &mut |_, _| true).unwrap();
+        assert!(max_abs_diff(&plain, &latents) > 1e-2, "{name}: no effect");
+        report.push(line);
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+const SINGLE_FILE: &str = "controlnets/tiny-sd15-controlnet-a.safetensors";
+const FOLDER: &str = "controlnets/tiny-sd15-controlnet-a";
+
+fn folder_tensors() -> WeightStore {
+    let path = fixtures()
+        .join(FOLDER)
+        .join("diffusion_pytorch_model.safetensors");
+    WeightStore::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap())
+}
+
+fn folder_config() -> serde_json::Value {
+    common::read_json(&fixtures().join(FOLDER).join("config.json"))
+}
+
+#[test]
+fn single_file_controlnet_converts_to_the_folder_tensors() {
+    let folder = folder_tensors();
+    let path = fixtures().join(SINGLE_FILE);
+    let single = load_controlnet_file(&path, folder_config(), &Device::Cpu, DType::F16).unwrap();
+    // The file holds the folder's f16 values under other names: equal, bit for bit.
+    assert_eq!(
+        max_abs_store_diff("single file", &single.weights, &folder),
+        0.0
+    );
+
+    // The same file without the `control_model.` prefix (as standalone files ship).
+    let raw = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert!(raw.keys().all(|k| k.starts_with("control_model.")));
+    assert!(raw.keys().any(|k| k.contains("input_hint_block.14.")));
+    let bare: HashMap<String, Tensor> = raw
+        .into_iter()
+        .map(|(k, v)| (k["control_model.".len()..].to_string(), v))
+        .collect();
+    let dir = scratch("controlnet-single-bare");
+    let bare_path = dir.join("control_bare.safetensors");
+    candle_core::safetensors::save(&bare, &bare_path).unwrap();
+    let single =
+        load_controlnet_file(&bare_path, folder_config(), &Device::Cpu, DType::F16).unwrap();
+    assert_eq!(max_abs_store_diff("bare", &single.weights, &folder), 0.0);
+
+    // A file that is not a ControlNet says so.
+    let unet_like: HashMap<String, Tensor> = [(
+        "model.diffusion_model.out.0.weight".to_string(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    let other = dir.join("not_a_controlnet.safetensors");
+    candle_core::safetensors::save(&unet_like, &other).unwrap();
+    let e = load_controlnet_file(&other, folder_config(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("holds no ControlNet"), "{e}");
+}
+
+#[test]
+fn single_file_controlnet_entry_matches_diffusers() {
+    // The registry's single-file entry (same weights as tiny-sd15-controlnet-a) through the
+    // golden case `sd15_single`: the same output as diffusers' pipeline with the folder.
+    let entry = registry()
+        .resolve_controlnet("tiny-sd15-controlnet-single")
+        .unwrap();
+    let net = ControlNetModel::load_entry(&entry, &Device::Cpu, DType::F32).unwrap();
+    let manifest = manifest();
+    let case = manifest["controlnet"]["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sd15_single")
+        .expect("the sd15_single case");
+    let golden = load_goldens(case["file"].as_str().unwrap());
+    let sd = pipeline("tiny-sd15");
+    let req = request_for(case);
+    assert_eq!(req.controlnets.len(), 1);
+    let latents = sd
+        .denoise_latents_controlled(&req, &[&net], &mut |_, _| true)
+        .unwrap();
+    let diff = max_abs_diff(&latents, &golden["latents_final"]);
+    eprintln!("single-file ControlNet, sd15_single: final latents max |diff| {diff:.2e}");
+    assert!(diff < LATENT_TOL, "final latents differ by {diff}");
 }

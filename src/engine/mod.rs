@@ -658,7 +658,7 @@ impl ControlNets {
             self.entries.push(hit);
             return Ok(net);
         }
-        let net = Arc::new(ControlNetModel::load(&entry.local_dir()?, device, dtype)?);
+        let net = Arc::new(ControlNetModel::load_entry(entry, device, dtype)?);
         tracing::info!(controlnet = entry.id, "ControlNet loaded");
         if self.entries.len() >= self.capacity.max(1) {
             self.entries.remove(0);

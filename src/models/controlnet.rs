@@ -17,7 +17,10 @@ use serde::Deserialize;
 
 use crate::models::layers::{conv2d, Conv2d};
 use crate::models::unet::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
+use crate::registry::{ControlNetEntry, ControlNetSource};
 use crate::weights::folder::load_component;
+use crate::weights::single_file::builtin_config;
+use crate::weights::{load_controlnet_file, read_json, Component, Family};
 use crate::{Error, Result};
 
 fn default_conditioning_channels() -> usize {
@@ -60,6 +63,31 @@ impl ControlNetConfig {
         serde_json::from_value(v.clone())
             .map_err(|e| Error::model(format!("controlnet config.json: {e}")))
     }
+}
+
+/// A ControlNet config given as a `config.json` file or a folder holding one.
+fn controlnet_config_file(path: &Path) -> Result<serde_json::Value> {
+    if path.is_dir() {
+        read_json(&path.join("config.json"))
+    } else {
+        read_json(path)
+    }
+}
+
+/// The config of a single-file ControlNet given without one: the family's reference ControlNet
+/// (`lllyasviel/control_v11p_sd15_canny` for SD 1.x, `thibaud/controlnet-sd21` for SD 2.x,
+/// `diffusers/controlnet-canny-sdxl-1.0` for SDXL), which copy their base model's UNet encoder
+/// settings and use diffusers' default control image embedding (16, 32, 96, 256).
+fn reference_config(family: Family) -> Result<serde_json::Value> {
+    let mut config = builtin_config(family, "unet").ok_or_else(|| {
+        Error::model(format!(
+            "no reference ControlNet config for {family} models"
+        ))
+    })?;
+    if let Some(map) = config.as_object_mut() {
+        map.insert("_class_name".into(), "ControlNetModel".into());
+    }
+    Ok(config)
 }
 
 /// `controlnet_cond_embedding`: conv, SiLU, then pairs of (conv, SiLU, stride-2 conv, SiLU),
@@ -255,6 +283,36 @@ impl ControlNetModel {
     /// Loads a diffusers ControlNet folder (`config.json` + `diffusion_pytorch_model.safetensors`).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let component = load_component(dir, None, device, dtype)?;
+        Self::from_component(&component, device, dtype)
+    }
+
+    /// Loads a single-file ControlNet in the original layout (`control_*.safetensors`, see
+    /// [`load_controlnet_file`]) described by the diffusers `config`.
+    pub fn load_file(
+        path: &Path,
+        config: serde_json::Value,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let component = load_controlnet_file(path, config, device, dtype)?;
+        Self::from_component(&component, device, dtype)
+    }
+
+    /// Loads the ControlNet a registry entry names: its diffusers folder or its single file.
+    pub fn load_entry(entry: &ControlNetEntry, device: &Device, dtype: DType) -> Result<Self> {
+        match &entry.source {
+            ControlNetSource::File { path, config } => {
+                let config = match config {
+                    Some(p) => controlnet_config_file(p)?,
+                    None => reference_config(entry.family)?,
+                };
+                Self::load_file(path, config, device, dtype)
+            }
+            _ => Self::load(&entry.local_dir()?, device, dtype),
+        }
+    }
+
+    fn from_component(component: &Component, device: &Device, dtype: DType) -> Result<Self> {
         let config = ControlNetConfig::from_json(&component.config)?;
         Self::new(component.weights.var_builder(dtype, device), &config)
     }
@@ -387,5 +445,24 @@ mod tests {
         let unknown = serde_json::json!({"some_new_setting": 1});
         let cfg = ControlNetConfig::from_json(&unknown).unwrap();
         assert!(cfg.unet.unrecognized.contains_key("some_new_setting"));
+    }
+
+    #[test]
+    fn reference_configs_are_the_families_unet_encoders() {
+        let cfg = ControlNetConfig::from_json(&reference_config(Family::Sd1).unwrap()).unwrap();
+        assert_eq!(cfg.unet.block_out_channels, vec![320, 640, 1280, 1280]);
+        assert_eq!(
+            cfg.conditioning_embedding_out_channels,
+            vec![16, 32, 96, 256]
+        );
+        assert_eq!(cfg.conditioning_channels, 3);
+        for family in [Family::Sd1, Family::Sd2, Family::Sdxl] {
+            let cfg = ControlNetConfig::from_json(&reference_config(family).unwrap()).unwrap();
+            assert!(
+                cfg.unet.unrecognized.keys().all(|k| k.starts_with('_')),
+                "{family}: {:?}",
+                cfg.unet.unrecognized.keys().collect::<Vec<_>>()
+            );
+        }
     }
 }

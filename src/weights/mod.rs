@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 pub use folder::{load_diffusers_folder, load_diffusers_folder_variant};
-pub use single_file::{detect_family, load_single_file, load_single_file_with_tokenizers};
+pub use single_file::{
+    detect_family, load_controlnet_file, load_single_file, load_single_file_with_tokenizers,
+};
 pub(crate) use tokenizer::TOKENIZER_FILE_NAMES;
 
 /// The model families sd-serve runs. They differ in text encoders, UNet conditioning and VAE

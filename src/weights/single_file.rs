@@ -840,6 +840,135 @@ pub fn load_vae_file(
     Ok(Component { config, weights })
 }
 
+/// The prefix of the ControlNet in the original ControlNet checkpoints (`control_sd15_canny.pth`
+/// and its safetensors conversions); standalone files (`control_v11p_sd15_canny`) may lack it.
+const CONTROLNET_PREFIX: &str = "control_model.";
+
+/// The diffusers name of a key of an original-layout ControlNet (without `control_model.`):
+/// the UNet encoder's keys as [`unet_key`] maps them, plus the ControlNet's own modules:
+/// `input_hint_block.0` / `.2k` / the last one (`hint_last`) are the conditioning embedding's
+/// `conv_in`, `blocks.{k-1}` and `conv_out` (the SiLUs between them hold no weights);
+/// `zero_convs.N.0` is `controlnet_down_blocks.N`; `middle_block_out.0` is
+/// `controlnet_mid_block`.
+pub(crate) fn controlnet_key(
+    rest: &str,
+    layers_per_block: usize,
+    hint_last: usize,
+) -> Option<String> {
+    if let Some(tail) = rest.strip_prefix("input_hint_block.") {
+        let (index, param) = tail.split_once('.')?;
+        let index: usize = index.parse().ok()?;
+        return match index {
+            0 => Some(format!("controlnet_cond_embedding.conv_in.{param}")),
+            i if i == hint_last => Some(format!("controlnet_cond_embedding.conv_out.{param}")),
+            i if i % 2 == 0 => Some(format!(
+                "controlnet_cond_embedding.blocks.{}.{param}",
+                i / 2 - 1
+            )),
+            _ => None,
+        };
+    }
+    if let Some(tail) = rest.strip_prefix("zero_convs.") {
+        let (index, tail) = tail.split_once('.')?;
+        let param = tail.strip_prefix("0.")?;
+        let index: usize = index.parse().ok()?;
+        return Some(format!("controlnet_down_blocks.{index}.{param}"));
+    }
+    if let Some(param) = rest.strip_prefix("middle_block_out.0.") {
+        return Some(format!("controlnet_mid_block.{param}"));
+    }
+    if rest.starts_with("output_blocks.") || rest.starts_with("out.") {
+        return None;
+    }
+    unet_key(rest, layers_per_block)
+}
+
+/// Loads a ControlNet file in the original layout of the ControlNet code (Zhang et al.'s
+/// `control_*.pth`, converted to safetensors): the UNet encoder under its LDM names
+/// (`input_blocks`, `middle_block`, `time_embed`, `label_emb`), the control image's embedding
+/// (`input_hint_block`), the zero convolutions (`zero_convs`, `middle_block_out`), all with or
+/// without the `control_model.` prefix (with it, the file's other keys, e.g. a whole SD model
+/// beside the ControlNet, are skipped). A file already in diffusers' names loads as it is.
+/// `config` is the diffusers `ControlNetModel` config describing it (`layers_per_block`
+/// decides the encoder's block numbering).
+pub fn load_controlnet_file(
+    path: &Path,
+    config: Value,
+    device: &Device,
+    dtype: DType,
+) -> Result<Component> {
+    let files = MappedFiles::open(&[path.to_path_buf()])?;
+    let mut names: Vec<String> = files.shapes().into_iter().map(|(k, _)| k).collect();
+    names.sort();
+    let layers_per_block = match config.get("layers_per_block") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::Array(a)) => a.first().and_then(Value::as_u64),
+        _ => Some(2),
+    }
+    .ok_or_else(|| Error::model("ControlNet config: `layers_per_block` must be an integer"))?
+        as usize;
+    let prefixed = names.iter().any(|k| k.starts_with(CONTROLNET_PREFIX));
+    let strip = |k: &str| -> Option<String> {
+        if prefixed {
+            k.strip_prefix(CONTROLNET_PREFIX).map(str::to_string)
+        } else {
+            Some(k.to_string())
+        }
+    };
+    let diffusers_names = names
+        .iter()
+        .filter_map(|k| strip(k))
+        .any(|k| k.starts_with("controlnet_cond_embedding."));
+    let hint_last = names
+        .iter()
+        .filter_map(|k| strip(k))
+        .filter_map(|k| {
+            let tail = k.strip_prefix("input_hint_block.")?;
+            tail.split_once('.')?.0.parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    let mut weights = WeightStore::default();
+    let mut unknown: Vec<&str> = Vec::new();
+    for key in &names {
+        let Some(rest) = strip(key) else {
+            continue;
+        };
+        let name = if diffusers_names {
+            Some(rest)
+        } else {
+            controlnet_key(&rest, layers_per_block, hint_last)
+        };
+        let Some(name) = name else {
+            unknown.push(key);
+            continue;
+        };
+        weights.insert(name, files.load(key, device, dtype)?);
+    }
+    if !diffusers_names && (hint_last == 0 || weights.is_empty()) {
+        return Err(Error::model(format!(
+            "{} holds no ControlNet: expected `input_hint_block.*`, `zero_convs.*` and \
+             `input_blocks.*` keys (optionally under `control_model.`) or diffusers' \
+             `controlnet_cond_embedding.*` names",
+            path.display()
+        )));
+    }
+    if !unknown.is_empty() {
+        tracing::debug!(
+            "{}: {} keys not used: {}",
+            path.display(),
+            unknown.len(),
+            unknown
+                .iter()
+                .take(20)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(Component { config, weights })
+}
+
 /// Applies a conversion to a loaded tensor.
 fn apply(conversion: Conversion, t: Tensor, key: &str) -> Result<Vec<(String, Tensor)>> {
     Ok(match conversion {
@@ -890,6 +1019,56 @@ mod tests {
             Some((_, Conversion::Rename(n))) | Some((_, Conversion::ToLinear(n))) => n,
             other => panic!("{key}: {other:?}"),
         }
+    }
+
+    #[test]
+    fn controlnet_keys() {
+        let cases = [
+            (
+                "input_hint_block.0.weight",
+                "controlnet_cond_embedding.conv_in.weight",
+            ),
+            (
+                "input_hint_block.2.bias",
+                "controlnet_cond_embedding.blocks.0.bias",
+            ),
+            (
+                "input_hint_block.12.weight",
+                "controlnet_cond_embedding.blocks.5.weight",
+            ),
+            (
+                "input_hint_block.14.weight",
+                "controlnet_cond_embedding.conv_out.weight",
+            ),
+            ("zero_convs.11.0.weight", "controlnet_down_blocks.11.weight"),
+            ("middle_block_out.0.bias", "controlnet_mid_block.bias"),
+            ("time_embed.0.weight", "time_embedding.linear_1.weight"),
+            ("input_blocks.0.0.weight", "conv_in.weight"),
+            (
+                "input_blocks.4.0.in_layers.2.weight",
+                "down_blocks.1.resnets.0.conv1.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "middle_block.2.out_layers.3.bias",
+                "mid_block.resnets.1.conv2.bias",
+            ),
+        ];
+        for (from, to) in cases {
+            assert_eq!(controlnet_key(from, 2, 14).as_deref(), Some(to), "{from}");
+        }
+        assert_eq!(controlnet_key("input_hint_block.1.weight", 2, 14), None);
+        assert_eq!(
+            controlnet_key("output_blocks.0.0.in_layers.0.weight", 2, 14),
+            None
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! ids), `controlnet_conditioning_scale` (one for all, default 1), `guess_mode`, and the control
 //! source: `control_image`, else `init_image`. With `auto_hint: yes` the source is preprocessed
 //! (Canny; model-based preprocessors are refused by name), otherwise it is the control image as
-//! sent. `init_image` becomes an img2img start only when `strength` is given.
+//! sent. `init_image` becomes an img2img start only when `strength` is given, or the picture to
+//! repaint when `mask_image` is given (ControlNet inpainting, as diffusers'
+//! `StableDiffusionControlNetInpaintPipeline`).
 
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Map, Value};
@@ -432,10 +434,11 @@ pub fn parse(
                 "`init_image` is not used by text2img; send the request to img2img",
             ));
         }
-        Endpoint::ControlNet if mask_image.is_some() => {
-            return Err(JobError::not_supported(
-                "mask_image",
-                "inpainting with ControlNet",
+        Endpoint::ControlNet if mask_image.is_some() && init_image.is_none() => {
+            return Err(JobError::invalid(
+                "init_image",
+                "`init_image` is required with `mask_image`: the picture the mask repaints, a \
+                 link, base64 or a data URI",
             ));
         }
         Endpoint::ControlNet
@@ -509,7 +512,7 @@ pub fn parse(
     }
     if let Some(c) = &control {
         put("init_image", json!(init_shown));
-        if strength_given {
+        if strength_given || mask_image.is_some() {
             put("strength", json!(strength));
         }
         let ids: Vec<&str> = c.units.iter().map(|(id, _)| id.as_str()).collect();
@@ -526,7 +529,7 @@ pub fn parse(
             json!(yes_no(c.units.iter().any(|(_, p)| p.is_some()))),
         );
     }
-    if endpoint == Endpoint::Inpaint {
+    if matches!(endpoint, Endpoint::Inpaint | Endpoint::ControlNet) && mask_image.is_some() {
         put("mask_image", json!(shown(&mask_image)));
     }
     for flag in [
@@ -616,9 +619,11 @@ impl Parsed {
         self.meta.insert("height".into(), json!(height));
         self.meta.insert("W".into(), json!(width));
         self.meta.insert("H".into(), json!(height));
-        // The ControlNet endpoint without `strength` uses the init image for its size and as
-        // the control source only.
-        let init = init.filter(|_| self.control.is_none() || self.strength_given);
+        // The ControlNet endpoint without `strength` or a mask uses the init image for its size
+        // and as the control source only; with a mask it is the picture to repaint (diffusers'
+        // ControlNet inpainting pipeline).
+        let repaint = mask.is_some();
+        let init = init.filter(|_| self.control.is_none() || self.strength_given || repaint);
         let init_image = init.map(|img| {
             let image = if (img.width() as usize, img.height() as usize) == (width, height) {
                 img
