@@ -3,8 +3,8 @@
 //! `controlnet`): one ControlNet, a scale with a start fraction, guess mode (`ControlMode::ControlNet`),
 //! two ControlNets (MultiControlNet) with their own scales and end fractions; then properties
 //! of the control (it changes the output, scale 0 and an empty window do not). ControlNet
-//! inpainting against `StableDiffusionControlNetInpaintPipeline` (manifest `controlnet_extra`),
-//! and the single-file ControlNet (original layout) against its diffusers folder.
+//! inpainting against `StableDiffusionControlNetInpaintPipeline` and its SDXL form (manifest
+//! `controlnet_extra`), and the single-file ControlNet (original layout) against its folder.
 
 mod common;
 
@@ -23,7 +23,8 @@ use common::{
 };
 
 /// Same bounds as the txt2img parity (`parity_pipeline.rs`, `parity_inpaint.rs`): 3 steps of a
-/// UNet plus a ControlNet with guidance in f32, where the reference sums in another order (and
+/// UNet plus a ControlNet with guidance in f32 (inpainting adds two VAE encodings of the seed),
+/// where the reference sums in another order (and
 /// computes the guess-mode `logspace` ramp in its own way, which may round the last bit
 /// differently); rounding differences of a few 1e-7 per op grow with guidance. Latents are
 /// compared unnormalised (std 3 to 16 on these random weights); images are 0..1 pixels after one
@@ -205,11 +206,16 @@ fn controlnet_inpainting_matches_diffusers() {
     let cases = manifest["controlnet_extra"]["inpaint_cases"]
         .as_array()
         .expect("ControlNet inpainting cases");
-    assert!(cases.len() >= 2, "expected the golden cases");
-    let sd = pipeline("tiny-sd15");
+    assert!(cases.len() >= 3, "expected the golden cases");
     let mut report = Vec::new();
+    let mut pipelines: Vec<(String, StableDiffusion)> = Vec::new();
     for case in cases {
         let name = case["name"].as_str().expect("name");
+        let model = case["model"].as_str().expect("model");
+        if !pipelines.iter().any(|(m, _)| m == model) {
+            pipelines.push((model.to_string(), pipeline(model)));
+        }
+        let sd = &pipelines.iter().find(|(m, _)| m == model).unwrap().1;
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let req = inpaint_request_for(case);
         assert!(req.init_image.is_some() && req.mask.is_some(), "{name}");
