@@ -40,6 +40,13 @@ pub fn preprocessor(field: &str, name: &str) -> Result<Preprocessor, JobError> {
     let lower = name.trim().to_ascii_lowercase();
     match lower.as_str() {
         "canny" => Ok(Preprocessor::CANNY),
+        // Not a detection model: the inpaint ControlNet reads the seed image with the masked
+        // pixels at -1, which this server does not build yet.
+        "inpaint" => Err(JobError::not_supported(
+            field,
+            "the `inpaint` control image (the seed image with its masked pixels at -1, for \
+             inpaint ControlNets); inpaint with `mask_image` and another ControlNet type",
+        )),
         _ if is_control_type(&lower) || MODEL_PREPROCESSORS.contains(&lower.as_str()) => {
             Err(JobError::not_supported(
                 field,
@@ -158,5 +165,33 @@ impl AppState {
         } else {
             self.controlnet_entry(field, model, name)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessors_by_name() {
+        assert!(preprocessor("auto_hint", "Canny").is_ok());
+        let inpaint = preprocessor("auto_hint", "inpaint").unwrap_err();
+        assert!(
+            inpaint.message.contains("masked pixels at -1"),
+            "{}",
+            inpaint.message
+        );
+        let depth = preprocessor("auto_hint", "depth").unwrap_err();
+        assert!(
+            depth.message.contains("detection model"),
+            "{}",
+            depth.message
+        );
+        let unknown = preprocessor("auto_hint", "sketchy").unwrap_err();
+        assert!(
+            unknown.message.contains("unknown preprocessor"),
+            "{}",
+            unknown.message
+        );
     }
 }
