@@ -493,6 +493,8 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
+        // Checked before the scheduler is built, so a bad request names its own field.
+        req.validate()?;
         let scheduler = self.scheduler_for(req)?;
         self.denoise(req, scheduler, controlnets, None, progress)
     }
