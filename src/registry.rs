@@ -803,6 +803,88 @@ fn hub_location(repo: &str) -> Location {
     }
 }
 
+/// What every kind of registry entry has: an id, aliases, and the names messages give its kind.
+trait Named: Clone {
+    /// The kind as `models.toml` spells its table (`[[lora]]`).
+    const TABLE: &'static str;
+    /// The kind as messages to clients spell it ("LoRA").
+    const LABEL: &'static str;
+    fn id(&self) -> &str;
+    fn aliases(&self) -> &[String];
+}
+
+macro_rules! named {
+    ($($entry:ty => $table:literal, $label:literal;)*) => {$(
+        impl Named for $entry {
+            const TABLE: &'static str = $table;
+            const LABEL: &'static str = $label;
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn aliases(&self) -> &[String] {
+                &self.aliases
+            }
+        }
+    )*};
+}
+
+named! {
+    ModelEntry => "model", "model";
+    LoraEntry => "lora", "LoRA";
+    VaeEntry => "vae", "VAE";
+    EmbeddingEntry => "embedding", "embedding";
+    ControlNetEntry => "controlnet", "ControlNet";
+}
+
+/// The entry whose id, else whose alias, is exactly `name`.
+fn find<'a, T: Named>(entries: &'a [T], name: &str) -> Option<&'a T> {
+    entries.iter().find(|e| e.id() == name).or_else(|| {
+        entries
+            .iter()
+            .find(|e| e.aliases().iter().any(|a| a == name))
+    })
+}
+
+/// A new entry's id and aliases are distinct and name no entry of its kind yet.
+fn check_names<T: Named>(entries: &[T], entry: &T) -> Result<()> {
+    let mut seen = HashSet::new();
+    for name in std::iter::once(entry.id()).chain(entry.aliases().iter().map(String::as_str)) {
+        if !seen.insert(name) {
+            return Err(Error::model(format!(
+                "{} `{}` lists the name `{name}` twice",
+                T::TABLE,
+                entry.id()
+            )));
+        }
+        if let Some(other) = find(entries, name) {
+            return Err(Error::model(format!(
+                "{} name `{name}` is used by both `{}` and `{}`",
+                T::TABLE,
+                other.id(),
+                entry.id()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A registered id or alias (never a path); an unknown name is an invalid request listing the
+/// known ids of its kind.
+fn resolve<T: Named>(entries: &[T], name: &str) -> Result<T> {
+    find(entries, name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = entries.iter().map(Named::id).collect();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        Error::invalid(format!(
+            "unknown {label} `{name}` (ids are case-sensitive). Known {label}s: {known}",
+            label = T::LABEL
+        ))
+    })
+}
+
 /// The set of models a server can load, by id and alias.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
@@ -855,42 +937,14 @@ impl Registry {
 
     /// Adds an entry; its id and aliases must not collide with known names.
     pub fn add(&mut self, entry: ModelEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "model `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.get(name) {
-                return Err(Error::model(format!(
-                    "model name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.entries, &entry)?;
         self.entries.push(entry);
         Ok(())
     }
 
     /// Adds a LoRA entry; its id and aliases must not collide with known LoRA names.
     pub fn add_lora(&mut self, entry: LoraEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "lora `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.lora(name) {
-                return Err(Error::model(format!(
-                    "lora name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.loras, &entry)?;
         if entry.lcm {
             if let Some(other) = self.lcm_lora(entry.family) {
                 return Err(Error::model(format!(
@@ -905,21 +959,7 @@ impl Registry {
 
     /// Adds a VAE entry; its id and aliases must not collide with known VAE names.
     pub fn add_vae(&mut self, entry: VaeEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "vae `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.vae(name) {
-                return Err(Error::model(format!(
-                    "vae name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.vaes, &entry)?;
         self.vaes.push(entry);
         Ok(())
     }
@@ -956,21 +996,7 @@ impl Registry {
 
     /// Adds an embedding entry; its id and aliases must not collide with known embedding names.
     pub fn add_embedding(&mut self, entry: EmbeddingEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "embedding `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.embedding(name) {
-                return Err(Error::model(format!(
-                    "embedding name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.embeddings, &entry)?;
         self.embeddings.push(entry);
         Ok(())
     }
@@ -981,46 +1007,18 @@ impl Registry {
 
     /// The embedding whose id or alias is exactly `name`.
     pub fn embedding(&self, name: &str) -> Option<&EmbeddingEntry> {
-        self.embeddings.iter().find(|e| e.id == name).or_else(|| {
-            self.embeddings
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.embeddings, name)
     }
 
     /// Looks up a registered embedding id or alias (never a path); an unknown name is an invalid
     /// request listing the known embeddings.
     pub fn resolve_embedding(&self, name: &str) -> Result<EmbeddingEntry> {
-        self.embedding(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.embeddings.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown embedding `{name}` (ids are case-sensitive). Known embeddings: {known}"
-            ))
-        })
+        resolve(&self.embeddings, name)
     }
 
     /// Adds a ControlNet entry; its id and aliases must not collide with known ControlNet names.
     pub fn add_controlnet(&mut self, entry: ControlNetEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "controlnet `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.controlnet(name) {
-                return Err(Error::model(format!(
-                    "controlnet name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.controlnets, &entry)?;
         self.controlnets.push(entry);
         Ok(())
     }
@@ -1031,27 +1029,13 @@ impl Registry {
 
     /// The ControlNet whose id or alias is exactly `name`.
     pub fn controlnet(&self, name: &str) -> Option<&ControlNetEntry> {
-        self.controlnets.iter().find(|e| e.id == name).or_else(|| {
-            self.controlnets
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.controlnets, name)
     }
 
     /// Looks up a registered ControlNet id or alias (never a path); an unknown name is an
     /// invalid request listing the known ControlNets.
     pub fn resolve_controlnet(&self, name: &str) -> Result<ControlNetEntry> {
-        self.controlnet(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.controlnets.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown ControlNet `{name}` (ids are case-sensitive). Known ControlNets: {known}"
-            ))
-        })
+        resolve(&self.controlnets, name)
     }
 
     /// The ControlNet for `family` that reads `preprocessor` images (the first registered), for
@@ -1068,27 +1052,13 @@ impl Registry {
 
     /// The LoRA whose id or alias is exactly `name`.
     pub fn lora(&self, name: &str) -> Option<&LoraEntry> {
-        self.loras.iter().find(|e| e.id == name).or_else(|| {
-            self.loras
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.loras, name)
     }
 
     /// Looks up a registered LoRA id or alias (never a path); an unknown name is an invalid
     /// request listing the known LoRAs.
     pub fn resolve_lora(&self, name: &str) -> Result<LoraEntry> {
-        self.lora(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.loras.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown LoRA `{name}` (ids are case-sensitive). Known LoRAs: {known}"
-            ))
-        })
+        resolve(&self.loras, name)
     }
 
     /// The LoRA marked `lcm` for `family`, which the LCM sampling mode merges.
@@ -1102,27 +1072,13 @@ impl Registry {
 
     /// The VAE whose id or alias is exactly `name`.
     pub fn vae(&self, name: &str) -> Option<&VaeEntry> {
-        self.vaes.iter().find(|e| e.id == name).or_else(|| {
-            self.vaes
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.vaes, name)
     }
 
     /// Looks up a registered VAE id or alias (never a path); an unknown name is an invalid
     /// request listing the known VAEs.
     pub fn resolve_vae(&self, name: &str) -> Result<VaeEntry> {
-        self.vae(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.vaes.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown VAE `{name}` (ids are case-sensitive). Known VAEs: {known}"
-            ))
-        })
+        resolve(&self.vaes, name)
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
@@ -1131,11 +1087,7 @@ impl Registry {
 
     /// The entry whose id or alias is exactly `name`.
     pub fn get(&self, name: &str) -> Option<&ModelEntry> {
-        self.entries.iter().find(|e| e.id == name).or_else(|| {
-            self.entries
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.entries, name)
     }
 
     /// Looks up a registered id or alias only (for request handlers: no file paths).
