@@ -206,7 +206,8 @@ impl IpAdapterEntry {
                 revision,
                 file,
             } => {
-                let repo = HubRepo::new(&HubOptions::from_env()?, repo, revision)?;
+                let hub = HubOptions::from_env()?;
+                let repo = HubRepo::new(&hub, repo, revision)?;
                 let folder = file.trim_end_matches('/');
                 repo.get(&format!("{folder}/model.safetensors"))?;
                 let config = repo.get(&format!("{folder}/config.json"))?;

@@ -226,9 +226,7 @@ impl ClipVisionModel {
 /// the shortest side resized to `size` (bicubic), the centre `size` x `size` cut out, scaled to
 /// 0..1 and normalised with CLIP's mean and deviation. Returns `[1, 3, size, size]` f32.
 ///
-/// The resize is the `image` crate's Catmull-Rom filter, the same cubic (a = -0.5) PIL's bicubic
-/// uses, widened by the scale factor when shrinking as PIL does; PIL computes in fixed point, so
-/// pixels may differ by a unit of 8-bit rounding (about 0.015 after normalisation).
+/// The resize reproduces transformers' to the bit: see [`resize_bicubic_antialias`].
 pub fn preprocess(image: &image::RgbImage, size: usize, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
     if w == 0 || h == 0 || size == 0 {
@@ -241,12 +239,7 @@ pub fn preprocess(image: &image::RgbImage, size: usize, device: &Device) -> Resu
     } else {
         (size * w / h, size)
     };
-    let resized = image::imageops::resize(
-        image,
-        new_w as u32,
-        new_h as u32,
-        image::imageops::FilterType::CatmullRom,
-    );
+    let resized = resize_bicubic_antialias(image, new_w, new_h);
     let top = ((new_h - size) / 2) as u32;
     let left = ((new_w - size) / 2) as u32;
     let cropped = image::imageops::crop_imm(&resized, left, top, size_u, size_u).to_image();
@@ -258,6 +251,124 @@ pub fn preprocess(image: &image::RgbImage, size: usize, device: &Device) -> Resu
         }
     }
     Ok(Tensor::from_vec(data, (1, 3, size, size), device)?)
+}
+
+/// The bicubic kernel of antialiased resizing (a = -0.5, Keys' cubic as Pillow uses it).
+fn aa_bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// For one axis of `in_size` -> `out_size`: the fixed-point precision and, per output index,
+/// the first input index and the integer weights. The kernel is widened by the scale when
+/// shrinking, the weights normalised, then rounded to the most fractional bits that keep them
+/// (and the largest doubled) within an i16, as torch's uint8 kernel does.
+fn aa_coefficients(in_size: usize, out_size: usize) -> (u32, Vec<(usize, Vec<i64>)>) {
+    let scale = in_size as f64 / out_size as f64;
+    let filter_scale = scale.max(1.0);
+    let support = 2.0 * filter_scale;
+    let raw: Vec<(usize, Vec<f64>)> = (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let weights: Vec<f64> = (xmin..xmax)
+                .map(|x| aa_bicubic((x as f64 - center + 0.5) / filter_scale))
+                .collect();
+            let total: f64 = weights.iter().sum();
+            let weights = if total != 0.0 {
+                weights.iter().map(|w| w / total).collect()
+            } else {
+                weights
+            };
+            (xmin, weights)
+        })
+        .collect();
+    let max_weight = raw
+        .iter()
+        .flat_map(|(_, w)| w.iter().copied())
+        .fold(0.0f64, f64::max);
+    let mut precision = 0u32;
+    while precision < 22 {
+        if (0.5 + max_weight * (1u64 << (precision + 1)) as f64) as i64 >= 1 << 15 {
+            break;
+        }
+        precision += 1;
+    }
+    let one = (1u64 << precision) as f64;
+    let fixed = raw
+        .into_iter()
+        .map(|(xmin, weights)| {
+            let ints = weights
+                .iter()
+                .map(|&w| {
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i64
+                    } else {
+                        (0.5 + w * one) as i64
+                    }
+                })
+                .collect();
+            (xmin, ints)
+        })
+        .collect();
+    (precision, fixed)
+}
+
+/// One axis of the resize: `horizontal` or vertical, from `image` to `out` pixels along it.
+fn aa_pass(image: &image::RgbImage, out: usize, horizontal: bool) -> image::RgbImage {
+    let (w, h) = image.dimensions();
+    let in_size = if horizontal { w } else { h } as usize;
+    let (precision, coefficients) = aa_coefficients(in_size, out);
+    let (out_w, out_h) = if horizontal {
+        (out as u32, h)
+    } else {
+        (w, out as u32)
+    };
+    let half = if precision > 0 { 1i64 << (precision - 1) } else { 0 };
+    image::RgbImage::from_fn(out_w, out_h, |x, y| {
+        let (start, weights) = &coefficients[if horizontal { x } else { y } as usize];
+        let mut acc = [half; 3];
+        for (i, weight) in weights.iter().enumerate() {
+            let at = (start + i) as u32;
+            let p = if horizontal {
+                image.get_pixel(at, y)
+            } else {
+                image.get_pixel(x, at)
+            };
+            for c in 0..3 {
+                acc[c] += p.0[c] as i64 * weight;
+            }
+        }
+        image::Rgb(acc.map(|a| (a >> precision).clamp(0, 255) as u8))
+    })
+}
+
+/// Antialiased bicubic resize of 8-bit RGB, bit for bit as transformers' CLIP image processor
+/// does it (torchvision's `resize(..., BICUBIC, antialias=True)` on a uint8 tensor, i.e. torch's
+/// uint8 kernel, itself Pillow's algorithm with 16-bit weights): a horizontal pass into an 8-bit
+/// image, then a vertical pass, each skipped when its size does not change.
+pub fn resize_bicubic_antialias(
+    image: &image::RgbImage,
+    width: usize,
+    height: usize,
+) -> image::RgbImage {
+    let horizontal = if width != image.width() as usize {
+        aa_pass(image, width, true)
+    } else {
+        image.clone()
+    };
+    if height == horizontal.height() as usize {
+        return horizontal;
+    }
+    aa_pass(&horizontal, height, false)
 }
 
 /// diffusers' `ImageProjection`: `image_embeds` to `tokens` x `cross_dim` and a LayerNorm.
