@@ -1826,7 +1826,10 @@ mod tests {
         let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
         let e = reg.resolve_ip_adapter("runware:55@5").unwrap();
         assert_eq!(e.id, "ip");
-        assert_eq!(e.source, LoraSource::File(PathBuf::from("/m/a/ip.safetensors")));
+        assert_eq!(
+            e.source,
+            LoraSource::File(PathBuf::from("/m/a/ip.safetensors"))
+        );
         assert_eq!(e.image_encoder, LoraSource::File(PathBuf::from("/m/a/enc")));
         let err = reg.resolve_ip_adapter("nope").unwrap_err().to_string();
         assert!(err.contains("Known IP-Adapters: ip"), "{err}");
@@ -1835,7 +1838,9 @@ mod tests {
                    image_encoder = \"sdxl_models/image_encoder\"\n";
         let reg = Registry::from_toml_str(hub, Path::new("/m")).unwrap();
         let e = reg.resolve_ip_adapter("h").unwrap();
-        assert!(matches!(e.image_encoder, LoraSource::Hub { ref file, .. } if file == "sdxl_models/image_encoder"));
+        assert!(
+            matches!(e.image_encoder, LoraSource::Hub { ref file, .. } if file == "sdxl_models/image_encoder")
+        );
         let pickle = t.replace("ip.safetensors", "ip.bin");
         assert!(Registry::from_toml_str(&pickle, Path::new("/m")).is_err());
         let twice = format!("{t}{t}");

@@ -102,16 +102,22 @@ async fn runware_ip_adapters_guide_the_image() {
     let guide_uuid = body["data"][0]["imageUUID"].as_str().unwrap().to_string();
 
     let plain = runware_image(&server, inference(json!({}))).await;
-    let unit = |guide: &str, weight: f64| {
-        json!({"ipAdapters": [{"model": "runware:55@5", "guideImage": guide, "weight": weight}]})
-    };
+    let unit = |guide: &str, weight: f64| json!({"ipAdapters": [{"model": "runware:55@5", "guideImage": guide, "weight": weight}]});
     let guided = runware_image(&server, inference(unit(&guide_uuid, 1.0))).await;
     assert_ne!(plain, guided, "the IP-Adapter changes the image");
     let again = runware_image(&server, inference(unit(&guide_uuid, 1.0))).await;
     assert_eq!(guided, again, "same request, same bytes");
-    let as_uri = runware_image(&server, inference(unit(&data_uri(&disc_png(96, 80, 0)), 1.0))).await;
+    let as_uri = runware_image(
+        &server,
+        inference(unit(&data_uri(&disc_png(96, 80, 0)), 1.0)),
+    )
+    .await;
     assert_eq!(guided, as_uri, "the same pixels by data URI");
-    let other = runware_image(&server, inference(unit(&data_uri(&disc_png(96, 80, 30)), 1.0))).await;
+    let other = runware_image(
+        &server,
+        inference(unit(&data_uri(&disc_png(96, 80, 30)), 1.0)),
+    )
+    .await;
     assert_ne!(guided, other, "the reference image matters");
     let half = runware_image(&server, inference(unit(&guide_uuid, 0.5))).await;
     assert_ne!(half, guided, "the weight matters");
@@ -135,16 +141,56 @@ async fn runware_ip_adapters_guide_the_image() {
         json!({"ipAdapters": [unit]})
     };
     let cases = [
-        (item(json!({"weight": 1.5})), "invalidIpAdapters", "ipAdapters.weight"),
-        (item(json!({"weight": -0.1})), "invalidIpAdapters", "ipAdapters.weight"),
-        (item(json!({"weight": "high"})), "invalidIpAdapters", "ipAdapters.weight"),
-        (item(json!({"model": "runware:55@1"})), "invalidIpAdapters", "unknown IP-Adapter"),
-        (item(json!({"model": "tiny-ip-adapter_sdxl"})), "invalidIpAdapters", "sdxl"),
-        (item(json!({"guideImage": new_uuid()})), "invalidIpAdapters", "UUID"),
-        (item(json!({"scale": 0.5})), "unsupportedParameter", "ipAdapters.scale"),
-        (json!({"ipAdapters": [{"guideImage": "abc"}]}), "missingIpAdapters", "model"),
-        (json!({"ipAdapters": [{"model": "tiny-ip-adapter_sd15"}]}), "missingIpAdapters", "guideImage"),
-        (json!({"ipAdapters": {"model": "x"}}), "invalidIpAdapters", "array"),
+        (
+            item(json!({"weight": 1.5})),
+            "invalidIpAdapters",
+            "ipAdapters.weight",
+        ),
+        (
+            item(json!({"weight": -0.1})),
+            "invalidIpAdapters",
+            "ipAdapters.weight",
+        ),
+        (
+            item(json!({"weight": "high"})),
+            "invalidIpAdapters",
+            "ipAdapters.weight",
+        ),
+        (
+            item(json!({"model": "runware:55@1"})),
+            "invalidIpAdapters",
+            "unknown IP-Adapter",
+        ),
+        (
+            item(json!({"model": "tiny-ip-adapter_sdxl"})),
+            "invalidIpAdapters",
+            "sdxl",
+        ),
+        (
+            item(json!({"guideImage": new_uuid()})),
+            "invalidIpAdapters",
+            "UUID",
+        ),
+        (
+            item(json!({"scale": 0.5})),
+            "unsupportedParameter",
+            "ipAdapters.scale",
+        ),
+        (
+            json!({"ipAdapters": [{"guideImage": "abc"}]}),
+            "missingIpAdapters",
+            "model",
+        ),
+        (
+            json!({"ipAdapters": [{"model": "tiny-ip-adapter_sd15"}]}),
+            "missingIpAdapters",
+            "guideImage",
+        ),
+        (
+            json!({"ipAdapters": {"model": "x"}}),
+            "invalidIpAdapters",
+            "array",
+        ),
         (json!({"ipAdapters": ["x"]}), "invalidIpAdapters", "object"),
     ];
     for (extra, code, needle) in cases {

@@ -61,7 +61,9 @@ fn image_encoder_and_projections_match_transformers_and_diffusers() {
     // From the reference's pixels, the encoder and projections are compared alone.
     let reference_pixels = &golden["pixel_values"];
     let out = encoder.forward(reference_pixels).unwrap();
-    let zero = encoder.forward(&reference_pixels.zeros_like().unwrap()).unwrap();
+    let zero = encoder
+        .forward(&reference_pixels.zeros_like().unwrap())
+        .unwrap();
     let plain = load_adapter("ip-adapter_sd15");
     let plus = load_adapter("ip-adapter-plus_sd15");
     assert!(!plain.is_plus() && plus.is_plus());

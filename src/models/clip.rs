@@ -240,7 +240,11 @@ pub(super) struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub(super) fn new(cfg: &ClipTextConfig, activation: Activation, vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(
+        cfg: &ClipTextConfig,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             layer_norm1: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
@@ -249,7 +253,11 @@ impl EncoderLayer {
         })
     }
 
-    pub(super) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?;

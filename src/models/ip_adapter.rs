@@ -28,7 +28,7 @@ use crate::{Error, Result};
 
 /// CLIPImageProcessor's normalisation (OpenAI CLIP's dataset statistics).
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// The vision encoder's `config.json` (transformers' `CLIPVisionConfig`), with its defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -214,7 +214,9 @@ impl ClipVisionModel {
             }
             xs = layer.forward(&xs, None)?;
         }
-        let pooled = self.post_layernorm.forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
+        let pooled = self
+            .post_layernorm
+            .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
         Ok(ClipVisionOutput {
             image_embeds: self.visual_projection.forward(&pooled)?,
             penultimate,
@@ -247,7 +249,8 @@ pub fn preprocess(image: &image::RgbImage, size: usize, device: &Device) -> Resu
     for (x, y, pixel) in cropped.enumerate_pixels() {
         for c in 0..3 {
             let v = pixel.0[c] as f32 / 255.0;
-            data[c * size * size + y as usize * size + x as usize] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
+            data[c * size * size + y as usize * size + x as usize] =
+                (v - CLIP_MEAN[c]) / CLIP_STD[c];
         }
     }
     Ok(Tensor::from_vec(data, (1, 3, size, size), device)?)
@@ -332,7 +335,11 @@ fn aa_pass(image: &image::RgbImage, out: usize, horizontal: bool) -> image::RgbI
     } else {
         (w, out as u32)
     };
-    let half = if precision > 0 { 1i64 << (precision - 1) } else { 0 };
+    let half = if precision > 0 {
+        1i64 << (precision - 1)
+    } else {
+        0
+    };
     image::RgbImage::from_fn(out_w, out_h, |x, y| {
         let (start, weights) = &coefficients[if horizontal { x } else { y } as usize];
         let mut acc = [half; 3];
@@ -343,8 +350,8 @@ fn aa_pass(image: &image::RgbImage, out: usize, horizontal: bool) -> image::RgbI
             } else {
                 image.get_pixel(x, at)
             };
-            for c in 0..3 {
-                acc[c] += p.0[c] as i64 * weight;
+            for (sum, value) in acc.iter_mut().zip(p.0) {
+                *sum += value as i64 * weight;
             }
         }
         image::Rgb(acc.map(|a| (a >> precision).clamp(0, 255) as u8))
@@ -451,8 +458,9 @@ impl ResamplerLayer {
         let k = split(self.to_k.forward(&context)?, m)?;
         let v = split(self.to_v.forward(&context)?, m)?;
         let scale = 1.0 / (RESAMPLER_HEAD_DIM as f64).sqrt();
-        let attended = scaled_dot_product_attention(&q, &k, &v, scale, AttentionPrecision::Full, None)?
-            .reshape((b, n, self.heads * RESAMPLER_HEAD_DIM))?;
+        let attended =
+            scaled_dot_product_attention(&q, &k, &v, scale, AttentionPrecision::Full, None)?
+                .reshape((b, n, self.heads * RESAMPLER_HEAD_DIM))?;
         let latents = (self.to_out.forward(&attended)? + latents)?;
         let ff = self.ff_out.forward(
             &self
@@ -509,9 +517,8 @@ impl IpAdapterModel {
     /// Reads an adapter file in h94's layout and the image encoder folder it was trained with.
     pub fn load(file: &Path, image_encoder: &Path, device: &Device, dtype: DType) -> Result<Self> {
         crate::weights::refuse_pickle(file)?;
-        let bytes = std::fs::read(file).map_err(|e| {
-            Error::model(format!("cannot read IP-Adapter {}: {e}", file.display()))
-        })?;
+        let bytes = std::fs::read(file)
+            .map_err(|e| Error::model(format!("cannot read IP-Adapter {}: {e}", file.display())))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
             Error::model(format!(
                 "IP-Adapter {} is not a safetensors file: {e}",
