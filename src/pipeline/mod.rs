@@ -519,6 +519,8 @@ impl StableDiffusion {
         ip_adapters: &[&IpAdapterModel],
         progress: Progress,
     ) -> Result<Tensor> {
+        // Before the scheduler is built, so that a bad field is refused by its name.
+        req.validate()?;
         let scheduler = self.scheduler_for(req)?;
         self.denoise(req, scheduler, controlnets, ip_adapters, None, progress)
     }
