@@ -58,6 +58,18 @@ fn image_encoder_and_projections_match_transformers_and_diffusers() {
     eprintln!("pixel_values max |diff| {diff:.2e}");
     assert!(diff < PIXEL_TOL, "preprocessed pixels differ by {diff}");
 
+    // A wider image: resized on its short side, cropped at the centre of the long one.
+    let synthetic = image::open(fixtures().join("goldens/canny_synthetic.png"))
+        .expect("canny_synthetic.png")
+        .to_rgb8();
+    let pixels = preprocess(&synthetic, size, &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&pixels, &golden["pixel_values_synthetic"]);
+    eprintln!("pixel_values_synthetic max |diff| {diff:.2e}");
+    assert!(
+        diff < PIXEL_TOL,
+        "preprocessed pixels of the wide image differ by {diff}"
+    );
+
     // From the reference's pixels, the encoder and projections are compared alone.
     let reference_pixels = &golden["pixel_values"];
     let out = encoder.forward(reference_pixels).unwrap();
