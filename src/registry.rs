@@ -1093,6 +1093,7 @@ impl Registry {
         Ok(())
     }
 
+    /// The registered IP-Adapters, in file order.
     pub fn ip_adapters(&self) -> impl Iterator<Item = &IpAdapterEntry> {
         self.ip_adapters.iter()
     }

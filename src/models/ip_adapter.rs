@@ -184,6 +184,7 @@ impl ClipVisionModel {
         Self::new(component.weights.var_builder(dtype, device), &cfg)
     }
 
+    /// The encoder's configuration (its `image_size` sets the preprocessing size).
     pub fn config(&self) -> &ClipVisionConfig {
         &self.config
     }
@@ -626,6 +627,7 @@ impl IpAdapterModel {
         self.cross_dim
     }
 
+    /// The CLIP vision encoder the adapter reads images with.
     pub fn image_encoder(&self) -> &ClipVisionModel {
         &self.encoder
     }
