@@ -11,7 +11,10 @@
 //! `.safetensors` file (`file`, local or inside an `hf` repo). A `[[controlnet]]` entry names a
 //! diffusers ControlNet folder (`path`, or an `hf` repo holding `config.json` +
 //! `diffusion_pytorch_model.safetensors`) with its family and the preprocessor its control images
-//! come from. The format is documented in the shipped `models.toml`.
+//! come from. An `[[ip_adapter]]` entry names an IP-Adapter file in h94's layout (`file`, local
+//! or inside an `hf` repo) and the transformers CLIP vision encoder folder it was trained with
+//! (`image_encoder`, local or a folder of the same repo). The format is documented in the
+//! shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -116,6 +119,113 @@ struct RegistryToml {
     embeddings: Vec<EmbeddingToml>,
     #[serde(default, rename = "controlnet")]
     controlnets: Vec<ControlNetToml>,
+    #[serde(default, rename = "ip_adapter")]
+    ip_adapters: Vec<IpAdapterToml>,
+}
+
+/// One IP-Adapter the registry knows. Whether it is a plain or a plus adapter is read from the
+/// file when it loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family of models the adapter was trained with; other families refuse it.
+    pub family: Family,
+    /// The adapter file (`image_proj.*`, `ip_adapter.*`).
+    pub source: LoraSource,
+    /// The CLIP vision encoder: a local folder, or with `hf` a folder inside the repo.
+    pub image_encoder: LoraSource,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IpAdapterToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    hf: Option<String>,
+    revision: Option<String>,
+    file: String,
+    image_encoder: String,
+    description: Option<String>,
+}
+
+impl IpAdapterToml {
+    fn into_entry(self, base: &Path) -> Result<IpAdapterEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, ip_adapter `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        refuse_pickle(&PathBuf::from(&self.file)).map_err(|e| bad(e.to_string()))?;
+        let (source, image_encoder) = match self.hf {
+            Some(repo) => {
+                check_repo_id(&repo).map_err(bad)?;
+                let revision = self.revision.unwrap_or_else(|| DEFAULT_REVISION.into());
+                let at = |file: String| LoraSource::Hub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    file,
+                };
+                (at(self.file), at(self.image_encoder))
+            }
+            None => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                (
+                    LoraSource::File(base.join(self.file)),
+                    LoraSource::File(base.join(self.image_encoder)),
+                )
+            }
+        };
+        Ok(IpAdapterEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            image_encoder,
+            description: self.description,
+        })
+    }
+}
+
+impl IpAdapterEntry {
+    /// The local adapter file and image encoder folder, fetched from the hub when needed (the
+    /// encoder's `config.json` and `model.safetensors`).
+    pub fn local_paths(&self) -> Result<(PathBuf, PathBuf)> {
+        let file = source_path(&self.source, "ip_adapter", &self.id)?;
+        let encoder = match &self.image_encoder {
+            LoraSource::File(path) => path.clone(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => {
+                let hub = HubOptions::from_env()?;
+                let repo = HubRepo::new(&hub, repo, revision)?;
+                let folder = file.trim_end_matches('/');
+                repo.get(&format!("{folder}/model.safetensors"))?;
+                let config = repo.get(&format!("{folder}/config.json"))?;
+                config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| Error::model("hub file without a folder"))?
+            }
+        };
+        if !encoder.join("config.json").is_file() {
+            return Err(Error::model(format!(
+                "ip_adapter `{}`: image encoder {} has no config.json",
+                self.id,
+                encoder.display()
+            )));
+        }
+        Ok((file, encoder))
+    }
 }
 
 /// Where a ControlNet's diffusers folder is.
@@ -834,6 +944,7 @@ named! {
     VaeEntry => "vae", "VAE";
     EmbeddingEntry => "embedding", "embedding";
     ControlNetEntry => "controlnet", "ControlNet";
+    IpAdapterEntry => "ip_adapter", "IP-Adapter";
 }
 
 /// The entry whose id, else whose alias, is exactly `name`.
@@ -893,6 +1004,7 @@ pub struct Registry {
     vaes: Vec<VaeEntry>,
     embeddings: Vec<EmbeddingEntry>,
     controlnets: Vec<ControlNetEntry>,
+    ip_adapters: Vec<IpAdapterEntry>,
 }
 
 impl Registry {
@@ -931,6 +1043,9 @@ impl Registry {
         }
         for raw in parsed.controlnets {
             reg.add_controlnet(raw.into_entry(base)?)?;
+        }
+        for raw in parsed.ip_adapters {
+            reg.add_ip_adapter(raw.into_entry(base)?)?;
         }
         Ok(reg)
     }
@@ -991,7 +1106,34 @@ impl Registry {
             self.controlnets.retain(|e| e.id != entry.id);
             self.add_controlnet(entry)?;
         }
+        for entry in other.ip_adapters {
+            self.ip_adapters.retain(|e| e.id != entry.id);
+            self.add_ip_adapter(entry)?;
+        }
         Ok(())
+    }
+
+    /// Adds an IP-Adapter entry; its id and aliases must not collide with known IP-Adapter names.
+    pub fn add_ip_adapter(&mut self, entry: IpAdapterEntry) -> Result<()> {
+        check_names(&self.ip_adapters, &entry)?;
+        self.ip_adapters.push(entry);
+        Ok(())
+    }
+
+    /// The registered IP-Adapters, in file order.
+    pub fn ip_adapters(&self) -> impl Iterator<Item = &IpAdapterEntry> {
+        self.ip_adapters.iter()
+    }
+
+    /// The IP-Adapter whose id or alias is exactly `name`.
+    pub fn ip_adapter(&self, name: &str) -> Option<&IpAdapterEntry> {
+        find(&self.ip_adapters, name)
+    }
+
+    /// Looks up a registered IP-Adapter id or alias (never a path); an unknown name is an
+    /// invalid request listing the known IP-Adapters.
+    pub fn resolve_ip_adapter(&self, name: &str) -> Result<IpAdapterEntry> {
+        resolve(&self.ip_adapters, name)
     }
 
     /// Adds an embedding entry; its id and aliases must not collide with known embedding names.
@@ -1601,6 +1743,34 @@ mod tests {
         assert!(e.contains("exactly one source"), "{e}");
         let t = "[[model]]\nid = \"x\"\n";
         assert!(Registry::from_toml_str(t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn ip_adapter_entries() {
+        let t = "[[ip_adapter]]\nid = \"ip\"\naliases = [\"runware:55@5\"]\nfamily = \"sd1\"\n\
+                 file = \"a/ip.safetensors\"\nimage_encoder = \"a/enc\"\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let e = reg.resolve_ip_adapter("runware:55@5").unwrap();
+        assert_eq!(e.id, "ip");
+        assert_eq!(
+            e.source,
+            LoraSource::File(PathBuf::from("/m/a/ip.safetensors"))
+        );
+        assert_eq!(e.image_encoder, LoraSource::File(PathBuf::from("/m/a/enc")));
+        let err = reg.resolve_ip_adapter("nope").unwrap_err().to_string();
+        assert!(err.contains("Known IP-Adapters: ip"), "{err}");
+        let hub = "[[ip_adapter]]\nid = \"h\"\nfamily = \"sdxl\"\nhf = \"h94/IP-Adapter\"\n\
+                   file = \"sdxl_models/ip-adapter_sdxl.safetensors\"\n\
+                   image_encoder = \"sdxl_models/image_encoder\"\n";
+        let reg = Registry::from_toml_str(hub, Path::new("/m")).unwrap();
+        let e = reg.resolve_ip_adapter("h").unwrap();
+        assert!(
+            matches!(e.image_encoder, LoraSource::Hub { ref file, .. } if file == "sdxl_models/image_encoder")
+        );
+        let pickle = t.replace("ip.safetensors", "ip.bin");
+        assert!(Registry::from_toml_str(&pickle, Path::new("/m")).is_err());
+        let twice = format!("{t}{t}");
+        assert!(Registry::from_toml_str(&twice, Path::new("/m")).is_err());
     }
 
     #[test]
