@@ -12,7 +12,10 @@
 //! diffusers ControlNet folder (`path`, or an `hf` repo holding `config.json` +
 //! `diffusion_pytorch_model.safetensors`), or a single file in the original ControlNet layout
 //! (`file`, with an optional `config`), with its family and the preprocessor its control images
-//! come from. The format is documented in the shipped `models.toml`.
+//! come from. An `[[ip_adapter]]` entry names an IP-Adapter file in h94's layout (`file`, local
+//! or inside an `hf` repo) and the transformers CLIP vision encoder folder it was trained with
+//! (`image_encoder`, local or a folder of the same repo). The format is documented in the
+//! shipped `models.toml`.
 //!
 //! Hub access honours `HF_HOME` / `HF_HUB_CACHE` for the cache location, `HF_ENDPOINT`,
 //! `HF_TOKEN`, and `HF_HUB_OFFLINE=1`, which limits loading to files already in the cache.
@@ -117,6 +120,113 @@ struct RegistryToml {
     embeddings: Vec<EmbeddingToml>,
     #[serde(default, rename = "controlnet")]
     controlnets: Vec<ControlNetToml>,
+    #[serde(default, rename = "ip_adapter")]
+    ip_adapters: Vec<IpAdapterToml>,
+}
+
+/// One IP-Adapter the registry knows. Whether it is a plain or a plus adapter is read from the
+/// file when it loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterEntry {
+    pub id: String,
+    pub aliases: Vec<String>,
+    /// The family of models the adapter was trained with; other families refuse it.
+    pub family: Family,
+    /// The adapter file (`image_proj.*`, `ip_adapter.*`).
+    pub source: LoraSource,
+    /// The CLIP vision encoder: a local folder, or with `hf` a folder inside the repo.
+    pub image_encoder: LoraSource,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IpAdapterToml {
+    id: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    family: Family,
+    hf: Option<String>,
+    revision: Option<String>,
+    file: String,
+    image_encoder: String,
+    description: Option<String>,
+}
+
+impl IpAdapterToml {
+    fn into_entry(self, base: &Path) -> Result<IpAdapterEntry> {
+        let id = self.id.clone();
+        let bad = |msg: String| Error::model(format!("models.toml, ip_adapter `{id}`: {msg}"));
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`id` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        refuse_pickle(&PathBuf::from(&self.file)).map_err(|e| bad(e.to_string()))?;
+        let (source, image_encoder) = match self.hf {
+            Some(repo) => {
+                check_repo_id(&repo).map_err(bad)?;
+                let revision = self.revision.unwrap_or_else(|| DEFAULT_REVISION.into());
+                let at = |file: String| LoraSource::Hub {
+                    repo: repo.clone(),
+                    revision: revision.clone(),
+                    file,
+                };
+                (at(self.file), at(self.image_encoder))
+            }
+            None => {
+                if self.revision.is_some() {
+                    return Err(bad("`revision` needs `hf`".into()));
+                }
+                (
+                    LoraSource::File(base.join(self.file)),
+                    LoraSource::File(base.join(self.image_encoder)),
+                )
+            }
+        };
+        Ok(IpAdapterEntry {
+            id: self.id,
+            aliases: self.aliases,
+            family: self.family,
+            source,
+            image_encoder,
+            description: self.description,
+        })
+    }
+}
+
+impl IpAdapterEntry {
+    /// The local adapter file and image encoder folder, fetched from the hub when needed (the
+    /// encoder's `config.json` and `model.safetensors`).
+    pub fn local_paths(&self) -> Result<(PathBuf, PathBuf)> {
+        let file = source_path(&self.source, "ip_adapter", &self.id)?;
+        let encoder = match &self.image_encoder {
+            LoraSource::File(path) => path.clone(),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } => {
+                let hub = HubOptions::from_env()?;
+                let repo = HubRepo::new(&hub, repo, revision)?;
+                let folder = file.trim_end_matches('/');
+                repo.get(&format!("{folder}/model.safetensors"))?;
+                let config = repo.get(&format!("{folder}/config.json"))?;
+                config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| Error::model("hub file without a folder"))?
+            }
+        };
+        if !encoder.join("config.json").is_file() {
+            return Err(Error::model(format!(
+                "ip_adapter `{}`: image encoder {} has no config.json",
+                self.id,
+                encoder.display()
+            )));
+        }
+        Ok((file, encoder))
+    }
 }
 
 /// Where a ControlNet's diffusers folder is.
@@ -837,6 +947,89 @@ fn hub_location(repo: &str) -> Location {
     }
 }
 
+/// What every kind of registry entry has: an id, aliases, and the names messages give its kind.
+trait Named: Clone {
+    /// The kind as `models.toml` spells its table (`[[lora]]`).
+    const TABLE: &'static str;
+    /// The kind as messages to clients spell it ("LoRA").
+    const LABEL: &'static str;
+    fn id(&self) -> &str;
+    fn aliases(&self) -> &[String];
+}
+
+macro_rules! named {
+    ($($entry:ty => $table:literal, $label:literal;)*) => {$(
+        impl Named for $entry {
+            const TABLE: &'static str = $table;
+            const LABEL: &'static str = $label;
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn aliases(&self) -> &[String] {
+                &self.aliases
+            }
+        }
+    )*};
+}
+
+named! {
+    ModelEntry => "model", "model";
+    LoraEntry => "lora", "LoRA";
+    VaeEntry => "vae", "VAE";
+    EmbeddingEntry => "embedding", "embedding";
+    ControlNetEntry => "controlnet", "ControlNet";
+    IpAdapterEntry => "ip_adapter", "IP-Adapter";
+}
+
+/// The entry whose id, else whose alias, is exactly `name`.
+fn find<'a, T: Named>(entries: &'a [T], name: &str) -> Option<&'a T> {
+    entries.iter().find(|e| e.id() == name).or_else(|| {
+        entries
+            .iter()
+            .find(|e| e.aliases().iter().any(|a| a == name))
+    })
+}
+
+/// A new entry's id and aliases are distinct and name no entry of its kind yet.
+fn check_names<T: Named>(entries: &[T], entry: &T) -> Result<()> {
+    let mut seen = HashSet::new();
+    for name in std::iter::once(entry.id()).chain(entry.aliases().iter().map(String::as_str)) {
+        if !seen.insert(name) {
+            return Err(Error::model(format!(
+                "{} `{}` lists the name `{name}` twice",
+                T::TABLE,
+                entry.id()
+            )));
+        }
+        if let Some(other) = find(entries, name) {
+            return Err(Error::model(format!(
+                "{} name `{name}` is used by both `{}` and `{}`",
+                T::TABLE,
+                other.id(),
+                entry.id()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A registered id or alias (never a path); an unknown name is an invalid request listing the
+/// known ids of its kind.
+fn resolve<T: Named>(entries: &[T], name: &str) -> Result<T> {
+    find(entries, name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = entries.iter().map(Named::id).collect();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        Error::invalid(format!(
+            "unknown {label} `{name}` (ids are case-sensitive). Known {label}s: {known}",
+            label = T::LABEL
+        ))
+    })
+}
+
 /// The set of models a server can load, by id and alias.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
@@ -845,6 +1038,7 @@ pub struct Registry {
     vaes: Vec<VaeEntry>,
     embeddings: Vec<EmbeddingEntry>,
     controlnets: Vec<ControlNetEntry>,
+    ip_adapters: Vec<IpAdapterEntry>,
 }
 
 impl Registry {
@@ -884,47 +1078,22 @@ impl Registry {
         for raw in parsed.controlnets {
             reg.add_controlnet(raw.into_entry(base)?)?;
         }
+        for raw in parsed.ip_adapters {
+            reg.add_ip_adapter(raw.into_entry(base)?)?;
+        }
         Ok(reg)
     }
 
     /// Adds an entry; its id and aliases must not collide with known names.
     pub fn add(&mut self, entry: ModelEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "model `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.get(name) {
-                return Err(Error::model(format!(
-                    "model name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.entries, &entry)?;
         self.entries.push(entry);
         Ok(())
     }
 
     /// Adds a LoRA entry; its id and aliases must not collide with known LoRA names.
     pub fn add_lora(&mut self, entry: LoraEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "lora `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.lora(name) {
-                return Err(Error::model(format!(
-                    "lora name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.loras, &entry)?;
         if entry.lcm {
             if let Some(other) = self.lcm_lora(entry.family) {
                 return Err(Error::model(format!(
@@ -939,21 +1108,7 @@ impl Registry {
 
     /// Adds a VAE entry; its id and aliases must not collide with known VAE names.
     pub fn add_vae(&mut self, entry: VaeEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "vae `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.vae(name) {
-                return Err(Error::model(format!(
-                    "vae name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.vaes, &entry)?;
         self.vaes.push(entry);
         Ok(())
     }
@@ -985,26 +1140,39 @@ impl Registry {
             self.controlnets.retain(|e| e.id != entry.id);
             self.add_controlnet(entry)?;
         }
+        for entry in other.ip_adapters {
+            self.ip_adapters.retain(|e| e.id != entry.id);
+            self.add_ip_adapter(entry)?;
+        }
         Ok(())
+    }
+
+    /// Adds an IP-Adapter entry; its id and aliases must not collide with known IP-Adapter names.
+    pub fn add_ip_adapter(&mut self, entry: IpAdapterEntry) -> Result<()> {
+        check_names(&self.ip_adapters, &entry)?;
+        self.ip_adapters.push(entry);
+        Ok(())
+    }
+
+    /// The registered IP-Adapters, in file order.
+    pub fn ip_adapters(&self) -> impl Iterator<Item = &IpAdapterEntry> {
+        self.ip_adapters.iter()
+    }
+
+    /// The IP-Adapter whose id or alias is exactly `name`.
+    pub fn ip_adapter(&self, name: &str) -> Option<&IpAdapterEntry> {
+        find(&self.ip_adapters, name)
+    }
+
+    /// Looks up a registered IP-Adapter id or alias (never a path); an unknown name is an
+    /// invalid request listing the known IP-Adapters.
+    pub fn resolve_ip_adapter(&self, name: &str) -> Result<IpAdapterEntry> {
+        resolve(&self.ip_adapters, name)
     }
 
     /// Adds an embedding entry; its id and aliases must not collide with known embedding names.
     pub fn add_embedding(&mut self, entry: EmbeddingEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "embedding `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.embedding(name) {
-                return Err(Error::model(format!(
-                    "embedding name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.embeddings, &entry)?;
         self.embeddings.push(entry);
         Ok(())
     }
@@ -1015,46 +1183,18 @@ impl Registry {
 
     /// The embedding whose id or alias is exactly `name`.
     pub fn embedding(&self, name: &str) -> Option<&EmbeddingEntry> {
-        self.embeddings.iter().find(|e| e.id == name).or_else(|| {
-            self.embeddings
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.embeddings, name)
     }
 
     /// Looks up a registered embedding id or alias (never a path); an unknown name is an invalid
     /// request listing the known embeddings.
     pub fn resolve_embedding(&self, name: &str) -> Result<EmbeddingEntry> {
-        self.embedding(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.embeddings.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown embedding `{name}` (ids are case-sensitive). Known embeddings: {known}"
-            ))
-        })
+        resolve(&self.embeddings, name)
     }
 
     /// Adds a ControlNet entry; its id and aliases must not collide with known ControlNet names.
     pub fn add_controlnet(&mut self, entry: ControlNetEntry) -> Result<()> {
-        let mut seen = HashSet::new();
-        for name in std::iter::once(&entry.id).chain(&entry.aliases) {
-            if !seen.insert(name.as_str()) {
-                return Err(Error::model(format!(
-                    "controlnet `{}` lists the name `{name}` twice",
-                    entry.id
-                )));
-            }
-            if let Some(other) = self.controlnet(name) {
-                return Err(Error::model(format!(
-                    "controlnet name `{name}` is used by both `{}` and `{}`",
-                    other.id, entry.id
-                )));
-            }
-        }
+        check_names(&self.controlnets, &entry)?;
         self.controlnets.push(entry);
         Ok(())
     }
@@ -1065,27 +1205,13 @@ impl Registry {
 
     /// The ControlNet whose id or alias is exactly `name`.
     pub fn controlnet(&self, name: &str) -> Option<&ControlNetEntry> {
-        self.controlnets.iter().find(|e| e.id == name).or_else(|| {
-            self.controlnets
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.controlnets, name)
     }
 
     /// Looks up a registered ControlNet id or alias (never a path); an unknown name is an
     /// invalid request listing the known ControlNets.
     pub fn resolve_controlnet(&self, name: &str) -> Result<ControlNetEntry> {
-        self.controlnet(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.controlnets.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown ControlNet `{name}` (ids are case-sensitive). Known ControlNets: {known}"
-            ))
-        })
+        resolve(&self.controlnets, name)
     }
 
     /// The ControlNet for `family` that reads `preprocessor` images (the first registered), for
@@ -1102,27 +1228,13 @@ impl Registry {
 
     /// The LoRA whose id or alias is exactly `name`.
     pub fn lora(&self, name: &str) -> Option<&LoraEntry> {
-        self.loras.iter().find(|e| e.id == name).or_else(|| {
-            self.loras
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.loras, name)
     }
 
     /// Looks up a registered LoRA id or alias (never a path); an unknown name is an invalid
     /// request listing the known LoRAs.
     pub fn resolve_lora(&self, name: &str) -> Result<LoraEntry> {
-        self.lora(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.loras.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown LoRA `{name}` (ids are case-sensitive). Known LoRAs: {known}"
-            ))
-        })
+        resolve(&self.loras, name)
     }
 
     /// The LoRA marked `lcm` for `family`, which the LCM sampling mode merges.
@@ -1136,27 +1248,13 @@ impl Registry {
 
     /// The VAE whose id or alias is exactly `name`.
     pub fn vae(&self, name: &str) -> Option<&VaeEntry> {
-        self.vaes.iter().find(|e| e.id == name).or_else(|| {
-            self.vaes
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.vaes, name)
     }
 
     /// Looks up a registered VAE id or alias (never a path); an unknown name is an invalid
     /// request listing the known VAEs.
     pub fn resolve_vae(&self, name: &str) -> Result<VaeEntry> {
-        self.vae(name).cloned().ok_or_else(|| {
-            let known: Vec<&str> = self.vaes.iter().map(|e| e.id.as_str()).collect();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            Error::invalid(format!(
-                "unknown VAE `{name}` (ids are case-sensitive). Known VAEs: {known}"
-            ))
-        })
+        resolve(&self.vaes, name)
     }
 
     pub fn models(&self) -> impl Iterator<Item = &ModelEntry> {
@@ -1165,11 +1263,7 @@ impl Registry {
 
     /// The entry whose id or alias is exactly `name`.
     pub fn get(&self, name: &str) -> Option<&ModelEntry> {
-        self.entries.iter().find(|e| e.id == name).or_else(|| {
-            self.entries
-                .iter()
-                .find(|e| e.aliases.iter().any(|a| a == name))
-        })
+        find(&self.entries, name)
     }
 
     /// Looks up a registered id or alias only (for request handlers: no file paths).
@@ -1683,6 +1777,34 @@ mod tests {
         assert!(e.contains("exactly one source"), "{e}");
         let t = "[[model]]\nid = \"x\"\n";
         assert!(Registry::from_toml_str(t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn ip_adapter_entries() {
+        let t = "[[ip_adapter]]\nid = \"ip\"\naliases = [\"runware:55@5\"]\nfamily = \"sd1\"\n\
+                 file = \"a/ip.safetensors\"\nimage_encoder = \"a/enc\"\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let e = reg.resolve_ip_adapter("runware:55@5").unwrap();
+        assert_eq!(e.id, "ip");
+        assert_eq!(
+            e.source,
+            LoraSource::File(PathBuf::from("/m/a/ip.safetensors"))
+        );
+        assert_eq!(e.image_encoder, LoraSource::File(PathBuf::from("/m/a/enc")));
+        let err = reg.resolve_ip_adapter("nope").unwrap_err().to_string();
+        assert!(err.contains("Known IP-Adapters: ip"), "{err}");
+        let hub = "[[ip_adapter]]\nid = \"h\"\nfamily = \"sdxl\"\nhf = \"h94/IP-Adapter\"\n\
+                   file = \"sdxl_models/ip-adapter_sdxl.safetensors\"\n\
+                   image_encoder = \"sdxl_models/image_encoder\"\n";
+        let reg = Registry::from_toml_str(hub, Path::new("/m")).unwrap();
+        let e = reg.resolve_ip_adapter("h").unwrap();
+        assert!(
+            matches!(e.image_encoder, LoraSource::Hub { ref file, .. } if file == "sdxl_models/image_encoder")
+        );
+        let pickle = t.replace("ip.safetensors", "ip.bin");
+        assert!(Registry::from_toml_str(&pickle, Path::new("/m")).is_err());
+        let twice = format!("{t}{t}");
+        assert!(Registry::from_toml_str(&twice, Path::new("/m")).is_err());
     }
 
     #[test]

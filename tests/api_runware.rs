@@ -733,7 +733,7 @@ async fn http_limits_and_unsupported_parameters_are_refused_per_task() {
         ),
         (
             json!({"ipAdapters": [{"model": "runware:55@1"}]}),
-            "unsupportedParameter",
+            "invalidIpAdapters",
             "ipAdapters",
         ),
         (json!({"vae": "civitai:1@2"}), "invalidVae", "vae"),

@@ -35,10 +35,13 @@ use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
 use crate::models::controlnet::ControlNetModel;
+use crate::models::ip_adapter::IpAdapterModel;
 use crate::pipeline::{
     images, request, Canvas, GenerationRequest, PromptEmbedding, StableDiffusion, Vae,
 };
-use crate::registry::{ControlNetEntry, EmbeddingEntry, LoraEntry, ModelEntry, Registry, VaeEntry};
+use crate::registry::{
+    ControlNetEntry, EmbeddingEntry, IpAdapterEntry, LoraEntry, ModelEntry, Registry, VaeEntry,
+};
 use crate::weights::embeddings::TextualInversion;
 use crate::weights::lora::{merge_loras, Lora, MergedLoras};
 use crate::weights::{Family, PipelineFiles};
@@ -297,6 +300,7 @@ impl Engine {
             .and_then(|()| self.check_vae_and_lcm(&job))
             .and_then(|()| self.check_embeddings(&job))
             .and_then(|()| self.check_controlnets(&job))
+            .and_then(|()| self.check_ip_adapters(&job))
             .and_then(|()| self.check_refiner(&job))
         {
             self.shared.queue.count_invalid();
@@ -378,6 +382,19 @@ impl Engine {
             let entry = self.registry.resolve_controlnet(&unit.model)?;
             if let Some(family) = family {
                 check_controlnet_family(&entry, &job.model, family)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every IP-Adapter of the job is registered and, where the model's family is declared,
+    /// fits it.
+    fn check_ip_adapters(&self, job: &Job) -> Result<()> {
+        let family = self.registry.get(&job.model).and_then(|e| e.family);
+        for unit in &job.request.ip_adapters {
+            let entry = self.registry.resolve_ip_adapter(&unit.model)?;
+            if let Some(family) = family {
+                check_ip_adapter_family(&entry, &job.model, family)?;
             }
         }
         Ok(())
@@ -483,6 +500,7 @@ fn run_worker(
     let mut vaes = Recent::new(VAES_KEPT);
     let mut embedding_files = Recent::new(EMBEDDING_FILES_KEPT);
     let mut controlnets = ControlNets::new(CONTROLNETS_KEPT);
+    let mut ip_adapters = Recent::new(IP_ADAPTERS_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
         let loras = job
@@ -544,11 +562,26 @@ fn run_worker(
                 controlnets.get(&net, device, dtype)
             })
             .collect::<Result<Vec<_>>>()?;
+        let adapters = job
+            .request
+            .ip_adapters
+            .iter()
+            .map(|unit| {
+                let found = registry.resolve_ip_adapter(&unit.model)?;
+                check_ip_adapter_family(&found, &entry.id, family)?;
+                ip_adapters.get_or_load(&found.id, || {
+                    let (file, encoder) = found.local_paths()?;
+                    let adapter = IpAdapterModel::load(&file, &encoder, device, dtype)?;
+                    tracing::info!(ip_adapter = found.id, "IP-Adapter loaded");
+                    Ok(adapter)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let Some(refiner) = &job.request.refiner else {
-            return run_job(&model.model, &nets, job, &shared.abort);
+            return run_job(&model.model, &nets, &adapters, job, &shared.abort);
         };
         // The base's share stops where the refiner starts (it refuses non-SDXL models).
-        let latents = denoise_job(&model.model, &nets, job, &shared.abort, None)?;
+        let latents = denoise_job(&model.model, &nets, &adapters, job, &shared.abort, None)?;
         let refiner_entry = registry.resolve_id(&refiner.model)?;
         // The refiner runs without LoRAs (an SDXL base used as refiner may have some merged),
         // embeddings or ControlNets, and decodes with its own VAE, or the request's when it
@@ -566,7 +599,7 @@ fn run_worker(
         )?;
         refiner.model.set_embeddings(&[])?;
         refiner.model.set_vae(vae.as_deref())?;
-        let latents = denoise_job(&refiner.model, &[], job, &shared.abort, Some(&latents))?;
+        let latents = denoise_job(&refiner.model, &[], &[], job, &shared.abort, Some(&latents))?;
         send_images(&refiner.model, &latents, job, &shared.abort)
     });
 }
@@ -619,6 +652,19 @@ fn ready_model<'c>(
 
 /// ControlNets a worker keeps loaded, so a run of jobs with the same control loads it once.
 const CONTROLNETS_KEPT: usize = 4;
+/// IP-Adapters (with their image encoders) a worker keeps loaded.
+const IP_ADAPTERS_KEPT: usize = 2;
+
+/// An IP-Adapter trained with one family asked of a model of another is the client's mistake.
+fn check_ip_adapter_family(adapter: &IpAdapterEntry, model: &str, family: Family) -> Result<()> {
+    if adapter.family == family {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "IP-Adapter `{}` is for {} models, but model `{model}` is {family}",
+        adapter.id, adapter.family
+    )))
+}
 
 /// A ControlNet trained with one family asked of a model of another is the client's mistake.
 fn check_controlnet_family(net: &ControlNetEntry, model: &str, family: Family) -> Result<()> {
@@ -880,10 +926,11 @@ fn cached_model<'c>(
 fn run_job(
     model: &StableDiffusion,
     controlnets: &[Arc<ControlNetModel>],
+    ip_adapters: &[Arc<IpAdapterModel>],
     job: &QueuedJob,
     abort: &AtomicBool,
 ) -> Result<()> {
-    let latents = denoise_job(model, controlnets, job, abort, None)?;
+    let latents = denoise_job(model, controlnets, ip_adapters, job, abort, None)?;
     send_images(model, &latents, job, abort)
 }
 
@@ -893,6 +940,7 @@ fn run_job(
 fn denoise_job(
     model: &StableDiffusion,
     controlnets: &[Arc<ControlNetModel>],
+    ip_adapters: &[Arc<IpAdapterModel>],
     job: &QueuedJob,
     abort: &AtomicBool,
     refine_from: Option<&candle_core::Tensor>,
@@ -911,7 +959,8 @@ fn denoise_job(
     match refine_from {
         None => {
             let nets: Vec<&ControlNetModel> = controlnets.iter().map(Arc::as_ref).collect();
-            model.denoise_latents_controlled(&job.request, &nets, &mut progress)
+            let adapters: Vec<&IpAdapterModel> = ip_adapters.iter().map(Arc::as_ref).collect();
+            model.denoise_latents_adapted(&job.request, &nets, &adapters, &mut progress)
         }
         Some(latents) => model.refine_latents(&job.request, latents, &mut progress),
     }

@@ -95,7 +95,7 @@ impl ClipTextConfig {
 
 /// The MLP non-linearities CLIP checkpoints use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
+pub(super) enum Activation {
     /// `x * sigmoid(1.702 x)`: OpenAI CLIP.
     QuickGelu,
     /// Exact (erf) GELU: OpenCLIP.
@@ -105,7 +105,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str) -> Result<Self> {
+    pub(super) fn parse(name: &str) -> Result<Self> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
@@ -129,14 +129,14 @@ impl Activation {
 /// Layer normalisation computed in f32 whatever the storage dtype (as torch does for half
 /// types), with the two-pass variance so large residual-stream values do not cancel.
 #[derive(Debug, Clone)]
-struct LayerNorm {
+pub(super) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl LayerNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(size, "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(size, "bias")?.to_dtype(DType::F32)?;
         Ok(Self { weight, bias, eps })
@@ -158,7 +158,7 @@ impl Module for LayerNorm {
     }
 }
 
-/// Multi-head self-attention with a causal mask.
+/// Multi-head self-attention, with a causal mask in the text encoder.
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -185,8 +185,9 @@ impl Attention {
         })
     }
 
-    /// `causal_mask`: [S, S] f32, 0 on and below the diagonal, -inf above.
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `mask`: [S, S] f32 added to the scores (the text encoder's causal mask: 0 on and below
+    /// the diagonal, -inf above); None for the vision encoder, whose tokens all see each other.
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
         // The attention itself runs in f32, as torch's fused attention kernels accumulate: at 77
         // tokens it costs nothing, and half-precision scores and weights would lose the small
@@ -198,7 +199,7 @@ impl Attention {
             &split_heads(self.v_proj.forward(xs)?)?,
             self.scale,
             AttentionPrecision::Full,
-            Some(causal_mask),
+            mask,
         )?
         .reshape((b, s, h))?;
         self.out_proj.forward(&out)
@@ -231,7 +232,7 @@ impl Module for Mlp {
 
 /// Pre-norm transformer block: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(super) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -239,7 +240,11 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, activation: Activation, vb: VarBuilder) -> Result<Self> {
+    pub(super) fn new(
+        cfg: &ClipTextConfig,
+        activation: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self {
             layer_norm1: LayerNorm::new(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
@@ -248,10 +253,14 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let attn = self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, causal_mask)?;
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
         let xs = (xs + attn)?;
         let mlp = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
         xs + mlp
@@ -472,7 +481,7 @@ impl ClipTextModel {
 
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         for layer in &self.layers {
-            let next = layer.forward(&xs, &causal_mask)?;
+            let next = layer.forward(&xs, Some(&causal_mask))?;
             hidden_states.push(xs);
             xs = next;
         }

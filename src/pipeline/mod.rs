@@ -5,6 +5,7 @@ pub mod conditioning;
 pub mod controlnet;
 pub mod images;
 pub mod inpaint;
+pub mod ip_adapter;
 pub mod noise;
 pub mod prompt;
 pub mod request;
@@ -15,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::controlnet::ControlNetModel;
+use crate::models::ip_adapter::IpAdapterModel;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, AutoencoderKlConfig};
 use crate::schedulers::{self, Scheduler, SchedulerConfig, SchedulerSpec};
@@ -24,6 +26,7 @@ use crate::{Error, Result};
 use conditioning::{PromptEmbeddings, TextEncoder};
 pub use controlnet::{ControlMode, ControlNetUnit};
 pub use inpaint::{Canvas, MaskImage, Outpaint};
+pub use ip_adapter::IpAdapterUnit;
 use noise::BatchNoise;
 use prompt::ClipTokenizer;
 pub use request::{GenerationRequest, InitImage, Refiner};
@@ -460,12 +463,24 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<GenerationOutput> {
+        self.generate_adapted(req, controlnets, &[], progress)
+    }
+
+    /// [`Self::generate_controlled`] with the loaded IP-Adapters of `req.ip_adapters`, in the
+    /// same order.
+    pub fn generate_adapted(
+        &self,
+        req: &GenerationRequest,
+        controlnets: &[&ControlNetModel],
+        ip_adapters: &[&IpAdapterModel],
+        progress: Progress,
+    ) -> Result<GenerationOutput> {
         if req.refiner.is_some() {
             return Err(Error::invalid(
                 "a request with a refiner runs through `generate_refined`, with the refiner model",
             ));
         }
-        let latents = self.denoise_latents_controlled(req, controlnets, progress)?;
+        let latents = self.denoise_latents_adapted(req, controlnets, ip_adapters, progress)?;
         let mut images = self.decode(&latents)?;
         if let Some(canvas) = inpaint::Canvas::for_request(req)?.filter(|c| c.pastes_back()) {
             let finished: Vec<_> = images::unit_to_rgb(&images)?
@@ -493,8 +508,21 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
+        self.denoise_latents_adapted(req, controlnets, &[], progress)
+    }
+
+    /// [`Self::denoise_latents_controlled`] with the loaded IP-Adapters of `req.ip_adapters`.
+    pub fn denoise_latents_adapted(
+        &self,
+        req: &GenerationRequest,
+        controlnets: &[&ControlNetModel],
+        ip_adapters: &[&IpAdapterModel],
+        progress: Progress,
+    ) -> Result<Tensor> {
+        // Before the scheduler is built, so that a bad field is refused by its name.
+        req.validate()?;
         let scheduler = self.scheduler_for(req)?;
-        self.denoise(req, scheduler, controlnets, None, progress)
+        self.denoise(req, scheduler, controlnets, ip_adapters, None, progress)
     }
 
     /// The request's scheduler (or the model's own) for `req.steps` steps.
@@ -542,7 +570,7 @@ impl StableDiffusion {
             )));
         }
         let scheduler = self.scheduler_for(req)?;
-        self.denoise(req, scheduler, &[], Some(latents), progress)
+        self.denoise(req, scheduler, &[], &[], Some(latents), progress)
     }
 
     /// A request with a refiner, start to finish: this (SDXL base) model denoises up to the
@@ -585,7 +613,7 @@ impl StableDiffusion {
         controlnets: &[&ControlNetModel],
         progress: Progress,
     ) -> Result<Tensor> {
-        self.denoise(req, scheduler, controlnets, None, progress)
+        self.denoise(req, scheduler, controlnets, &[], None, progress)
     }
 
     /// The denoising loop. `refine_from`: this model is the refiner, continuing from these
@@ -595,6 +623,7 @@ impl StableDiffusion {
         req: &GenerationRequest,
         mut scheduler: Box<dyn Scheduler>,
         controlnets: &[&ControlNetModel],
+        ip_adapters: &[&IpAdapterModel],
         refine_from: Option<&Tensor>,
         progress: Progress,
     ) -> Result<Tensor> {
@@ -627,6 +656,17 @@ impl StableDiffusion {
         // diffusers turns guidance off at scale <= 1 (one UNet pass instead of two).
         let guided = req.guidance_scale > 1.0;
         let cond = self.conditioning(req, guided)?;
+        // The refiner's share runs without IP-Adapters too (they are made for the base UNet).
+        let image_prompt = match refine_from {
+            Some(_) => Vec::new(),
+            None => ip_adapter::prepare(
+                &req.ip_adapters,
+                ip_adapters,
+                &self.unet,
+                guided,
+                req.num_images,
+            )?,
+        };
 
         let seeds = req.seeds();
         let mut noise = BatchNoise::from_seeds(&seeds);
@@ -777,13 +817,14 @@ impl StableDiffusion {
             if let Some(extra) = &unet_extra {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
-            let prediction = self.unet.forward_with_residuals(
+            let prediction = self.unet.forward_with_image_prompt(
                 &model_input,
                 t,
                 &cond.hidden,
                 cond.added.as_ref(),
                 control.as_ref().map(|c| c.down.as_slice()),
                 control.as_ref().map(|c| &c.mid),
+                &image_prompt,
             )?;
             let prediction = if guided {
                 let n = req.num_images;

@@ -82,6 +82,9 @@ pub struct GenerationRequest {
     pub controlnets: Vec<ControlNetUnit>,
     /// An SDXL refiner for the last steps; `None`: the model denoises alone.
     pub refiner: Option<Refiner>,
+    /// IP-Adapter image prompts, their attentions added together (empty: none). The refiner's
+    /// share runs without them.
+    pub ip_adapters: Vec<super::ip_adapter::IpAdapterUnit>,
 }
 
 impl GenerationRequest {
@@ -109,6 +112,7 @@ impl GenerationRequest {
             embeddings: Vec::new(),
             controlnets: Vec::new(),
             refiner: None,
+            ip_adapters: Vec::new(),
         }
     }
 
@@ -197,6 +201,7 @@ impl GenerationRequest {
                  whole picture, not the zoomed crop",
             ));
         }
+        super::ip_adapter::check(&self.ip_adapters)?;
         if let Some(refiner) = &self.refiner {
             if !(refiner.start > 0.0 && refiner.start <= 1.0) {
                 return Err(Error::invalid(format!(

@@ -1,7 +1,7 @@
 //! Runware task arrays: `POST /v1` over HTTP and `GET /v1` upgraded to a WebSocket.
 //!
 //! A payload is a JSON array of task objects, each with a `taskType`: `authentication`, `ping`,
-//! `imageInference` (with `controlNet`), `imageUpload`, `getResponse` and
+//! `imageInference` (with `controlNet` and `ipAdapters`), `imageUpload`, `getResponse` and
 //! `imageControlNetPreProcess` (Canny) are served. Results are `data` items, one
 //! per image; failures are `errors` items naming the task (`taskType`, `taskUUID`), the
 //! parameter and the limit. `task` parses and validates, `run` executes (shared by both
@@ -11,6 +11,7 @@
 mod control;
 mod error;
 mod http;
+mod ip_adapter;
 mod run;
 mod session;
 mod task;

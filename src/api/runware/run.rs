@@ -24,7 +24,7 @@ use crate::api::media::{self, ImageFormat, ImageInput, MediaError};
 use crate::api::output::{JobError, JobErrorKind, OutputSpec, Produced, Running};
 use crate::api::AppState;
 use crate::pipeline::request::InitImage;
-use crate::pipeline::{ControlNetUnit, GenerationRequest, MaskImage, Outpaint};
+use crate::pipeline::{ControlNetUnit, GenerationRequest, IpAdapterUnit, MaskImage, Outpaint};
 use crate::store::{ImageId, JobRecord, JobStatus, StoreError};
 
 /// The dialect name of Runware job records.
@@ -179,6 +179,16 @@ impl Admitted {
                 start: spec.start,
                 end: spec.end,
                 mode: spec.mode,
+            });
+        }
+        for spec in &task.ip_adapters {
+            let image = load_image(state, "ipAdapters", &spec.guide_image)
+                .await?
+                .to_rgb8();
+            request.ip_adapters.push(IpAdapterUnit {
+                model: spec.model.clone(),
+                image,
+                weight: spec.weight,
             });
         }
         let cost = task.include_cost.then(|| {

@@ -136,6 +136,8 @@ pub struct InferenceTask {
     pub outpainting: Option<Outpaint>,
     /// `controlNet` items; their guide images are loaded when the task runs.
     pub controlnets: Vec<ControlNetSpec>,
+    /// `ipAdapters` items; their guide images are loaded when the task runs.
+    pub ip_adapters: Vec<super::ip_adapter::IpAdapterSpec>,
     pub output_types: Vec<OutputType>,
     pub output_format: ImageFormat,
     pub output_quality: u8,
@@ -270,6 +272,7 @@ const HANDLED: &[&str] = &[
     "vae",
     "embeddings",
     "controlNet",
+    "ipAdapters",
     "taskUUID",
     "positivePrompt",
     "negativePrompt",
@@ -302,7 +305,6 @@ const HANDLED: &[&str] = &[
 /// values (null, false, empty string, list or object) are accepted.
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("lycoris", "LyCORIS adapters"),
-    ("ipAdapters", "IP-Adapters"),
     ("usePromptWeighting", "prompt weighting syntax"),
     ("referenceImages", "reference images"),
     ("safety", "content safety checks"),
@@ -543,6 +545,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.prompt_weighting = prompt_weighting;
     request.embeddings = fields.embeddings(state, &model)?;
     let controlnets = control::parse_controlnets(fields.get("controlNet"), state, &model, steps)?;
+    let ip_adapters = super::ip_adapter::parse(fields.get("ipAdapters"), state, &model)?;
     request.refiner = fields.refiner(state, &model, steps)?;
     if request.refiner.is_some() && (mask_image.is_some() || outpainting.is_some()) {
         return Err(RunwareError::invalid(
@@ -561,6 +564,7 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
         mask_margin,
         outpainting,
         controlnets,
+        ip_adapters,
         output_types,
         output_format,
         output_quality,

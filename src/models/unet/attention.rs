@@ -50,7 +50,14 @@ impl Attention {
     }
 
     /// `x`: `[B, N, query_dim]`; `context`: `[B, M, context_dim]`, `x` itself when None.
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `images`: IP-Adapter keys and values, each attended to with the same queries and added,
+    /// scaled, to the text attention before the output projection (decoupled cross-attention).
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        images: &[ImageAttention],
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let (b, n, _) = x.dims3()?;
         let m = context.dim(1)?;
@@ -58,10 +65,38 @@ impl Attention {
         let q = split(self.to_q.forward(x)?, n)?;
         let k = split(self.to_k.forward(context)?, m)?;
         let v = split(self.to_v.forward(context)?, m)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, self.scale, self.precision, None)?
+        let mut out = scaled_dot_product_attention(&q, &k, &v, self.scale, self.precision, None)?
             .reshape((b, n, self.heads * self.head_dim))?;
+        for image in images {
+            let (kb, t, inner) = image.key.dims3()?;
+            if kb != b || inner != self.heads * self.head_dim {
+                return Err(Error::model(format!(
+                    "unet: image-prompt keys [{kb}, {t}, {inner}] for a batch of {b} with {} \
+                     attention channels",
+                    self.heads * self.head_dim
+                )));
+            }
+            let k = split(image.key.to_dtype(q.dtype())?, t)?;
+            let v = split(image.value.to_dtype(q.dtype())?, t)?;
+            let attended =
+                scaled_dot_product_attention(&q, &k, &v, self.scale, self.precision, None)?
+                    .reshape((b, n, self.heads * self.head_dim))?;
+            out = (out + (attended * image.scale)?)?;
+        }
         Ok(self.to_out.forward(&out)?)
     }
+}
+
+/// IP-Adapter keys and values for one cross-attention layer (Ye et al. 2023, "IP-Adapter: Text
+/// Compatible Image Prompt Adapter for Text-to-Image Diffusion Models"): the image tokens through
+/// the adapter's `to_k_ip` / `to_v_ip` of that layer, `[B, tokens, heads * head_dim]`, computed
+/// once per request since the image tokens do not change between steps.
+#[derive(Debug, Clone)]
+pub struct ImageAttention {
+    pub key: Tensor,
+    pub value: Tensor,
+    /// How much of the attention over the image is added to the text attention.
+    pub scale: f64,
 }
 
 /// GEGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"): a projection to twice
@@ -137,12 +172,15 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, context: &Tensor, images: &[ImageAttention]) -> Result<Tensor> {
         let attn1_context = self.only_cross_attention.then_some(context);
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, attn1_context)? + x)?;
+        let x = (self
+            .attn1
+            .forward(&self.norm1.forward(x)?, attn1_context, &[])?
+            + x)?;
         let x = (self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
+            .forward(&self.norm2.forward(&x)?, Some(context), images)?
             + x)?;
         Ok((self.ff.forward(&self.norm3.forward(&x)?)? + x)?)
     }
@@ -247,12 +285,31 @@ impl Transformer2DModel {
         })
     }
 
-    /// `x`: `[B, C, H, W]`; `context`: the text embeddings `[B, M, cross_attention_dim]`.
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Transformer blocks, each with one cross-attention layer.
+    pub(crate) fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// `x`: `[B, C, H, W]`; `context`: the text embeddings `[B, M, cross_attention_dim]`;
+    /// `images`: empty, or the IP-Adapter keys and values of each block's cross-attention.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        images: &[Vec<ImageAttention>],
+    ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        if !images.is_empty() && images.len() != self.blocks.len() {
+            return Err(Error::model(format!(
+                "unet: image-prompt keys for {} cross-attention layers, the transformer has {}",
+                images.len(),
+                self.blocks.len()
+            )));
+        }
         let mut tokens = self.proj_in.forward(&self.norm.forward(x)?)?;
-        for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let own = images.get(i).map_or(&[][..], Vec::as_slice);
+            tokens = block.forward(&tokens, context, own)?;
         }
         // W_out [C, inner] x tokens^T [B, inner, HW] lands in [B, C, HW], the feature-map layout,
         // without a transposing copy.

@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 
-use super::attention::{Transformer2DModel, TransformerSettings};
+use super::attention::{ImageAttention, Transformer2DModel, TransformerSettings};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use candle_nn::VarBuilder;
 
@@ -20,6 +20,24 @@ use crate::Result;
 pub(crate) struct CrossAttention {
     pub settings: TransformerSettings,
     pub layers_per_resnet: Vec<usize>,
+}
+
+/// The next `n` layers' image-prompt keys of `images` (nothing when there are none).
+pub(crate) fn take_images<'a>(
+    images: &mut &'a [Vec<ImageAttention>],
+    n: usize,
+) -> &'a [Vec<ImageAttention>] {
+    if images.is_empty() {
+        return &[];
+    }
+    let (own, rest) = images.split_at(n.min(images.len()));
+    *images = rest;
+    own
+}
+
+/// Cross-attention layers of `transformers`, for the IP-Adapter layer count.
+pub(crate) fn depth(transformers: &[Transformer2DModel]) -> usize {
+    transformers.iter().map(Transformer2DModel::depth).sum()
 }
 
 fn transformers(
@@ -79,19 +97,27 @@ impl DownBlock {
         })
     }
 
-    /// Appends each intermediate output (the skip connections) to `skips`.
+    /// Cross-attention layers of the block.
+    pub(crate) fn cross_attention_layers(&self) -> usize {
+        depth(&self.attentions)
+    }
+
+    /// Appends each intermediate output (the skip connections) to `skips`. `images`: empty, or
+    /// the IP-Adapter keys of each cross-attention layer of the block, in order.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb_act: &Tensor,
         context: &Tensor,
+        mut images: &[Vec<ImageAttention>],
         skips: &mut Vec<Tensor>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, temb_act)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                let own = take_images(&mut images, attention.depth());
+                h = attention.forward(&h, context, own)?;
             }
             skips.push(h.clone());
         }
@@ -134,15 +160,22 @@ impl MidBlock {
         Ok(Self { first, layers })
     }
 
+    /// Cross-attention layers of the block.
+    pub(crate) fn cross_attention_layers(&self) -> usize {
+        self.layers.iter().map(|(a, _)| a.depth()).sum()
+    }
+
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         temb_act: &Tensor,
         context: &Tensor,
+        mut images: &[Vec<ImageAttention>],
     ) -> Result<Tensor> {
         let mut h = self.first.forward(x, temb_act)?;
         for (attention, resnet) in &self.layers {
-            h = attention.forward(&h, context)?;
+            let own = take_images(&mut images, attention.depth());
+            h = attention.forward(&h, context, own)?;
             h = resnet.forward(&h, temb_act)?;
         }
         Ok(h)
@@ -205,6 +238,11 @@ impl UpBlock {
         self.resnets.len()
     }
 
+    /// Cross-attention layers of the block.
+    pub(crate) fn cross_attention_layers(&self) -> usize {
+        depth(&self.attentions)
+    }
+
     /// `skips`: this block's skip connections in the order the down path produced them (it
     /// consumes them last first). `upsample_to`: the resolution of the next block's skips.
     pub(crate) fn forward(
@@ -213,13 +251,15 @@ impl UpBlock {
         skips: &[Tensor],
         temb_act: &Tensor,
         context: &Tensor,
+        mut images: &[Vec<ImageAttention>],
         upsample_to: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             h = resnet.forward(&Tensor::cat(&[&h, skip], 1)?, temb_act)?;
             if let Some(attention) = self.attentions.get(i) {
-                h = attention.forward(&h, context)?;
+                let own = take_images(&mut images, attention.depth());
+                h = attention.forward(&h, context, own)?;
             }
         }
         if let Some(upsampler) = &self.upsampler {

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
+pub use attention::ImageAttention;
 use attention::TransformerSettings;
 use blocks::{CrossAttention, DownBlock, MidBlock, UpBlock};
 use embeddings::{SinusoidalEmbedding, TimestepEmbedding};
@@ -737,12 +738,91 @@ impl UNet2DConditionModel {
         down_residuals: Option<&[Tensor]>,
         mid_residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_with_image_prompt(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added,
+            down_residuals,
+            mid_residual,
+            &[],
+        )
+    }
+
+    /// Cross-attention layers of the model (the transformer blocks), which IP-Adapters extend.
+    pub fn cross_attention_layers(&self) -> usize {
+        self.down_blocks
+            .iter()
+            .map(DownBlock::cross_attention_layers)
+            .chain(self.up_blocks.iter().map(UpBlock::cross_attention_layers))
+            .sum::<usize>()
+            + self
+                .mid_block
+                .as_ref()
+                .map_or(0, MidBlock::cross_attention_layers)
+    }
+
+    /// The width of the text embeddings the model attends to.
+    pub fn cross_attention_dim(&self) -> usize {
+        self.cross_attention_dims.first().copied().unwrap_or(0)
+    }
+
+    /// [`Self::forward_with_residuals`] with IP-Adapter image prompts: `images` is empty, or
+    /// holds for every cross-attention layer ([`Self::cross_attention_layers`]) the keys and
+    /// values of each image prompt, in the order diffusers numbers attention processors (down
+    /// blocks, up blocks, then the middle block).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_image_prompt(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        down_residuals: Option<&[Tensor]>,
+        mid_residual: Option<&Tensor>,
+        images: &[Vec<ImageAttention>],
+    ) -> Result<Tensor> {
+        if !images.is_empty() && images.len() != self.cross_attention_layers() {
+            return Err(Error::model(format!(
+                "unet: image-prompt keys for {} cross-attention layers, the model has {}",
+                images.len(),
+                self.cross_attention_layers()
+            )));
+        }
+        // diffusers' processor order is down, up, middle; the forward pass runs down, middle, up.
+        let down_layers: usize = self
+            .down_blocks
+            .iter()
+            .map(DownBlock::cross_attention_layers)
+            .sum();
+        let up_layers: usize = self
+            .up_blocks
+            .iter()
+            .map(UpBlock::cross_attention_layers)
+            .sum();
+        let (down_images, up_images, mid_images) = if images.is_empty() {
+            (images, images, images)
+        } else {
+            (
+                &images[..down_layers],
+                &images[down_layers..down_layers + up_layers],
+                &images[down_layers + up_layers..],
+            )
+        };
         let Encoded {
             mut h,
             mut skips,
             temb_act,
             context,
-        } = self.encode(sample, timestep, encoder_hidden_states, added, None)?;
+        } = self.encode_with_images(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added,
+            None,
+            down_images,
+            mid_images,
+        )?;
         if let Some(residuals) = down_residuals {
             if residuals.len() != skips.len() {
                 return Err(Error::model(format!(
@@ -766,7 +846,9 @@ impl UNet2DConditionModel {
 
         // Up path: each block takes back as many skips as it has ResNet blocks, and upsamples
         // to the size of the skips the next block will take (odd sizes round up on the way down).
+        let mut up_images = up_images;
         for block in &self.up_blocks {
+            let own_images = blocks::take_images(&mut up_images, block.cross_attention_layers());
             let taken = skips
                 .len()
                 .checked_sub(block.num_resnets())
@@ -779,7 +861,7 @@ impl UNet2DConditionModel {
                 }
                 None => None,
             };
-            h = block.forward(&h, &own, &temb_act, &context, upsample_to)?;
+            h = block.forward(&h, &own, &temb_act, &context, own_images, upsample_to)?;
         }
 
         let h = self.resnet_act.apply(&conv_norm_out.forward(&h)?)?;
@@ -796,6 +878,30 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         added: Option<&AddedConditions>,
         conditioning: Option<&Tensor>,
+    ) -> Result<Encoded> {
+        self.encode_with_images(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added,
+            conditioning,
+            &[],
+            &[],
+        )
+    }
+
+    /// [`Self::encode`] with the IP-Adapter keys of the down blocks' and the middle block's
+    /// cross-attention layers (each empty, or one entry per layer).
+    #[allow(clippy::too_many_arguments)]
+    fn encode_with_images(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedConditions>,
+        conditioning: Option<&Tensor>,
+        mut down_images: &[Vec<ImageAttention>],
+        mid_images: &[Vec<ImageAttention>],
     ) -> Result<Encoded> {
         let (batch, channels, _, _) = sample.dims4()?;
         if channels != self.in_channels {
@@ -839,10 +945,11 @@ impl UNet2DConditionModel {
         }
         let mut skips = vec![h.clone()];
         for block in &self.down_blocks {
-            h = block.forward(&h, &temb_act, &context, &mut skips)?;
+            let own = blocks::take_images(&mut down_images, block.cross_attention_layers());
+            h = block.forward(&h, &temb_act, &context, own, &mut skips)?;
         }
         if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &temb_act, &context)?;
+            h = mid.forward(&h, &temb_act, &context, mid_images)?;
         }
         Ok(Encoded {
             h,
