@@ -499,7 +499,7 @@ fn run_worker(
     let mut lora_files = Recent::new(LORA_FILES_KEPT);
     let mut vaes = Recent::new(VAES_KEPT);
     let mut embedding_files = Recent::new(EMBEDDING_FILES_KEPT);
-    let mut controlnets = ControlNets::new(CONTROLNETS_KEPT);
+    let mut controlnets = Recent::new(CONTROLNETS_KEPT);
     let mut ip_adapters = Recent::new(IP_ADAPTERS_KEPT);
     worker_loop(shared, |job| {
         let entry = registry.resolve_id(&job.model)?;
@@ -559,7 +559,11 @@ fn run_worker(
             .map(|unit| {
                 let net = registry.resolve_controlnet(&unit.model)?;
                 check_controlnet_family(&net, &entry.id, family)?;
-                controlnets.get(&net, device, dtype)
+                controlnets.get_or_load(&net.id, || {
+                    let loaded = ControlNetModel::load_entry(&net, device, dtype)?;
+                    tracing::info!(controlnet = net.id, "ControlNet loaded");
+                    Ok(loaded)
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let adapters = job
@@ -677,43 +681,6 @@ fn check_controlnet_family(net: &ControlNetEntry, model: &str, family: Family) -
     )))
 }
 
-/// Loaded ControlNets by registry id, the least recently used dropped beyond `capacity`.
-struct ControlNets {
-    capacity: usize,
-    /// Oldest first.
-    entries: Vec<(String, Arc<ControlNetModel>)>,
-}
-
-impl ControlNets {
-    fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            entries: Vec::new(),
-        }
-    }
-
-    fn get(
-        &mut self,
-        entry: &ControlNetEntry,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Arc<ControlNetModel>> {
-        if let Some(at) = self.entries.iter().position(|(id, _)| *id == entry.id) {
-            let hit = self.entries.remove(at);
-            let net = hit.1.clone();
-            self.entries.push(hit);
-            return Ok(net);
-        }
-        let net = Arc::new(ControlNetModel::load_entry(entry, device, dtype)?);
-        tracing::info!(controlnet = entry.id, "ControlNet loaded");
-        if self.entries.len() >= self.capacity.max(1) {
-            self.entries.remove(0);
-        }
-        self.entries.push((entry.id.clone(), net.clone()));
-        Ok(net)
-    }
-}
-
 /// LoRA files a worker keeps parsed, so switching back to a recent LoRA reads no file.
 const LORA_FILES_KEPT: usize = 16;
 /// Embedding files a worker keeps parsed (a few kilobytes each).
@@ -829,8 +796,8 @@ impl LoadedModel {
     }
 }
 
-/// Loaded things (parsed LoRA files, VAEs) by registry id, the least recently used dropped
-/// beyond `capacity`.
+/// Loaded things (parsed LoRA and embedding files, VAEs, ControlNets, IP-Adapters) by registry
+/// id, the least recently used dropped beyond `capacity`.
 struct Recent<T> {
     capacity: usize,
     /// Oldest first.
