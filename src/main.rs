@@ -252,27 +252,12 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
                 }
             },
         };
-        let aliases = if entry.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("\taliases: {}", entry.aliases.join(", "))
-        };
+        let aliases = aliases_column(&entry.aliases);
         println!("{}\t{family}\t{source}{aliases}", entry.id);
     }
     for embedding in registry.embeddings() {
-        let source = match &embedding.source {
-            LoraSource::File(path) => path.display().to_string(),
-            LoraSource::Hub {
-                repo,
-                revision,
-                file,
-            } => format!("hf:{repo}@{revision}/{file}"),
-        };
-        let aliases = if embedding.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("\taliases: {}", embedding.aliases.join(", "))
-        };
+        let source = file_source(&embedding.source);
+        let aliases = aliases_column(&embedding.aliases);
         let negative = if embedding.negative {
             " (negative)"
         } else {
@@ -284,19 +269,8 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
         );
     }
     for lora in registry.loras() {
-        let source = match &lora.source {
-            LoraSource::File(path) => path.display().to_string(),
-            LoraSource::Hub {
-                repo,
-                revision,
-                file,
-            } => format!("hf:{repo}@{revision}/{file}"),
-        };
-        let aliases = if lora.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("\taliases: {}", lora.aliases.join(", "))
-        };
+        let source = file_source(&lora.source);
+        let aliases = aliases_column(&lora.aliases);
         println!(
             "{}\tlora {}\t{source}\tweight {}{aliases}",
             lora.id, lora.family, lora.default_weight
@@ -313,11 +287,7 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
                 }
             },
         };
-        let aliases = if vae.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("\taliases: {}", vae.aliases.join(", "))
-        };
+        let aliases = aliases_column(&vae.aliases);
         println!("{}\tvae {}\t{source}{aliases}", vae.id, vae.family);
     }
     for net in registry.controlnets() {
@@ -326,11 +296,7 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
             ControlNetSource::Hub { repo, revision } => format!("hf:{repo}@{revision}"),
             ControlNetSource::File { path, .. } => path.display().to_string(),
         };
-        let aliases = if net.aliases.is_empty() {
-            String::new()
-        } else {
-            format!("\taliases: {}", net.aliases.join(", "))
-        };
+        let aliases = aliases_column(&net.aliases);
         let preprocessor = net.preprocessor.as_deref().unwrap_or("-");
         println!(
             "{}\tcontrolnet {}\t{source}\tpreprocessor {preprocessor}{aliases}",
@@ -568,4 +534,25 @@ fn output_path(base: &Path, index: usize, count: usize) -> PathBuf {
     let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
     let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("png");
     base.with_file_name(format!("{stem}-{index}.{ext}"))
+}
+
+/// The aliases column of `sd-serve models` (empty when there are none).
+fn aliases_column(aliases: &[String]) -> String {
+    if aliases.is_empty() {
+        String::new()
+    } else {
+        format!("\taliases: {}", aliases.join(", "))
+    }
+}
+
+/// Where a LoRA or embedding file is, as `sd-serve models` prints it.
+fn file_source(source: &LoraSource) -> String {
+    match source {
+        LoraSource::File(path) => path.display().to_string(),
+        LoraSource::Hub {
+            repo,
+            revision,
+            file,
+        } => format!("hf:{repo}@{revision}/{file}"),
+    }
 }

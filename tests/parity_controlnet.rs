@@ -12,14 +12,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::models::controlnet::ControlNetModel;
-use sd_serve::pipeline::{
-    ControlMode, ControlNetUnit, GenerationRequest, MaskImage, StableDiffusion,
-};
+use sd_serve::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, MaskImage};
 use sd_serve::weights::{load_controlnet_file, WeightStore};
 
 use common::{
     fixtures, golden_request, load_goldens, manifest, max_abs_diff, max_abs_store_diff, pipeline,
-    registry, scratch,
+    registry, scratch, Pipelines,
 };
 
 /// Same bounds as the txt2img parity (`parity_pipeline.rs`, `parity_inpaint.rs`): 3 steps of a
@@ -70,6 +68,14 @@ fn request_for(case: &serde_json::Value) -> GenerationRequest {
     req
 }
 
+/// The ControlNets of the request's units, in order.
+fn load_controlnets(req: &GenerationRequest) -> Vec<ControlNetModel> {
+    req.controlnets
+        .iter()
+        .map(|u| load_controlnet(&u.model))
+        .collect()
+}
+
 #[test]
 fn controlnet_pipelines_match_diffusers() {
     let manifest = manifest();
@@ -78,21 +84,14 @@ fn controlnet_pipelines_match_diffusers() {
         .expect("controlnet cases");
     assert!(cases.len() >= 4, "expected the golden ControlNet cases");
     let mut report = Vec::new();
-    let mut pipelines: Vec<(String, StableDiffusion)> = Vec::new();
+    let mut pipelines = Pipelines::default();
     for case in cases {
         let name = case["name"].as_str().expect("name");
         let model = case["model"].as_str().expect("model");
-        if !pipelines.iter().any(|(m, _)| m == model) {
-            pipelines.push((model.to_string(), pipeline(model)));
-        }
-        let sd = &pipelines.iter().find(|(m, _)| m == model).unwrap().1;
+        let sd = pipelines.get(model);
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let req = request_for(case);
-        let nets: Vec<ControlNetModel> = req
-            .controlnets
-            .iter()
-            .map(|u| load_controlnet(&u.model))
-            .collect();
+        let nets = load_controlnets(&req);
         let net_refs: Vec<&ControlNetModel> = nets.iter().collect();
         let latents = sd
             .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)
@@ -208,22 +207,15 @@ fn controlnet_inpainting_matches_diffusers() {
         .expect("ControlNet inpainting cases");
     assert!(cases.len() >= 3, "expected the golden cases");
     let mut report = Vec::new();
-    let mut pipelines: Vec<(String, StableDiffusion)> = Vec::new();
+    let mut pipelines = Pipelines::default();
     for case in cases {
         let name = case["name"].as_str().expect("name");
         let model = case["model"].as_str().expect("model");
-        if !pipelines.iter().any(|(m, _)| m == model) {
-            pipelines.push((model.to_string(), pipeline(model)));
-        }
-        let sd = &pipelines.iter().find(|(m, _)| m == model).unwrap().1;
+        let sd = pipelines.get(model);
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let req = inpaint_request_for(case);
         assert!(req.init_image.is_some() && req.mask.is_some(), "{name}");
-        let nets: Vec<ControlNetModel> = req
-            .controlnets
-            .iter()
-            .map(|u| load_controlnet(&u.model))
-            .collect();
+        let nets = load_controlnets(&req);
         let net_refs: Vec<&ControlNetModel> = nets.iter().collect();
         let latents = sd
             .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)

@@ -8,9 +8,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::models::ip_adapter::{preprocess, ClipVisionModel, IpAdapterModel};
-use sd_serve::pipeline::{GenerationRequest, IpAdapterUnit, StableDiffusion};
+use sd_serve::pipeline::{GenerationRequest, IpAdapterUnit};
 
-use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline};
+use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline, Pipelines};
 
 /// Preprocessing: the fixed-point antialiased bicubic is reproduced exactly, so the 8-bit pixels
 /// agree; what is left is the f32 rounding of rescale and normalisation (a few 1e-7).
@@ -113,15 +113,12 @@ fn ip_adapter_pipelines_match_diffusers() {
         .as_array()
         .expect("ipadapter cases");
     assert_eq!(cases.len(), 3, "expected the golden IP-Adapter cases");
-    let mut pipelines: Vec<(String, StableDiffusion)> = Vec::new();
+    let mut pipelines = Pipelines::default();
     let mut report = Vec::new();
     for case in cases {
         let name = case["name"].as_str().expect("name");
         let model = case["model"].as_str().expect("model");
-        if !pipelines.iter().any(|(m, _)| m == model) {
-            pipelines.push((model.to_string(), pipeline(model)));
-        }
-        let sd = &pipelines.iter().find(|(m, _)| m == model).unwrap().1;
+        let sd = pipelines.get(model);
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let req = request_for(case);
         let adapter = load_adapter(&req.ip_adapters[0].model);

@@ -684,20 +684,7 @@ pub fn load_single_file_with_tokenizers(
             store.insert(name, tensor);
         }
     }
-    if !unknown.is_empty() {
-        tracing::debug!(
-            "{}: {} keys not used: {}{}",
-            path.display(),
-            unknown.len(),
-            unknown
-                .iter()
-                .take(20)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", "),
-            if unknown.len() > 20 { ", ..." } else { "" }
-        );
-    }
+    log_unused_keys(path, &unknown);
 
     let mut take = |t: Target| stores.remove(&t).unwrap_or_default();
     let unet = Component {
@@ -824,19 +811,7 @@ pub fn load_vae_file(
             path.display()
         )));
     }
-    if !unknown.is_empty() {
-        tracing::debug!(
-            "{}: {} keys not used: {}",
-            path.display(),
-            unknown.len(),
-            unknown
-                .iter()
-                .take(20)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    log_unused_keys(path, &unknown);
     Ok(Component { config, weights })
 }
 
@@ -953,20 +928,27 @@ pub fn load_controlnet_file(
             path.display()
         )));
     }
-    if !unknown.is_empty() {
-        tracing::debug!(
-            "{}: {} keys not used: {}",
-            path.display(),
-            unknown.len(),
-            unknown
-                .iter()
-                .take(20)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    log_unused_keys(path, &unknown);
     Ok(Component { config, weights })
+}
+
+/// Logs (at debug level) the keys of a checkpoint that no conversion used, the first 20 named.
+fn log_unused_keys(path: &Path, unknown: &[&str]) {
+    if unknown.is_empty() {
+        return;
+    }
+    let shown = unknown
+        .iter()
+        .take(20)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = if unknown.len() > 20 { ", ..." } else { "" };
+    tracing::debug!(
+        "{}: {} keys not used: {shown}{more}",
+        path.display(),
+        unknown.len()
+    );
 }
 
 /// Applies a conversion to a loaded tensor.

@@ -2,6 +2,7 @@
 //! comparisons, scratch folders and an offline environment.
 #![allow(dead_code)]
 
+pub mod runware;
 pub mod server;
 
 use std::collections::{BTreeSet, HashMap};
@@ -341,5 +342,19 @@ impl SdeNoise for StandInSdeNoise {
             })
             .collect();
         Ok(Tensor::from_vec(values, like.dims(), like.device())?)
+    }
+}
+
+/// Pipelines of the fixture registry loaded once per model id, for tests that run many golden
+/// cases over a few models.
+#[derive(Default)]
+pub struct Pipelines(Vec<(String, StableDiffusion)>);
+
+impl Pipelines {
+    pub fn get(&mut self, model: &str) -> &StableDiffusion {
+        if !self.0.iter().any(|(m, _)| m == model) {
+            self.0.push((model.to_string(), pipeline(model)));
+        }
+        &self.0.iter().find(|(m, _)| m == model).unwrap().1
     }
 }
