@@ -4,6 +4,17 @@
 
 pub mod canny;
 
+use image::RgbImage;
+
+/// A model-based preprocessor: a detection network (depth estimator, edge detector, pose
+/// network ...) with its public weights loaded, plus the reference pre- and post-processing
+/// around it. Each lives in its own module of this folder with a `load` constructor.
+pub trait Detector: Send + Sync {
+    /// Runs the detector on `image`. The result is an RGB control image of the same width and
+    /// height (the detector resizes to its working resolution and back as its reference does).
+    fn detect(&self, image: &RgbImage) -> crate::Result<RgbImage>;
+}
+
 /// The preprocessors sd-serve runs, by the names the dialects use.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Preprocessor {
