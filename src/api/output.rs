@@ -223,6 +223,30 @@ impl AppState {
         Ok(vae.id)
     }
 
+    /// The registry id of the IP-Adapter a client named for `model`: a registered id or alias
+    /// (never a path) of the model's family. Errors name `field`.
+    pub fn ip_adapter_for(
+        &self,
+        field: &str,
+        model: &ModelEntry,
+        name: &str,
+    ) -> Result<String, JobError> {
+        let entry = self
+            .registry()
+            .resolve_ip_adapter(name)
+            .map_err(|e| JobError::invalid(field, format!("`{field}`: {e}")))?;
+        if let Some(family) = model.family.filter(|f| *f != entry.family) {
+            return Err(JobError::invalid(
+                field,
+                format!(
+                    "`{field}`: IP-Adapter `{name}` is for {} models, but model `{}` is {family}",
+                    entry.family, model.id
+                ),
+            ));
+        }
+        Ok(entry.id)
+    }
+
     /// Resolves requested embeddings (registry id or alias, optional weight) for `model`: unknown
     /// ones and ones of another family are refused naming `field`; a missing weight is the
     /// embedding's `default_weight`.

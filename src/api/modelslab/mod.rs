@@ -30,6 +30,7 @@ use serde_json::{json, Map, Value};
 use super::media::{load_image, load_rgb, ImageInput};
 use super::output::{JobError, OutputSpec};
 use super::{params, AppState};
+use crate::pipeline::IpAdapterUnit;
 use crate::store::TEMP_LINK_TTL;
 use request::Endpoint;
 
@@ -207,12 +208,27 @@ async fn start(
         ),
         None => None,
     };
+    let ip_adapter = match parsed.ip_adapter.take() {
+        Some(spec) => {
+            let image = load_rgb(ImageInput::from_client_string(spec.image), state.media())
+                .await
+                .map_err(|e| {
+                    JobError::invalid("ip_adapter_image", format!("`ip_adapter_image`: {e}"))
+                })?;
+            Some(IpAdapterUnit {
+                weight: spec.scale,
+                ..IpAdapterUnit::new(spec.model, image)
+            })
+        }
+        None => None,
+    };
     let model = parsed.model.clone();
     let (temp, instant) = (parsed.temp, parsed.instant);
     let webhook = parsed.webhook.take();
     let track_id = parsed.track_id.take();
     let (mut generation, meta) = parsed.into_request(init, mask)?;
     generation.controlnets = control;
+    generation.ip_adapters.extend(ip_adapter);
     let output = OutputSpec {
         ttl: temp.then_some(TEMP_LINK_TTL),
         ..OutputSpec::default()

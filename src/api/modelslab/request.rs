@@ -16,6 +16,10 @@
 //! sent. `init_image` becomes an img2img start only when `strength` is given, or the picture to
 //! repaint when `mask_image` is given (ControlNet inpainting, as diffusers'
 //! `StableDiffusionControlNetInpaintPipeline`).
+//!
+//! Every generation endpoint takes an image prompt: `ip_adapter_id` (a registered IP-Adapter of
+//! the model's family, by id or alias), `ip_adapter_image` (the reference image, required with
+//! it) and `ip_adapter_scale` (0..1, default 1, diffusers' `set_ip_adapter_scale`).
 
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Map, Value};
@@ -40,6 +44,9 @@ pub const MAX_STEPS: i64 = 50;
 /// "Scale for classifier-free guidance (minimum: 1; maximum: 20)".
 pub const MIN_GUIDANCE: f64 = 1.0;
 pub const MAX_GUIDANCE: f64 = 20.0;
+/// `ip_adapter_scale`: range and default (diffusers' `set_ip_adapter_scale` default).
+pub const IP_ADAPTER_SCALE: (f64, f64) = (0.0, 1.0);
+pub const DEFAULT_IP_ADAPTER_SCALE: f64 = 1.0;
 /// "Strength values for LoRa models (comma-separated). Range: 0.1–1."
 pub const LORA_STRENGTH: (f64, f64) = (0.1, 1.0);
 /// "Clip skip value. Range: 1–8." Counted the way the hosted API's users count it: 1 uses the
@@ -99,6 +106,8 @@ pub struct Parsed {
     vae: Option<String>,
     /// The ControlNet endpoint's settings.
     pub control: Option<ControlSpec>,
+    /// `ip_adapter_id` with its image and scale.
+    pub ip_adapter: Option<IpAdapterSpec>,
     /// `strength` was sent (the ControlNet endpoint then runs img2img on `init_image`).
     pub strength_given: bool,
     /// The effective parameters, reported as `meta`.
@@ -134,6 +143,17 @@ impl ControlSpec {
         }
         Ok(units)
     }
+}
+
+/// `ip_adapter_id`, `ip_adapter_image`, `ip_adapter_scale`: one registered IP-Adapter of the
+/// model's family; the image is loaded by the handler.
+#[derive(Debug)]
+pub struct IpAdapterSpec {
+    /// The registry id of the IP-Adapter.
+    pub model: String,
+    /// `ip_adapter_image` as sent: a URL, base64 or a data URI.
+    pub image: String,
+    pub scale: f64,
 }
 
 /// Read access to the body's fields; an absent field reads as `null`.
@@ -191,8 +211,6 @@ fn yes_no(b: bool) -> &'static str {
 const NOT_SUPPORTED: &[(&str, &str)] = &[
     ("embeddings", "textual inversion embeddings"),
     ("embeddings_model", "textual inversion embeddings"),
-    ("ip_adapter_id", "IP-Adapter"),
-    ("ip_adapter_image", "IP-Adapter"),
 ];
 
 /// Yes/no options that change the image, refused when "yes".
@@ -221,6 +239,49 @@ const CONTROLNET_FIELDS: &[&str] = &[
     "auto_hint",
     "guess_mode",
 ];
+
+/// The IP-Adapter fields (every generation endpoint takes them). `ip_adapter_image` and
+/// `ip_adapter_scale` without `ip_adapter_id` are refused: nothing would read them.
+fn ip_adapter(
+    state: &AppState,
+    f: &Fields<'_>,
+    model: &ModelEntry,
+) -> Result<Option<IpAdapterSpec>, JobError> {
+    let scale = f.float("ip_adapter_scale")?;
+    let Some(name) = f.text("ip_adapter_id")? else {
+        for field in ["ip_adapter_image", "ip_adapter_scale"] {
+            if f.is_set(field) {
+                return Err(JobError::invalid(
+                    field,
+                    format!("`{field}` needs `ip_adapter_id`: the IP-Adapter that reads it"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let model_id = state.ip_adapter_for("ip_adapter_id", model, name.trim())?;
+    let image = f.text("ip_adapter_image")?.ok_or_else(|| {
+        JobError::invalid(
+            "ip_adapter_image",
+            "`ip_adapter_image` is required with `ip_adapter_id`: the reference image, a link, \
+             base64 or a data URI",
+        )
+    })?;
+    let scale = match scale {
+        Some(s) => params::check_range(
+            "ip_adapter_scale",
+            s,
+            IP_ADAPTER_SCALE.0,
+            IP_ADAPTER_SCALE.1,
+        )?,
+        None => DEFAULT_IP_ADAPTER_SCALE,
+    };
+    Ok(Some(IpAdapterSpec {
+        model: model_id,
+        image,
+        scale,
+    }))
+}
 
 /// Refuses what `endpoint` cannot do at all on this server (every endpoint runs now).
 pub fn check_endpoint(endpoint: Endpoint) -> Result<(), JobError> {
@@ -348,6 +409,7 @@ pub fn parse(
         None
     };
     let control = controlnet(state, &f, &model, endpoint)?;
+    let ip_adapter = ip_adapter(state, &f, &model)?;
 
     let prompt = params::string_value("prompt", f.get("prompt"))?.unwrap_or_default();
     if endpoint == Endpoint::Text2Img && prompt.trim().is_empty() {
@@ -552,6 +614,14 @@ pub fn parse(
         put("lora_strength", json!(strengths.join(",")));
     }
     put("vae", json!(vae));
+    match &ip_adapter {
+        Some(ip) => {
+            put("ip_adapter_id", json!(ip.model));
+            put("ip_adapter_scale", json!(ip.scale));
+            put("ip_adapter_image", json!(shown(&Some(ip.image.clone()))));
+        }
+        None => put("ip_adapter_id", Value::Null),
+    }
     put("base64", json!(yes_no(base64)));
     put("temp", json!(yes_no(temp)));
     put("instant_response", json!(yes_no(instant)));
@@ -582,6 +652,7 @@ pub fn parse(
         loras,
         vae,
         control,
+        ip_adapter,
         strength_given,
         meta,
     })

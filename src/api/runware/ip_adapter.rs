@@ -89,17 +89,9 @@ pub fn parse(
                 "each `ipAdapters` item needs `model`: an IP-Adapter AIR id or registry id",
             )
         })?;
-        let entry = state
-            .registry()
-            .resolve_ip_adapter(&name)
-            .map_err(|e| invalid(format!("`ipAdapters.model`: {e}")))?;
-        if let Some(family) = model.family.filter(|f| *f != entry.family) {
-            return Err(invalid(format!(
-                "`ipAdapters.model`: IP-Adapter `{name}` is for {} models, but model `{}` is \
-                 {family}",
-                entry.family, model.id
-            )));
-        }
+        let model_id = state
+            .ip_adapter_for("ipAdapters.model", model, &name)
+            .map_err(item_error)?;
         let guide_image = text("guideImage")?.ok_or_else(|| {
             RunwareError::missing(
                 PARAMETER,
@@ -118,7 +110,7 @@ pub fn parse(
             None => WEIGHT_DEFAULT,
         };
         specs.push(IpAdapterSpec {
-            model: entry.id,
+            model: model_id,
             guide_image,
             weight,
         });
