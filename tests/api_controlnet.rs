@@ -89,11 +89,80 @@ async fn runware_control_net_guides_and_preprocesses() {
         inpainted, inpainted_plain,
         "the ControlNet guides the inpainting"
     );
+    // maskMargin: the crop around the mask is generated with the guide image cropped alike,
+    // then pasted back; far from the mask the seed image stays.
+    let small_mask = data_uri(&encode(image::DynamicImage::ImageLuma8(
+        image::GrayImage::from_fn(128, 128, |x, y| {
+            image::Luma([if (80..104).contains(&x) && (16..40).contains(&y) {
+                255
+            } else {
+                0
+            }])
+        }),
+    )));
     let mut with_margin = with_control.clone();
+    with_margin["maskImage"] = json!(small_mask);
     with_margin["maskMargin"] = json!(32);
-    let (_, body) = runware(&server, &json!([inference(with_margin)])).await;
-    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("maskMargin"), "{body}");
+    let zoomed = runware_image(&server, inference(with_margin.clone())).await;
+    assert_eq!(decode(&zoomed).to_rgb8().dimensions(), (128, 128));
+    assert_eq!(
+        zoomed,
+        runware_image(&server, inference(with_margin.clone())).await,
+        "same request, same bytes"
+    );
+    let seed_rgb = decode(&disc_png(128, 128, 20)).to_rgb8();
+    let zoomed_rgb = decode(&zoomed).to_rgb8();
+    for (x, y) in [(2, 125), (10, 100), (60, 120)] {
+        assert_eq!(
+            zoomed_rgb.get_pixel(x, y),
+            seed_rgb.get_pixel(x, y),
+            "({x}, {y})"
+        );
+    }
+    let mut margin_plain = with_margin.clone();
+    margin_plain.as_object_mut().unwrap().remove("controlNet");
+    let zoomed_plain = runware_image(&server, inference(margin_plain)).await;
+    assert_ne!(
+        zoomed, zoomed_plain,
+        "the ControlNet guides the zoomed crop"
+    );
+    let mut margin_other = with_margin.clone();
+    margin_other["controlNet"][0]["guideImage"] = json!(data_uri(&disc_png(128, 128, 30)));
+    assert_ne!(
+        zoomed,
+        runware_image(&server, inference(margin_other)).await,
+        "the guide image matters"
+    );
+
+    // A registered inpaint ControlNet reads the guide image with the masked pixels at -1: it
+    // needs a mask (or outpainting), and its condition differs from the plain guide image's.
+    let inpaint_unit = json!([{"model": "tiny-sd15-controlnet-inpaint", "guideImage": seed_image}]);
+    let mut with_inpaint = with_control.clone();
+    with_inpaint["controlNet"] = inpaint_unit.clone();
+    let by_condition = runware_image(&server, inference(with_inpaint.clone())).await;
+    let mut as_plain = with_inpaint.clone();
+    as_plain["controlNet"][0]["model"] = json!("tiny-sd15-controlnet-a");
+    let by_image = runware_image(&server, inference(as_plain)).await;
+    assert_ne!(
+        by_condition, by_image,
+        "the masked pixels of the condition matter"
+    );
+    let mut margin_inpaint = with_margin.clone();
+    margin_inpaint["controlNet"] = inpaint_unit.clone();
+    let zoomed_inpaint = runware_image(&server, inference(margin_inpaint)).await;
+    assert_ne!(zoomed_inpaint, zoomed);
+    let (_, body) = runware(
+        &server,
+        &json!([inference(json!({"controlNet": inpaint_unit}))]),
+    )
+    .await;
+    let error = &body["errors"][0];
+    assert_eq!(error["code"], "invalidControlNet", "{body}");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("inpaint ControlNet") && message.contains("maskImage"),
+        "{body}"
+    );
 
     // Bad items are refused in Runware's shape, naming controlNet.
     let item = |extra: Value| {
@@ -498,6 +567,100 @@ async fn modelslab_controlnet_inpaints_with_two_models() {
         let r = modelslab(&server, CONTROLNET, &body(extra.clone())).await;
         assert_modelslab_error(&r, needle);
     }
+    server.stop().await;
+}
+
+/// `controlnet_model: inpaint`: the registered inpaint ControlNet reads the init image with the
+/// masked pixels at -1. The golden case `sd15_inpaint_condition` (diffusers'
+/// `StableDiffusionControlNetInpaintPipeline` fed `make_inpaint_condition`) through the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modelslab_inpaint_controlnet_matches_diffusers() {
+    let manifest = common::manifest();
+    let case = manifest["controlnet_inpaint_condition"]["cases"]
+        .as_array()
+        .expect("inpaint condition cases")
+        .iter()
+        .find(|c| c["name"] == "sd15_inpaint_condition")
+        .expect("the sd15_inpaint_condition case")
+        .clone();
+    let golden = common::load_goldens(case["file"].as_str().unwrap());
+    let file = |key: &str| {
+        b64(&std::fs::read(common::fixtures().join(case[key].as_str().unwrap())).unwrap())
+    };
+    let server = TestServer::start("cn-modelslab-inpaint-condition").await;
+    let body = |extra: Value| {
+        let mut b = json!({"key": KEY, "model_id": case["model"], "prompt": case["prompt"],
+            "negative_prompt": case["negative_prompt"], "init_image": file("init_image"),
+            "mask_image": file("mask_image"), "controlnet_model": "inpaint",
+            "width": case["width"], "height": case["height"],
+            "num_inference_steps": case["steps"], "guidance_scale": case["guidance"],
+            "strength": case["strength"], "seed": case["seed"],
+            "scheduler": case["scheduler"], "use_karras_sigmas": "no"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                b.as_object_mut().unwrap().remove(k);
+            } else {
+                b[k] = v.clone();
+            }
+        }
+        b
+    };
+    let (png, r) = modelslab_image(&server, CONTROLNET, &body(json!({}))).await;
+    assert_eq!(
+        r["meta"]["controlnet_model"], "tiny-sd15-controlnet-inpaint",
+        "{}",
+        r["meta"]
+    );
+    let ours: Vec<f32> = decode(&png)
+        .to_rgb8()
+        .into_raw()
+        .into_iter()
+        .map(|v| v as f32 / 255.0)
+        .collect();
+    let expected = common::flat(&golden["images"]);
+    assert_eq!(ours.len(), expected.len());
+    let diff = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("inpaint ControlNet through ModelsLab: max |diff| {diff:.2e} (0..1 pixels)");
+    // The PNG holds 8-bit pixels: one quantisation level (1/255, whether the encoder rounds or
+    // truncates) on top of the pipeline's own f32 difference (< 2e-5, parity_controlnet.rs).
+    assert!(diff <= 1.0 / 255.0 + 2e-5, "differs by {diff}");
+
+    // Named by registry id it is the same ControlNet and the same picture; with `auto_hint` too
+    // (the condition is built either way: no image sent can hold -1).
+    let (by_id, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_model": "tiny-sd15-controlnet-inpaint", "auto_hint": "yes"})),
+    )
+    .await;
+    assert_eq!(by_id, png);
+    // The same weights named as the canny ControlNet, fed the plain init image: another picture.
+    let (plain, _) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_model": "tiny-sd15-controlnet-a"})),
+    )
+    .await;
+    assert_ne!(plain, png, "the masked pixels of the condition matter");
+    // Inpaint beside canny (auto_hint runs canny for the other unit).
+    let (two, r) = modelslab_image(
+        &server,
+        CONTROLNET,
+        &body(json!({"controlnet_model": "inpaint,canny", "auto_hint": "yes"})),
+    )
+    .await;
+    assert_eq!(
+        r["meta"]["controlnet_model"],
+        "tiny-sd15-controlnet-inpaint,tiny-sd15-controlnet-a"
+    );
+    assert_ne!(two, png);
+
+    let r = modelslab(&server, CONTROLNET, &body(json!({"mask_image": null}))).await;
+    assert_modelslab_error(&r, "`mask_image` is required with the inpaint ControlNet");
     server.stop().await;
 }
 

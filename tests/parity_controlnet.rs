@@ -4,7 +4,9 @@
 //! two ControlNets (MultiControlNet) with their own scales and end fractions; then properties
 //! of the control (it changes the output, scale 0 and an empty window do not). ControlNet
 //! inpainting against `StableDiffusionControlNetInpaintPipeline` and its SDXL form (manifest
-//! `controlnet_extra`), and the single-file ControlNet (original layout) against its folder.
+//! `controlnet_extra`) and with an inpaint ControlNet's condition, the seed image with its masked
+//! pixels at -1 (manifest `controlnet_inpaint_condition`), and the single-file ControlNet
+//! (original layout) against its folder.
 
 mod common;
 
@@ -12,7 +14,9 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use sd_serve::models::controlnet::ControlNetModel;
-use sd_serve::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, MaskImage};
+use sd_serve::pipeline::{
+    ControlCondition, ControlMode, ControlNetUnit, GenerationRequest, MaskImage,
+};
 use sd_serve::weights::{load_controlnet_file, WeightStore};
 
 use common::{
@@ -53,6 +57,11 @@ fn request_for(case: &serde_json::Value) -> GenerationRequest {
         let f = |k: &str| unit[k].as_f64().unwrap_or_else(|| panic!("unit field {k}"));
         let model = unit["model"].as_str().expect("model");
         req.controlnets.push(ControlNetUnit {
+            condition: match unit["condition"].as_str() {
+                Some("inpaint") => ControlCondition::Inpaint,
+                Some("image") | None => ControlCondition::Image,
+                Some(other) => panic!("unknown condition {other}"),
+            },
             model: model.to_string(),
             image: rgb(unit["image"].as_str().expect("image")),
             scale: f("scale"),
@@ -199,13 +208,8 @@ fn inpaint_request_for(case: &serde_json::Value) -> GenerationRequest {
     req
 }
 
-#[test]
-fn controlnet_inpainting_matches_diffusers() {
-    let manifest = manifest();
-    let cases = manifest["controlnet_extra"]["inpaint_cases"]
-        .as_array()
-        .expect("ControlNet inpainting cases");
-    assert!(cases.len() >= 3, "expected the golden cases");
+/// Runs the ControlNet inpainting golden `cases` against their goldens; one report line each.
+fn check_inpaint_cases(cases: &[serde_json::Value]) -> Vec<String> {
     let mut report = Vec::new();
     let mut pipelines = Pipelines::default();
     for case in cases {
@@ -237,9 +241,68 @@ fn controlnet_inpainting_matches_diffusers() {
         plain.controlnets.clear();
         let plain = sd.denoise_latents(&plain, &mut |_, _| true).unwrap();
         assert!(max_abs_diff(&plain, &latents) > 1e-2, "{name}: no effect");
+        // An inpaint condition read as a plain image (no -1 pixels) gives another result too.
+        if req
+            .controlnets
+            .iter()
+            .any(|u| u.condition == ControlCondition::Inpaint)
+        {
+            let mut as_image = req.clone();
+            for unit in &mut as_image.controlnets {
+                unit.condition = ControlCondition::Image;
+            }
+            let as_image = sd
+                .denoise_latents_controlled(&as_image, &net_refs, &mut |_, _| true)
+                .unwrap();
+            let effect = max_abs_diff(&as_image, &latents);
+            line += &format!(", effect of the -1 pixels {effect:.2e}");
+            assert!(effect > 1e-2, "{name}: the masked pixels change nothing");
+        }
         report.push(line);
     }
-    eprintln!("{}", report.join("\n"));
+    report
+}
+
+#[test]
+fn controlnet_inpainting_matches_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["controlnet_extra"]["inpaint_cases"]
+        .as_array()
+        .expect("ControlNet inpainting cases");
+    assert!(cases.len() >= 3, "expected the golden cases");
+    eprintln!("{}", check_inpaint_cases(cases).join("\n"));
+}
+
+/// The inpaint ControlNet's condition (manifest `controlnet_inpaint_condition`): diffusers'
+/// `StableDiffusionControlNetInpaintPipeline` fed `make_inpaint_condition(init, mask)` as a
+/// tensor, alone and beside a canny-style unit.
+#[test]
+fn inpaint_condition_matches_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["controlnet_inpaint_condition"]["cases"]
+        .as_array()
+        .expect("inpaint condition cases");
+    assert!(cases.len() >= 2, "expected the golden cases");
+    eprintln!("{}", check_inpaint_cases(cases).join("\n"));
+}
+
+#[test]
+fn an_inpaint_condition_needs_a_mask() {
+    let sd = pipeline("tiny-sd15");
+    let net = load_controlnet("tiny-sd15-controlnet-a");
+    let mut req = small_request();
+    req.controlnets.push(ControlNetUnit {
+        condition: ControlCondition::Inpaint,
+        ..ControlNetUnit::new("inpaint-net", rgb("goldens/init.png"))
+    });
+    let e = sd
+        .denoise_latents_controlled(&req, &[&net], &mut |_, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("inpaint-net") && e.contains("needs a seed image and a mask"),
+        "{e}"
+    );
 }
 
 const SINGLE_FILE: &str = "controlnets/tiny-sd15-controlnet-a.safetensors";
@@ -322,4 +385,86 @@ fn single_file_controlnet_entry_matches_diffusers() {
     let diff = max_abs_diff(&latents, &golden["latents_final"]);
     eprintln!("single-file ControlNet, sd15_single: final latents max |diff| {diff:.2e}");
     assert!(diff < LATENT_TOL, "final latents differ by {diff}");
+}
+
+/// `maskMargin` with ControlNets: the loop generates the crop around the mask at the full size,
+/// and every control image follows the seed image into that crop (resized to the output size,
+/// cropped, resized back), the inpaint condition taking the cropped mask. The latents equal, bit
+/// for bit, those of the request that inpaints the crop directly, its seed, mask and control
+/// images cropped by hand.
+#[test]
+fn mask_margin_crops_the_control_images_like_the_seed() {
+    use image::imageops::{self, FilterType};
+    use sd_serve::pipeline::inpaint::crop_region;
+    use sd_serve::pipeline::InitImage;
+
+    let sd = pipeline("tiny-sd15");
+    let net = load_controlnet("tiny-sd15-controlnet-a");
+    let (w, h) = (128u32, 128u32);
+    let seed = imageops::resize(&rgb("goldens/init.png"), w, h, FilterType::Lanczos3);
+    let mask = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([if (84..104).contains(&x) && (12..28).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    });
+    let margin = 32;
+    let mut req = small_request();
+    req.width = w as usize;
+    req.height = h as usize;
+    req.init_image = Some(InitImage {
+        image: seed.clone(),
+        strength: 1.0,
+    });
+    req.mask = Some(MaskImage {
+        image: mask.clone(),
+        margin: Some(margin),
+    });
+    // A canny-style unit whose image has another size (resized first), and an inpaint unit.
+    let control = rgb("goldens/canny_synthetic.png");
+    req.controlnets.push(ControlNetUnit {
+        scale: 0.8,
+        ..ControlNetUnit::new("a", control.clone())
+    });
+    req.controlnets.push(ControlNetUnit {
+        condition: ControlCondition::Inpaint,
+        ..ControlNetUnit::new("a", seed.clone())
+    });
+    let nets = [&net, &net];
+    let zoomed = sd
+        .denoise_latents_controlled(&req, &nets, &mut |_, _| true)
+        .unwrap();
+
+    let region = crop_region(&mask, w, h, margin);
+    assert!(
+        region.width < w && region.height < h,
+        "the crop is part of the picture: {region:?}"
+    );
+    let crop = |img: &image::RgbImage| {
+        let whole = imageops::resize(img, w, h, FilterType::Lanczos3);
+        let part = imageops::crop_imm(&whole, region.x, region.y, region.width, region.height);
+        imageops::resize(&part.to_image(), w, h, FilterType::Lanczos3)
+    };
+    let mut by_hand = req.clone();
+    by_hand.init_image.as_mut().unwrap().image = crop(&seed);
+    let mask_part = imageops::crop_imm(&mask, region.x, region.y, region.width, region.height);
+    by_hand.mask = Some(MaskImage {
+        image: imageops::resize(&mask_part.to_image(), w, h, FilterType::Lanczos3),
+        margin: None,
+    });
+    by_hand.controlnets[0].image = crop(&control);
+    by_hand.controlnets[1].image = crop(&seed);
+    let direct = sd
+        .denoise_latents_controlled(&by_hand, &nets, &mut |_, _| true)
+        .unwrap();
+    assert_eq!(max_abs_diff(&zoomed, &direct), 0.0);
+
+    // The ControlNets act on the zoomed generation.
+    let mut plain = req.clone();
+    plain.controlnets.clear();
+    let plain = sd.denoise_latents(&plain, &mut |_, _| true).unwrap();
+    let effect = max_abs_diff(&plain, &zoomed);
+    eprintln!("maskMargin with ControlNets vs without: {effect:.3e}");
+    assert!(effect > 1e-2, "no effect");
 }

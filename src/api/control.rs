@@ -1,11 +1,14 @@
 //! ControlNet inputs every dialect shares: finding the registered ControlNet a client names (by
 //! registry id or alias, or by control type such as `canny`), and running a preprocessor on an
-//! image. Model-based preprocessors (depth, pose, segmentation ...) are refused by name.
+//! image. Model-based preprocessors (depth, pose, segmentation ...) are refused by name. The
+//! `inpaint` type makes no image: its ControlNet reads the seed image with the masked pixels at
+//! -1, which the pipeline builds from the request's mask ([`Hint::InpaintCondition`]).
 
 use image::RgbImage;
 
 use super::output::JobError;
 use super::AppState;
+use crate::pipeline::{ControlCondition, ControlNetUnit};
 use crate::preprocess::Preprocessor;
 use crate::registry::{ControlNetEntry, ModelEntry};
 
@@ -35,17 +38,60 @@ pub fn is_control_type(name: &str) -> bool {
     CONTROL_TYPES.iter().any(|t| t.eq_ignore_ascii_case(name))
 }
 
+/// How a dialect turns its source image into a ControlNet's input when asked to prepare it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hint {
+    /// Run this preprocessor on the source (an edge map ...).
+    Preprocess(Preprocessor),
+    /// The inpaint condition: the source as it is, with the pixels the request's mask repaints
+    /// at -1 ([`ControlCondition::Inpaint`]); the request must inpaint.
+    InpaintCondition,
+}
+
+impl Hint {
+    /// The unit for `model` from the dialect's `source` image (preprocessed off the async
+    /// runtime when the hint says so); errors name `field`.
+    pub async fn unit(
+        self,
+        field: &str,
+        model: String,
+        source: RgbImage,
+    ) -> Result<ControlNetUnit, JobError> {
+        Ok(match self {
+            Hint::Preprocess(p) => {
+                ControlNetUnit::new(model, run_preprocessor(field, p, source).await?)
+            }
+            Hint::InpaintCondition => ControlNetUnit {
+                condition: ControlCondition::Inpaint,
+                ..ControlNetUnit::new(model, source)
+            },
+        })
+    }
+}
+
+/// What prepares a ControlNet of control type `name`: the inpaint condition for `inpaint`, else
+/// the preprocessor of that name. Errors name `field`.
+pub fn hint(field: &str, name: &str) -> Result<Hint, JobError> {
+    if name.trim().eq_ignore_ascii_case("inpaint") {
+        Ok(Hint::InpaintCondition)
+    } else {
+        preprocessor(field, name).map(Hint::Preprocess)
+    }
+}
+
 /// The preprocessor called `name`; errors name `field`.
 pub fn preprocessor(field: &str, name: &str) -> Result<Preprocessor, JobError> {
     let lower = name.trim().to_ascii_lowercase();
     match lower.as_str() {
         "canny" => Ok(Preprocessor::CANNY),
-        // Not a detection model: the inpaint ControlNet reads the seed image with the masked
-        // pixels at -1, which this server does not build yet.
-        "inpaint" => Err(JobError::not_supported(
+        // Not an image at all: see `hint`.
+        "inpaint" => Err(JobError::invalid(
             field,
-            "the `inpaint` control image (the seed image with its masked pixels at -1, for \
-             inpaint ControlNets); inpaint with `mask_image` and another ControlNet type",
+            format!(
+                "`{field}`: `inpaint` makes no control image: an inpaint ControlNet reads the \
+                 seed image with its masked pixels at -1, built from an inpainting request's \
+                 seed image and mask"
+            ),
         )),
         _ if is_control_type(&lower) || MODEL_PREPROCESSORS.contains(&lower.as_str()) => {
             Err(JobError::not_supported(
@@ -177,10 +223,19 @@ mod tests {
         assert!(preprocessor("auto_hint", "Canny").is_ok());
         let inpaint = preprocessor("auto_hint", "inpaint").unwrap_err();
         assert!(
-            inpaint.message.contains("masked pixels at -1"),
+            inpaint.message.contains("makes no control image"),
             "{}",
             inpaint.message
         );
+        assert_eq!(
+            hint("auto_hint", " Inpaint").unwrap(),
+            Hint::InpaintCondition
+        );
+        assert_eq!(
+            hint("auto_hint", "canny").unwrap(),
+            Hint::Preprocess(Preprocessor::CANNY)
+        );
+        assert!(hint("auto_hint", "depth").is_err());
         let depth = preprocessor("auto_hint", "depth").unwrap_err();
         assert!(
             depth.message.contains("detection model"),

@@ -2,10 +2,17 @@
 //! (and its SDXL and multi-ControlNet forms) runs it: the control image resized to the output
 //! size in 0..1, embedded once; at each step every active ControlNet's residuals, summed, are
 //! added to the UNet's skips and middle block.
+//!
+//! An inpaint ControlNet (control_v11p_sd15_inpaint) reads a condition no RGB image can hold:
+//! the seed image in 0..1 with the repainted pixels at -1 (diffusers' `make_inpaint_condition`),
+//! built here from the unit's image and the request's mask. When the loop generates a zoomed
+//! crop of the picture (`maskMargin`), every control image is cropped the same way.
 
 use candle_core::Tensor;
+use image::imageops;
 
 use super::images;
+use super::inpaint::Canvas;
 use crate::models::controlnet::{ControlNetModel, ControlResiduals};
 use crate::models::unet::AddedConditions;
 use crate::{Error, Result};
@@ -44,6 +51,19 @@ pub struct ControlNetUnit {
     /// The fraction where it stops, start < end <= 1.
     pub end: f64,
     pub mode: ControlMode,
+    /// What the ControlNet reads from `image`.
+    pub condition: ControlCondition,
+}
+
+/// The condition a ControlNet is fed, made from its unit's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ControlCondition {
+    /// The image in 0..1 (every control type but inpaint).
+    #[default]
+    Image,
+    /// An inpaint ControlNet's condition: the image in 0..1 with the pixels the request's mask
+    /// repaints (>= 128, the mask's binarization) at -1. Needs a mask or outpainting.
+    Inpaint,
 }
 
 impl ControlNetUnit {
@@ -56,6 +76,7 @@ impl ControlNetUnit {
             start: 0.0,
             end: 1.0,
             mode: ControlMode::Balanced,
+            condition: ControlCondition::Image,
         }
     }
 
@@ -107,13 +128,16 @@ pub(crate) struct PreparedControl<'a> {
     embedding: Tensor,
 }
 
-/// Embeds each unit's control image at the output size (`width` x `height`).
+/// Embeds each unit's condition at the output size (`width` x `height`). `canvas`: the request's
+/// inpainting canvas, whose mask makes inpaint conditions and whose zoomed crop (if any) the
+/// control images follow.
 pub(crate) fn prepare<'a>(
     units: &'a [ControlNetUnit],
     nets: &'a [&'a ControlNetModel],
     width: usize,
     height: usize,
     needs_added_conditions: bool,
+    canvas: Option<&Canvas>,
 ) -> Result<Vec<PreparedControl<'a>>> {
     if units.len() != nets.len() {
         return Err(Error::model(format!(
@@ -134,7 +158,7 @@ pub(crate) fn prepare<'a>(
                     family_word(needs_added_conditions)
                 )));
             }
-            let pixels = images::image_to_unit_tensor(&unit.image, width, height, net.device())?;
+            let pixels = condition(unit, width, height, canvas, net.device())?;
             Ok(PreparedControl {
                 unit,
                 net,
@@ -142,6 +166,61 @@ pub(crate) fn prepare<'a>(
             })
         })
         .collect()
+}
+
+/// The `[1, 3, height, width]` condition of `unit`: its image resized to the output size (and
+/// cropped to the canvas's zoomed region, resized back, as the seed image is), in 0..1, with the
+/// canvas mask's repainted pixels at -1 for an inpaint condition.
+fn condition(
+    unit: &ControlNetUnit,
+    width: usize,
+    height: usize,
+    canvas: Option<&Canvas>,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let pixels = match canvas.and_then(Canvas::zoomed_region) {
+        None => images::image_to_unit_tensor(&unit.image, width, height, device)?,
+        Some(region) => {
+            let (w, h) = (width as u32, height as u32);
+            let whole = if unit.image.dimensions() == (w, h) {
+                unit.image.clone()
+            } else {
+                imageops::resize(&unit.image, w, h, imageops::FilterType::Lanczos3)
+            };
+            let crop = imageops::crop_imm(&whole, region.x, region.y, region.width, region.height)
+                .to_image();
+            images::image_to_unit_tensor(&crop, width, height, device)?
+        }
+    };
+    match unit.condition {
+        ControlCondition::Image => Ok(pixels),
+        ControlCondition::Inpaint => {
+            let canvas = canvas.ok_or_else(|| missing_mask(&unit.model))?;
+            // 1 where repainted: p * (1 - m) - m is p where kept and -1 where repainted, exactly.
+            let mask = canvas.mask_tensor(device)?;
+            let keep = mask.affine(-1.0, 1.0)?;
+            Ok(pixels.broadcast_mul(&keep)?.broadcast_sub(&mask)?)
+        }
+    }
+}
+
+fn missing_mask(model: &str) -> Error {
+    Error::invalid(format!(
+        "ControlNet `{model}` reads an inpaint condition (the seed image with its repainted \
+         pixels at -1): the request needs a seed image and a mask"
+    ))
+}
+
+/// The request-level rule of inpaint conditions: they need a mask (or outpainting) to mark
+/// the repainted pixels.
+pub fn check_conditions(units: &[ControlNetUnit], has_mask: bool) -> Result<()> {
+    match units
+        .iter()
+        .find(|u| u.condition == ControlCondition::Inpaint)
+    {
+        Some(unit) if !has_mask => Err(missing_mask(&unit.model)),
+        _ => Ok(()),
+    }
 }
 
 fn family_word(sdxl: bool) -> &'static str {

@@ -206,6 +206,15 @@ impl Canvas {
         }
     }
 
+    /// The part of the output picture the loop generates when it is a zoomed crop
+    /// (`maskMargin`), in output pixels; `None` when the loop generates the whole picture.
+    pub fn zoomed_region(&self) -> Option<Region> {
+        let paste = self.paste.as_ref()?;
+        let r = paste.region;
+        let (w, h) = paste.base.dimensions();
+        ((r.x, r.y, r.width, r.height) != (0, 0, w, h)).then_some(r)
+    }
+
     /// Whether [`Self::finish`] changes a generated picture (outpainting, `maskMargin`).
     pub fn pastes_back(&self) -> bool {
         self.paste.is_some()

@@ -24,7 +24,7 @@ use crate::weights::{Component, Family, PipelineFiles, TokenizerFiles};
 use crate::{Error, Result};
 
 use conditioning::{PromptEmbeddings, TextEncoder};
-pub use controlnet::{ControlMode, ControlNetUnit};
+pub use controlnet::{ControlCondition, ControlMode, ControlNetUnit};
 pub use inpaint::{Canvas, MaskImage, Outpaint};
 pub use ip_adapter::IpAdapterUnit;
 use noise::BatchNoise;
@@ -646,12 +646,14 @@ impl StableDiffusion {
             Some(_) => &[][..],
             None => &req.controlnets[..],
         };
+        let canvas = inpaint::Canvas::for_request(req)?;
         let controls = controlnet::prepare(
             units,
             controlnets,
             req.width,
             req.height,
             self.unet.needs_added_conditions(),
+            canvas.as_ref(),
         )?;
         // diffusers turns guidance off at scale <= 1 (one UNet pass instead of two).
         let guided = req.guidance_scale > 1.0;
@@ -691,7 +693,6 @@ impl StableDiffusion {
                 )));
             }
         }
-        let canvas = inpaint::Canvas::for_request(req)?;
         let unet_channels = self.unet.in_channels();
         // An inpainting UNet also reads the mask and the masked image's latents.
         let inpainting_unet = unet_channels == 2 * latent_channels + 1;

@@ -194,13 +194,9 @@ impl GenerationRequest {
             self.prompt_weighting.check_prompt(negative)?;
         }
         controlnet::check(&self.controlnets)?;
-        if !self.controlnets.is_empty() && self.mask.as_ref().is_some_and(|m| m.margin.is_some()) {
-            // The loop would generate a zoomed crop that the control images do not show.
-            return Err(Error::invalid(
-                "`maskMargin` cannot be combined with ControlNets: the control image guides the \
-                 whole picture, not the zoomed crop",
-            ));
-        }
+        let repaints =
+            self.init_image.is_some() && (self.mask.is_some() || self.outpaint.is_some());
+        controlnet::check_conditions(&self.controlnets, repaints)?;
         super::ip_adapter::check(&self.ip_adapters)?;
         if let Some(refiner) = &self.refiner {
             if !(refiner.start > 0.0 && refiner.start <= 1.0) {

@@ -15,7 +15,9 @@
 //! (Canny; model-based preprocessors are refused by name), otherwise it is the control image as
 //! sent. `init_image` becomes an img2img start only when `strength` is given, or the picture to
 //! repaint when `mask_image` is given (ControlNet inpainting, as diffusers'
-//! `StableDiffusionControlNetInpaintPipeline`).
+//! `StableDiffusionControlNetInpaintPipeline`). An inpaint ControlNet (`controlnet_model:
+//! inpaint`) reads the source with the masked pixels at -1, with or without `auto_hint`, and
+//! needs `mask_image`.
 //!
 //! Every generation endpoint takes an image prompt: `ip_adapter_id` (a registered IP-Adapter of
 //! the model's family, by id or alias), `ip_adapter_image` (the reference image, required with
@@ -24,13 +26,12 @@
 use image::{GrayImage, RgbImage};
 use serde_json::{json, Map, Value};
 
-use crate::api::control;
+use crate::api::control::{self, Hint};
 use crate::api::media::ImageInput;
 use crate::api::output::{JobError, JobErrorKind};
 use crate::api::{params, random_seed, AppState};
 use crate::pipeline::request::VAE_SCALE_FACTOR;
 use crate::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, InitImage, MaskImage};
-use crate::preprocess::Preprocessor;
 use crate::registry::ModelEntry;
 use crate::schedulers::{DpmAlgorithm, SchedulerConfig, SchedulerKind, SchedulerSpec};
 
@@ -117,31 +118,41 @@ pub struct Parsed {
 /// What the ControlNet endpoint asks for; the control image is loaded by the handler.
 #[derive(Debug)]
 pub struct ControlSpec {
-    /// Registry id of each ControlNet, with the preprocessor `auto_hint` runs for it.
-    pub units: Vec<(String, Option<Preprocessor>)>,
+    /// Registry id of each ControlNet, with what prepares its input from the source: the
+    /// preprocessor `auto_hint` runs, or the inpaint condition of an inpaint ControlNet
+    /// (always built: no image sent can hold it); `None`: the source as sent.
+    pub units: Vec<(String, Option<Hint>)>,
     pub scale: f64,
     pub mode: ControlMode,
     /// `control_image` as sent; `None`: the init image is the source.
     pub control_image: Option<String>,
+    /// `auto_hint` as sent.
+    pub auto_hint: bool,
 }
 
 impl ControlSpec {
-    /// The request's ControlNet units for a loaded source image (preprocessed per unit when
-    /// `auto_hint` asked for it).
+    /// The request's ControlNet units for a loaded source image.
     pub async fn units(&self, source: RgbImage) -> Result<Vec<ControlNetUnit>, JobError> {
         let mut units = Vec::with_capacity(self.units.len());
-        for (id, preprocessor) in &self.units {
-            let image = match preprocessor {
-                Some(p) => control::run_preprocessor("auto_hint", *p, source.clone()).await?,
-                None => source.clone(),
+        for (id, hint) in &self.units {
+            let unit = match hint {
+                Some(hint) => hint.unit("auto_hint", id.clone(), source.clone()).await?,
+                None => ControlNetUnit::new(id.clone(), source.clone()),
             };
             units.push(ControlNetUnit {
                 scale: self.scale,
                 mode: self.mode,
-                ..ControlNetUnit::new(id.clone(), image)
+                ..unit
             });
         }
         Ok(units)
+    }
+
+    /// Whether a unit reads the inpaint condition (the request must then have a mask).
+    fn inpaints(&self) -> bool {
+        self.units
+            .iter()
+            .any(|(_, hint)| *hint == Some(Hint::InpaintCondition))
     }
 }
 
@@ -347,13 +358,13 @@ fn controlnet(
     let mut units = Vec::with_capacity(names.len());
     for name in &names {
         let entry = state.controlnet_by_name("controlnet_model", model, name)?;
-        let preprocessor = if auto_hint {
-            let kind = entry.preprocessor.clone().unwrap_or_else(|| name.clone());
-            Some(control::preprocessor("auto_hint", &kind)?)
+        let kind = entry.preprocessor.clone().unwrap_or_else(|| name.clone());
+        let hint = if auto_hint || kind.eq_ignore_ascii_case("inpaint") {
+            Some(control::hint("auto_hint", &kind)?)
         } else {
             None
         };
-        units.push((entry.id, preprocessor));
+        units.push((entry.id, hint));
     }
     let scale = match f.float("controlnet_conditioning_scale")? {
         Some(s) => params::check_range(
@@ -374,6 +385,7 @@ fn controlnet(
         scale,
         mode,
         control_image: f.text("control_image")?,
+        auto_hint,
     }))
 }
 
@@ -496,6 +508,15 @@ pub fn parse(
                 "`init_image` is not used by text2img; send the request to img2img",
             ));
         }
+        Endpoint::ControlNet
+            if mask_image.is_none() && control.as_ref().is_some_and(ControlSpec::inpaints) =>
+        {
+            return Err(JobError::invalid(
+                "mask_image",
+                "`mask_image` is required with the inpaint ControlNet: its condition is the \
+                 image with the masked pixels at -1, and the mask says which pixels to repaint",
+            ));
+        }
         Endpoint::ControlNet if mask_image.is_some() && init_image.is_none() => {
             return Err(JobError::invalid(
                 "init_image",
@@ -586,10 +607,7 @@ pub fn parse(
             "guess_mode",
             json!(yes_no(c.mode == ControlMode::ControlNet)),
         );
-        put(
-            "auto_hint",
-            json!(yes_no(c.units.iter().any(|(_, p)| p.is_some()))),
-        );
+        put("auto_hint", json!(yes_no(c.auto_hint)));
     }
     if matches!(endpoint, Endpoint::Inpaint | Endpoint::ControlNet) && mask_image.is_some() {
         put("mask_image", json!(shown(&mask_image)));

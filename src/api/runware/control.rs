@@ -2,6 +2,10 @@
 //! (`[{model, guideImage, weight, startStep | startStepPercentage, endStep | endStepPercentage,
 //! controlMode}]`) and the `imageControlNetPreProcess` task, which turns an input image into a
 //! guide image (Canny edges here; model-based preprocessors are refused by name).
+//!
+//! A registered inpaint ControlNet (`preprocessor = "inpaint"`) in `controlNet` reads its guide
+//! image with the pixels the task repaints at -1, so it needs `seedImage` with `maskImage` or
+//! `outpainting`.
 
 use serde_json::{Map, Value};
 
@@ -9,7 +13,7 @@ use super::error::RunwareError;
 use crate::api::control;
 use crate::api::output::JobError;
 use crate::api::{params, AppState};
-use crate::pipeline::ControlMode;
+use crate::pipeline::{ControlCondition, ControlMode};
 use crate::preprocess::{canny, Preprocessor};
 use crate::registry::ModelEntry;
 
@@ -36,6 +40,15 @@ pub struct ControlNetSpec {
     pub start: f64,
     pub end: f64,
     pub mode: ControlMode,
+    /// An inpaint ControlNet's condition, or the guide image as it is.
+    pub condition: ControlCondition,
+}
+
+impl ControlNetSpec {
+    /// Whether the unit reads the inpaint condition.
+    pub fn inpaints(&self) -> bool {
+        self.condition == ControlCondition::Inpaint
+    }
 }
 
 fn item_error(e: JobError) -> RunwareError {
@@ -145,6 +158,11 @@ pub fn parse_controlnets(
                 )))
             }
         };
+        let condition = if entry.expects("inpaint") {
+            ControlCondition::Inpaint
+        } else {
+            ControlCondition::Image
+        };
         specs.push(ControlNetSpec {
             model: entry.id,
             guide_image,
@@ -152,6 +170,7 @@ pub fn parse_controlnets(
             start,
             end,
             mode,
+            condition,
         });
     }
     Ok(specs)

@@ -173,12 +173,12 @@ impl Admitted {
                 .await?
                 .to_rgb8();
             request.controlnets.push(ControlNetUnit {
-                model: spec.model.clone(),
-                image,
                 scale: spec.weight,
                 start: spec.start,
                 end: spec.end,
                 mode: spec.mode,
+                condition: spec.condition,
+                ..ControlNetUnit::new(spec.model.clone(), image)
             });
         }
         for spec in &task.ip_adapters {

@@ -545,6 +545,22 @@ fn parse_inference(fields: Fields<'_>, state: &AppState) -> Result<InferenceTask
     request.prompt_weighting = prompt_weighting;
     request.embeddings = fields.embeddings(state, &model)?;
     let controlnets = control::parse_controlnets(fields.get("controlNet"), state, &model, steps)?;
+    let repaints = seed_image.is_some() && (mask_image.is_some() || outpainting.is_some());
+    if let Some(spec) = controlnets
+        .iter()
+        .find(|c| c.inpaints())
+        .filter(|_| !repaints)
+    {
+        return Err(RunwareError::invalid(
+            "controlNet",
+            format!(
+                "ControlNet `{}` is an inpaint ControlNet: it reads the guide image with the \
+                 repainted pixels at -1, so the task needs `seedImage` with `maskImage` or \
+                 `outpainting`",
+                spec.model
+            ),
+        ));
+    }
     let ip_adapters = super::ip_adapter::parse(fields.get("ipAdapters"), state, &model)?;
     request.refiner = fields.refiner(state, &model, steps)?;
     if request.refiner.is_some() && (mask_image.is_some() || outpainting.is_some()) {
