@@ -1,7 +1,7 @@
 //! Inpainting parity with diffusers' `StableDiffusionInpaintPipeline` and
 //! `StableDiffusionXLInpaintPipeline` on the tiny fixture models: ordinary 4-channel UNets (the
 //! known region put back after every step) at strength 1.0 and 0.6, and a 9-channel inpainting
-//! UNet; then properties of masked requests (batch invariance, outpainting and `maskMargin`
+//! UNet (SD1.5 and SDXL); then properties of masked requests (batch invariance, outpainting and `maskMargin`
 //! outputs).
 
 mod common;
@@ -201,6 +201,49 @@ fn outpainting_extends_the_seed_and_keeps_it() {
         let err = sd.generate(&req, &mut |_, _| true).unwrap_err().to_string();
         assert!(err.contains("multiple of 64"), "{err}");
     }
+}
+
+/// A 9-channel SDXL inpainting UNet (manifest `inpaint_sdxl`) against diffusers'
+/// `StableDiffusionXLInpaintPipeline`: the UNet reads the latents, the mask and the masked
+/// image's latents beside SDXL's added conditioning.
+#[test]
+fn sdxl_inpainting_unet_matches_diffusers() {
+    let manifest = manifest();
+    let cases = manifest["inpaint_sdxl"]["cases"]
+        .as_array()
+        .expect("SDXL inpainting UNet cases");
+    assert!(cases.len() >= 2, "expected the golden cases");
+    let sd = pipeline(manifest["inpaint_sdxl"]["model"].as_str().expect("model"));
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        assert_eq!(case["unet_in_channels"], 9, "{name}");
+        let golden = load_goldens(case["file"].as_str().expect("file"));
+        let req = request_for(case);
+        let mut steps_seen = 0;
+        let latents = sd
+            .denoise_latents(&req, &mut |_, _| {
+                steps_seen += 1;
+                true
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            steps_seen,
+            case["num_steps"].as_u64().unwrap() as usize,
+            "{name}: denoising steps"
+        );
+        let diff = max_abs_diff(&latents, &golden["latents_final"]);
+        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
+        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
+        if let Some(expected) = golden.get("images") {
+            let images = sd.decode(&latents).unwrap();
+            let diff = max_abs_diff(&images, expected);
+            line += &format!(", images {diff:.2e}");
+            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
+        }
+        report.push(line);
+    }
+    eprintln!("{}", report.join("\n"));
 }
 
 #[test]
