@@ -71,6 +71,7 @@ fn fixture_registry_resolves_ids_with_defaults() {
             "tiny-sdxl-single",
             "tiny-sd15-curated",
             "tiny-sd15-inpaint",
+            "tiny-sdxl-inpaint",
             "tiny-sdxl-refiner"
         ]
     );

@@ -196,7 +196,7 @@ fn condition(
         ControlCondition::Image => Ok(pixels),
         ControlCondition::Inpaint => {
             let canvas = canvas.ok_or_else(|| missing_mask(&unit.model))?;
-            // 1 where repainted: p * (1 - m) - m is p where kept and -1 where repainted, exactly.
+            // With m = 1 where repainted, 0 where kept: p * (1 - m) - m is p or -1, exactly.
             let mask = canvas.mask_tensor(device)?;
             let keep = mask.affine(-1.0, 1.0)?;
             Ok(pixels.broadcast_mul(&keep)?.broadcast_sub(&mask)?)

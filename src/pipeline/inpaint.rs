@@ -617,6 +617,39 @@ mod tests {
         // Far from the mask the seed image is untouched; the mask's centre is generated.
         assert_eq!(out.get_pixel(5, 5).0, [10, 20, 30]);
         assert_eq!(out.get_pixel(64, 64).0, [250, 250, 250]);
+        // The zoomed region is the crop around the mask (the control images follow it).
+        assert_eq!(
+            canvas.zoomed_region(),
+            Some(crop_region(&req.mask.as_ref().unwrap().image, 128, 128, 32))
+        );
+        assert_eq!(
+            canvas.zoomed_region(),
+            Some(Region {
+                x: 28,
+                y: 28,
+                width: 72,
+                height: 72
+            })
+        );
+    }
+
+    #[test]
+    fn only_mask_margin_zooms() {
+        let mut req = request((128, 128), (128, 128));
+        req.mask = Some(MaskImage {
+            image: mask_with_box(128, 128, 60, 60, 8, 8),
+            margin: None,
+        });
+        let plain = Canvas::for_request(&req).unwrap().unwrap();
+        assert_eq!(plain.zoomed_region(), None);
+        let mut req = request((64, 64), (128, 64));
+        req.outpaint = Some(Outpaint {
+            right: 64,
+            ..Outpaint::default()
+        });
+        let outpaint = Canvas::for_request(&req).unwrap().unwrap();
+        assert!(outpaint.pastes_back());
+        assert_eq!(outpaint.zoomed_region(), None);
     }
 
     #[test]
