@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use sd_serve::preprocess::depth::{DptDepth, DptImageProcessor};
-use sd_serve::preprocess::resample::Filter;
+use sd_serve::preprocess::resample::{self, Filter};
 use sd_serve::preprocess::Detector;
 
 use common::{fixtures, flat, load_goldens, manifest};
@@ -74,6 +74,26 @@ fn resize_matches_torchvision() {
             .filter(|(a, b)| **a != *b)
             .count();
         assert_eq!(differing, 0, "{key}: {differing} bytes differ");
+    }
+}
+
+#[test]
+fn resampler_matches_torchvision_when_shrinking_and_stretching() {
+    let spec = &manifest()["depth_normal"];
+    let golden = load_goldens(spec["file"].as_str().unwrap());
+    let cases = spec["resample_cases"].as_array().expect("resample_cases");
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let image = image::open(fixtures().join(case["image"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let size = case["size"].as_array().unwrap();
+        let (h, w) = (size[0].as_u64().unwrap(), size[1].as_u64().unwrap());
+        let filter = Filter::from_pil(case["resample"].as_i64().unwrap()).unwrap();
+        let resized = resample::resize_rgb(&image, w as u32, h as u32, filter).unwrap();
+        let expected = u8s(&golden[case["tensor"].as_str().unwrap()]);
+        // Same fixed-point weights, precision and rounding as torch's uint8 kernel: exact.
+        assert_eq!(resized.as_raw(), &expected, "{case}");
     }
 }
 

@@ -4,9 +4,8 @@
 //! to 8 bits, with the filter support widened by the scale when shrinking (antialiasing).
 //!
 //! The filter weights are normalised in f64 and then quantised to 16-bit fixed point with the
-//! largest precision that keeps the biggest weight below 2^15, as that kernel does (Pillow itself
-//! uses 22-bit weights, which rounds some pixels one level differently). Enlargements match torch
-//! exactly; reductions can differ by one level on a few pixels in a thousand.
+//! largest precision (at most 22 bits) that keeps the biggest weight below 2^15, as that kernel
+//! does; Pillow itself always uses 22 bits, which rounds some pixels one level differently.
 
 use image::RgbImage;
 
@@ -68,6 +67,7 @@ struct Taps {
 fn taps(input: usize, output: usize, filter: Filter) -> (Vec<Taps>, u32) {
     let scale = input as f64 / output as f64;
     let filter_scale = scale.max(1.0);
+    let inverse = 1.0 / filter_scale;
     let support = filter.support() * filter_scale;
     let mut rows = Vec::with_capacity(output);
     let mut max_weight = 0.0f64;
@@ -76,7 +76,7 @@ fn taps(input: usize, output: usize, filter: Filter) -> (Vec<Taps>, u32) {
         let first = ((center - support + 0.5) as i64).max(0) as usize;
         let last = ((center + support + 0.5) as i64).min(input as i64) as usize;
         let mut weights: Vec<f64> = (first..last)
-            .map(|i| filter.weight((i as f64 - center + 0.5) / filter_scale))
+            .map(|i| filter.weight((i as f64 - center + 0.5) * inverse))
             .collect();
         let total: f64 = weights.iter().sum();
         if total != 0.0 {
@@ -87,9 +87,9 @@ fn taps(input: usize, output: usize, filter: Filter) -> (Vec<Taps>, u32) {
         max_weight = weights.iter().copied().fold(max_weight, f64::max);
         rows.push((first, weights));
     }
-    // The largest precision for which the biggest weight still fits an i16.
+    // The largest precision (up to 22 bits) for which the biggest weight still fits an i16.
     let mut precision = 0u32;
-    while precision < 15 {
+    while precision < 22 {
         let next = (0.5 + max_weight * (1u32 << (precision + 1)) as f64) as i64;
         if next >= 1 << 15 {
             break;
