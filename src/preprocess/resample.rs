@@ -5,7 +5,8 @@
 //!
 //! The filter weights are normalised in f64 and then quantised to 16-bit fixed point with the
 //! largest precision (at most 22 bits) that keeps the biggest weight below 2^15, as that kernel
-//! does; Pillow itself always uses 22 bits, which rounds some pixels one level differently.
+//! does; Pillow itself always uses 22 bits, which rounds some pixels one level differently. (On
+//! CPUs without AVX2, torch resizes in float instead and can differ from this by a level.)
 
 use image::RgbImage;
 
