@@ -1,8 +1,11 @@
 //! Control-image preprocessors: turn a photo into the kind of image a ControlNet was trained on
-//! (edges, depth, pose ...). Only the algorithmic ones are here; model-based preprocessors
-//! (depth estimators, pose detectors) are refused by name where a dialect names them.
+//! (edges, depth, pose ...). The algorithmic ones are [`Preprocessor`]s; the model-based ones
+//! ([`depth::DptDepth`], [`normal::DepthNormal`]) are [`Detector`]s loaded from their weights.
 
 pub mod canny;
+pub mod depth;
+pub mod normal;
+pub mod resample;
 
 use image::RgbImage;
 
