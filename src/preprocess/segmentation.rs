@@ -40,8 +40,10 @@ use crate::weights::folder::load_component;
 use crate::{Error, Result};
 
 /// The ADE20K colour of each of its 150 classes (wall, building, sky, floor, tree, ...), in
-/// class order: the palette of the `sd-controlnet-seg` model card (`ade_palette()`), which the
-/// segmentation ControlNets were trained on.
+/// class order: the palette of the `sd-controlnet-seg` model card (`ade_palette()`, also
+/// `controlnet_aux.util.ade_palette`), the one of ControlNet's own segmentation annotator that
+/// the segmentation ControlNets were trained on. (The `control_v11p_sd15_seg` card's table has
+/// a black entry in front, which paints every class with its predecessor's colour; not followed.)
 pub const ADE20K_PALETTE: [[u8; 3]; 150] = [
     [120, 120, 120],
     [180, 120, 120],
