@@ -257,16 +257,33 @@ pub fn preprocess(image: &image::RgbImage, size: usize, device: &Device) -> Resu
     Ok(Tensor::from_vec(data, (1, 3, size, size), device)?)
 }
 
-/// The bicubic kernel of antialiased resizing (a = -0.5, Keys' cubic as Pillow uses it).
-fn aa_bicubic(x: f64) -> f64 {
-    const A: f64 = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * A
-    } else {
-        0.0
+/// The interpolation kernel of an antialiased resize (torch's `_upsample_*_aa` kernels, which
+/// are Pillow's): its weight at distance `x` (in input pixels, before widening) and its support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AntialiasFilter {
+    /// The triangle (tent) kernel, support 1.
+    Bilinear,
+    /// Keys' cubic with a = -0.5 as Pillow uses it, support 2.
+    Bicubic,
+}
+
+impl AntialiasFilter {
+    fn support(self) -> f64 {
+        match self {
+            AntialiasFilter::Bilinear => 1.0,
+            AntialiasFilter::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        match self {
+            AntialiasFilter::Bilinear => (1.0 - x).max(0.0),
+            AntialiasFilter::Bicubic if x < 1.0 => ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0,
+            AntialiasFilter::Bicubic if x < 2.0 => (((x - 5.0) * x + 8.0) * x - 4.0) * A,
+            AntialiasFilter::Bicubic => 0.0,
+        }
     }
 }
 
@@ -274,17 +291,21 @@ fn aa_bicubic(x: f64) -> f64 {
 /// the first input index and the integer weights. The kernel is widened by the scale when
 /// shrinking, the weights normalised, then rounded to the most fractional bits that keep them
 /// (and the largest doubled) within an i16, as torch's uint8 kernel does.
-fn aa_coefficients(in_size: usize, out_size: usize) -> (u32, Vec<(usize, Vec<i64>)>) {
+fn aa_coefficients(
+    in_size: usize,
+    out_size: usize,
+    filter: AntialiasFilter,
+) -> (u32, Vec<(usize, Vec<i64>)>) {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
-    let support = 2.0 * filter_scale;
+    let support = filter.support() * filter_scale;
     let raw: Vec<(usize, Vec<f64>)> = (0..out_size)
         .map(|xx| {
             let center = (xx as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
             let weights: Vec<f64> = (xmin..xmax)
-                .map(|x| aa_bicubic((x as f64 - center + 0.5) / filter_scale))
+                .map(|x| filter.weight((x as f64 - center + 0.5) / filter_scale))
                 .collect();
             let total: f64 = weights.iter().sum();
             let weights = if total != 0.0 {
@@ -327,10 +348,15 @@ fn aa_coefficients(in_size: usize, out_size: usize) -> (u32, Vec<(usize, Vec<i64
 }
 
 /// One axis of the resize: `horizontal` or vertical, from `image` to `out` pixels along it.
-fn aa_pass(image: &image::RgbImage, out: usize, horizontal: bool) -> image::RgbImage {
+fn aa_pass(
+    image: &image::RgbImage,
+    out: usize,
+    horizontal: bool,
+    filter: AntialiasFilter,
+) -> image::RgbImage {
     let (w, h) = image.dimensions();
     let in_size = if horizontal { w } else { h } as usize;
-    let (precision, coefficients) = aa_coefficients(in_size, out);
+    let (precision, coefficients) = aa_coefficients(in_size, out, filter);
     let (out_w, out_h) = if horizontal {
         (out as u32, h)
     } else {
@@ -368,15 +394,27 @@ pub fn resize_bicubic_antialias(
     width: usize,
     height: usize,
 ) -> image::RgbImage {
+    resize_antialias(image, width, height, AntialiasFilter::Bicubic)
+}
+
+/// [`resize_bicubic_antialias`] with the kernel chosen: torchvision's
+/// `resize(..., interpolation, antialias=True)` on a uint8 tensor, as transformers' image
+/// processors run it.
+pub fn resize_antialias(
+    image: &image::RgbImage,
+    width: usize,
+    height: usize,
+    filter: AntialiasFilter,
+) -> image::RgbImage {
     let horizontal = if width != image.width() as usize {
-        aa_pass(image, width, true)
+        aa_pass(image, width, true, filter)
     } else {
         image.clone()
     };
     if height == horizontal.height() as usize {
         return horizontal;
     }
-    aa_pass(&horizontal, height, false)
+    aa_pass(&horizontal, height, false, filter)
 }
 
 /// diffusers' `ImageProjection`: `image_embeds` to `tokens` x `cross_dim` and a LayerNorm.

@@ -6,6 +6,7 @@ pub mod canny;
 pub mod depth;
 pub mod normal;
 pub mod resample;
+pub mod segmentation;
 
 use image::RgbImage;
 
