@@ -3,6 +3,10 @@
 //! (depth estimators, pose detectors) are refused by name where a dialect names them.
 
 pub mod canny;
+pub mod lineart;
+pub mod mlsd;
+mod pth;
+pub mod resize;
 
 use image::RgbImage;
 
