@@ -306,20 +306,83 @@ fn clip_line(
 }
 
 /// A convolution with its batch norm folded in (`w * g / sqrt(v + eps)`,
-/// `(b - m) * g / sqrt(v + eps) + beta`); dense ones through the shared `Conv2d`, depthwise and
-/// dilated ones through candle_nn.
+/// `(b - m) * g / sqrt(v + eps) + beta`); dense ones through the shared `Conv2d`, dilated ones
+/// through candle_nn, depthwise ones as a sum of shifted products.
 #[derive(Debug, Clone)]
 enum Conv {
     Dense(Conv2d),
-    Grouped(candle_nn::Conv2d),
+    Dilated(candle_nn::Conv2d),
+    Depthwise(Depthwise),
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Conv::Dense(c) => c.forward(x),
-            Conv::Grouped(c) => c.forward(x),
+            Conv::Dilated(c) => c.forward(x),
+            Conv::Depthwise(c) => c.forward(x),
         }
+    }
+}
+
+/// A depthwise convolution (one filter per channel). candle's grouped convolution runs one
+/// convolution per group, hundreds of tiny calls; `k * k` whole-tensor multiply-adds of shifted
+/// views compute the same sums.
+#[derive(Debug, Clone)]
+struct Depthwise {
+    /// `[k * k]` per-tap weights, each `[1, C, 1, 1]`, row-major over the kernel.
+    taps: Vec<Tensor>,
+    bias: Tensor,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Depthwise {
+    fn new(weight: &Tensor, bias: &Tensor, padding: usize, stride: usize) -> Result<Self> {
+        let (channels, _, kernel, _) = weight.dims4()?;
+        let taps = (0..kernel * kernel)
+            .map(|t| {
+                weight
+                    .narrow(2, t / kernel, 1)?
+                    .narrow(3, t % kernel, 1)?
+                    .reshape((1, channels, 1, 1))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            taps,
+            bias: bias.reshape((1, channels, 1, 1))?,
+            kernel,
+            padding,
+            stride,
+        })
+    }
+}
+
+impl Module for Depthwise {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.padding;
+        let x = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        let (_, _, h, w) = x.dims4()?;
+        if h < self.kernel || w < self.kernel {
+            candle_core::bail!("depthwise convolution: input {h}x{w} smaller than its kernel")
+        }
+        let (oh, ow) = (h - self.kernel + 1, w - self.kernel + 1);
+        let mut acc = self.bias.clone();
+        for (t, tap) in self.taps.iter().enumerate() {
+            let (i, j) = (t / self.kernel, t % self.kernel);
+            let view = x.narrow(2, i, oh)?.narrow(3, j, ow)?;
+            acc = view.broadcast_mul(tap)?.broadcast_add(&acc)?;
+        }
+        if self.stride == 1 {
+            return Ok(acc);
+        }
+        let every = |n: usize| {
+            let idx: Vec<u32> = (0..n).step_by(self.stride).map(|i| i as u32).collect();
+            Tensor::new(idx, x.device())
+        };
+        acc.index_select(&every(oh)?, 2)?
+            .index_select(&every(ow)?, 3)
     }
 }
 
@@ -377,8 +440,15 @@ impl Builder<'_> {
                 "{conv}.weight: a depthwise kernel has one input channel per group, found {per_group}"
             )));
         }
-        let groups = if depthwise { out } else { 1 };
-        if groups == 1 && dilation == 1 {
+        if depthwise {
+            if dilation != 1 {
+                return Err(Error::model(format!("{conv}: dilated depthwise kernel")));
+            }
+            return Ok(Conv::Depthwise(Depthwise::new(
+                &weight, &bias, padding, stride,
+            )?));
+        }
+        if dilation == 1 {
             let vb = VarBuilder::from_tensors(
                 HashMap::from([("weight".to_string(), weight), ("bias".to_string(), bias)]),
                 DType::F32,
@@ -390,10 +460,10 @@ impl Builder<'_> {
             padding,
             stride,
             dilation,
-            groups,
+            groups: 1,
             cudnn_fwd_algo: None,
         };
-        Ok(Conv::Grouped(candle_nn::Conv2d::new(
+        Ok(Conv::Dilated(candle_nn::Conv2d::new(
             weight,
             Some(bias),
             config,
@@ -665,6 +735,37 @@ mod tests {
             drawn(16, 16, (1, 2), (12, 7)),
             drawn(16, 16, (12, 7), (1, 2))
         );
+    }
+
+    #[test]
+    fn depthwise_equals_a_grouped_convolution() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 6, 9, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (6, 1, 3, 3), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        for (padding, stride) in [(1, 1), (0, 2), (1, 2)] {
+            let ours = Depthwise::new(&w, &b, padding, stride)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let reference = x
+                .conv2d(&w, padding, stride, 1, 6)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 6, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims(), "{padding} {stride}");
+            let diff: f32 = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-5, "{padding} {stride}: {diff}");
+        }
     }
 
     #[test]
