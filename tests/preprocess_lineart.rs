@@ -132,5 +132,7 @@ fn lineart_refuses_bad_files_and_resolutions() {
     let spec = &manifest()["lineart"];
     let weights = fixtures().join(spec["weights"].as_str().unwrap());
     let detector = LineartDetector::load(&weights, &Device::Cpu).unwrap();
+    let err = detector.detect(&image::RgbImage::new(0, 0)).unwrap_err();
+    assert!(err.to_string().contains("non-empty"), "{err}");
     assert!(detector.with_detect_resolution(32).is_err());
 }

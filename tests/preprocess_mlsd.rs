@@ -138,4 +138,5 @@ fn mlsd_refuses_bad_files_and_settings() {
     assert!(detector().with_thresholds(1.5, 0.1).is_err());
     assert!(detector().with_thresholds(0.1, -1.0).is_err());
     assert!(detector().with_detect_resolution(0).is_err());
+    assert!(detector().detect(&image::RgbImage::new(2, 40)).is_err());
 }

@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use image::{GrayImage, RgbImage};
 
 use super::pth::{conv_shape, read_pth};
-use super::resize::{resize_gray, resize_image, Interpolation};
+use super::resize::{resize_gray, working_image, Interpolation};
 use super::Detector;
 use crate::models::layers::{conv2d, Conv2d};
 use crate::{Error, Result};
@@ -78,15 +78,8 @@ impl LineartDetector {
     /// The network's output for `image` at the working resolution: `[1, 1, H, W]` f32 in 0..1
     /// (line intensity before inversion).
     pub fn line_map(&self, image: &RgbImage) -> Result<Tensor> {
-        let working = resize_image(image, self.detect_resolution);
+        let working = working_image(image, self.detect_resolution)?;
         let (w, h) = working.dimensions();
-        if w == 0 || h == 0 {
-            return Err(Error::invalid(format!(
-                "image {}x{} is too small to detect lines in",
-                image.width(),
-                image.height()
-            )));
-        }
         let x = Tensor::from_vec(
             working.into_raw(),
             (h as usize, w as usize, 3),

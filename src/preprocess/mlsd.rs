@@ -24,7 +24,7 @@ use candle_nn::VarBuilder;
 use image::{GrayImage, RgbImage};
 
 use super::pth::{conv_shape, read_pth};
-use super::resize::{resize_gray, resize_image, Interpolation};
+use super::resize::{resize_gray, working_image, Interpolation};
 use super::Detector;
 use crate::models::layers::{conv2d, Conv2d};
 use crate::{Error, Result};
@@ -106,15 +106,7 @@ impl MlsdDetector {
 
     /// `image` at the working resolution (what the network sees and the lines are drawn on).
     fn working_image(&self, image: &RgbImage) -> Result<RgbImage> {
-        let working = resize_image(image, self.detect_resolution);
-        if working.width() == 0 || working.height() == 0 {
-            return Err(Error::invalid(format!(
-                "image {}x{} is too small to detect lines in",
-                image.width(),
-                image.height()
-            )));
-        }
-        Ok(working)
+        working_image(image, self.detect_resolution)
     }
 
     /// The network's tp map for `image`: `[1, 9, H/2, W/2]` at the working resolution (channel

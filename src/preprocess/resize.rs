@@ -37,6 +37,29 @@ pub fn resize_image(image: &RgbImage, resolution: u32) -> RgbImage {
     resize_rgb(image, w, h, mode)
 }
 
+/// Longest working side a detector accepts, as a multiple of its resolution (an 8:1 image).
+const MAX_ASPECT: u32 = 8;
+
+/// [`resize_image`] for a detector working at `resolution`, refusing images it cannot work on:
+/// empty ones, and ones so elongated that the working image would be more than
+/// `MAX_ASPECT` times the resolution long (an 8:1 image at 512 works on 512x4096).
+pub fn working_image(image: &RgbImage, resolution: u32) -> crate::Result<RgbImage> {
+    let (w, h) = image.dimensions();
+    let limit = resolution.saturating_mul(MAX_ASPECT);
+    if w == 0 || h == 0 || w.max(h) / w.min(h) > MAX_ASPECT {
+        return Err(crate::Error::invalid(format!(
+            "the control image must be non-empty with sides at most {MAX_ASPECT}:1. Given: {w}x{h}"
+        )));
+    }
+    let (ww, wh) = working_size(w, h, resolution);
+    if ww == 0 || wh == 0 || ww.max(wh) > limit {
+        return Err(crate::Error::invalid(format!(
+            "the control image {w}x{h} cannot be brought to the working resolution {resolution}"
+        )));
+    }
+    Ok(resize_image(image, resolution))
+}
+
 /// The size `resize_image` gives an image of `width` x `height` at `resolution`:
 /// `round(side * k / 64) * 64` with `k = resolution / short side` (numpy's round: half to even).
 pub fn working_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
@@ -352,6 +375,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn working_image_refuses_empty_and_elongated_images() {
+        assert!(working_image(&RgbImage::new(0, 10), 512).is_err());
+        assert!(working_image(&RgbImage::new(1, 100), 512).is_err());
+        let ok = working_image(&RgbImage::new(80, 10), 64).unwrap();
+        assert_eq!(ok.dimensions(), (512, 64));
     }
 
     #[test]
