@@ -7,6 +7,10 @@ pub mod depth;
 pub mod normal;
 pub mod resample;
 pub mod segmentation;
+pub mod lineart;
+pub mod mlsd;
+mod pth;
+pub mod resize;
 
 use image::RgbImage;
 
