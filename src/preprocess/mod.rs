@@ -3,6 +3,8 @@
 //! (depth estimators, pose detectors) are refused by name where a dialect names them.
 
 pub mod canny;
+pub mod cv;
+pub mod hed;
 
 use image::RgbImage;
 
