@@ -26,7 +26,7 @@ use crate::api::output::{JobError, JobErrorKind};
 use crate::api::{params, random_seed, AppState};
 use crate::pipeline::request::VAE_SCALE_FACTOR;
 use crate::pipeline::{ControlMode, ControlNetUnit, GenerationRequest, InitImage, MaskImage};
-use crate::preprocess::Preprocessor;
+use crate::preprocess::PreprocessorSpec;
 use crate::registry::ModelEntry;
 use crate::schedulers::{DpmAlgorithm, SchedulerConfig, SchedulerKind, SchedulerSpec};
 
@@ -109,7 +109,7 @@ pub struct Parsed {
 #[derive(Debug)]
 pub struct ControlSpec {
     /// Registry id of each ControlNet, with the preprocessor `auto_hint` runs for it.
-    pub units: Vec<(String, Option<Preprocessor>)>,
+    pub units: Vec<(String, Option<PreprocessorSpec>)>,
     pub scale: f64,
     pub mode: ControlMode,
     /// `control_image` as sent; `None`: the init image is the source.
@@ -119,11 +119,19 @@ pub struct ControlSpec {
 impl ControlSpec {
     /// The request's ControlNet units for a loaded source image (preprocessed per unit when
     /// `auto_hint` asked for it).
-    pub async fn units(&self, source: RgbImage) -> Result<Vec<ControlNetUnit>, JobError> {
+    pub async fn units(
+        &self,
+        state: &AppState,
+        source: RgbImage,
+    ) -> Result<Vec<ControlNetUnit>, JobError> {
         let mut units = Vec::with_capacity(self.units.len());
         for (id, preprocessor) in &self.units {
             let image = match preprocessor {
-                Some(p) => control::run_preprocessor("auto_hint", *p, source.clone()).await?,
+                Some(p) => {
+                    state
+                        .run_preprocessor("auto_hint", *p, source.clone())
+                        .await?
+                }
                 None => source.clone(),
             };
             units.push(ControlNetUnit {
@@ -288,7 +296,7 @@ fn controlnet(
         let entry = state.controlnet_by_name("controlnet_model", model, name)?;
         let preprocessor = if auto_hint {
             let kind = entry.preprocessor.clone().unwrap_or_else(|| name.clone());
-            Some(control::preprocessor("auto_hint", &kind)?)
+            Some(state.preprocessor("auto_hint", &kind)?)
         } else {
             None
         };
