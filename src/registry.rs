@@ -170,7 +170,7 @@ impl PreprocessorToml {
         let id = self.name.unwrap_or_else(|| kind.name().to_string());
         if id.trim().is_empty() || id.trim() != id {
             return Err(bad(
-                "`name` must be non-empty, without surrounding spaces".into(),
+                "`name` must be non-empty, without surrounding spaces".into()
             ));
         }
         // Detector weights are published as torch pickles; they are read with candle's pickle
@@ -1283,11 +1283,14 @@ impl Registry {
     /// The entry that provides the weights of `kind`: the first of that type, else the first
     /// whose type runs the same weights (`hed`, `softedge` and `scribble` share HED's).
     pub fn preprocessor_for(&self, kind: DetectorKind) -> Option<&PreprocessorEntry> {
-        self.preprocessors.iter().find(|e| e.kind == kind).or_else(|| {
-            self.preprocessors
-                .iter()
-                .find(|e| e.kind.weights() == kind.weights())
-        })
+        self.preprocessors
+            .iter()
+            .find(|e| e.kind == kind)
+            .or_else(|| {
+                self.preprocessors
+                    .iter()
+                    .find(|e| e.kind.weights() == kind.weights())
+            })
     }
 
     /// Adds an IP-Adapter entry; its id and aliases must not collide with known IP-Adapter names.
@@ -1935,8 +1938,14 @@ mod tests {
             LoraSource::File(PathBuf::from("/m/annotators/ControlNetHED.pth"))
         );
         // softedge and scribble run HED's weights.
-        assert_eq!(reg.preprocessor_for(DetectorKind::Scribble).unwrap().id, "hed");
-        assert_eq!(reg.preprocessor_for(DetectorKind::SoftEdge).unwrap().id, "hed");
+        assert_eq!(
+            reg.preprocessor_for(DetectorKind::Scribble).unwrap().id,
+            "hed"
+        );
+        assert_eq!(
+            reg.preprocessor_for(DetectorKind::SoftEdge).unwrap().id,
+            "hed"
+        );
         let depth = reg.preprocessor_for(DetectorKind::Depth).unwrap();
         assert_eq!(depth.id, "midas");
         assert!(matches!(&depth.source, LoraSource::Hub { repo, file, .. }
@@ -1944,12 +1953,17 @@ mod tests {
         assert!(reg.preprocessor_for(DetectorKind::OpenPose).is_none());
 
         let unknown = "[[preprocessor]]\ntype = \"sketch\"\npath = \"x.pth\"\n";
-        let err = Registry::from_toml_str(unknown, Path::new("/m")).unwrap_err().to_string();
+        let err = Registry::from_toml_str(unknown, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown type `sketch`"), "{err}");
-        let both = "[[preprocessor]]\ntype = \"hed\"\npath = \"x.pth\"\nhf = \"a/b\"\nfile = \"x\"\n";
+        let both =
+            "[[preprocessor]]\ntype = \"hed\"\npath = \"x.pth\"\nhf = \"a/b\"\nfile = \"x\"\n";
         assert!(Registry::from_toml_str(both, Path::new("/m")).is_err());
         let twice = format!("{t}\n[[preprocessor]]\ntype = \"hed\"\npath = \"y.pth\"\n");
-        let err = Registry::from_toml_str(&twice, Path::new("/m")).unwrap_err().to_string();
+        let err = Registry::from_toml_str(&twice, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`hed`"), "{err}");
     }
 

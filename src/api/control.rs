@@ -163,14 +163,22 @@ impl AppState {
     /// The loaded detector of `kind`: loaded once (off the async runtime) from its
     /// `[[preprocessor]]` entry and shared; a failed load is reported and tried again by the
     /// next request.
-    async fn detector(&self, field: &str, kind: DetectorKind) -> Result<Arc<dyn Detector>, JobError> {
+    async fn detector(
+        &self,
+        field: &str,
+        kind: DetectorKind,
+    ) -> Result<Arc<dyn Detector>, JobError> {
         // Refuses a kind with no entry, as parsing the request did.
         self.preprocessor(field, kind.name())?;
-        let entry = self.registry().preprocessor_for(kind).cloned().ok_or_else(|| {
-            JobError::from_engine(crate::Error::Internal(format!(
-                "no `{kind}` preprocessor entry"
-            )))
-        })?;
+        let entry = self
+            .registry()
+            .preprocessor_for(kind)
+            .cloned()
+            .ok_or_else(|| {
+                JobError::from_engine(crate::Error::Internal(format!(
+                    "no `{kind}` preprocessor entry"
+                )))
+            })?;
         let device = self.detector_device().clone();
         let cell = self.detectors().cell(kind);
         let loaded = cell
@@ -186,7 +194,11 @@ impl AppState {
             .await
             .map_err(|e| {
                 tracing::error!(kind = %kind, "loading the preprocessor failed: {e}");
-                JobError::from_engine(e)
+                JobError {
+                    kind: JobErrorKind::Failed,
+                    message: format!("`{field}`: loading the `{kind}` preprocessor failed: {e}"),
+                    parameter: Some(field.to_string()),
+                }
             })?;
         Ok(loaded.clone())
     }

@@ -181,7 +181,9 @@ impl fmt::Debug for Preprocessor {
                 .field("low", low)
                 .field("high", high)
                 .finish(),
-            Preprocessor::Model { kind, .. } => f.debug_struct("Model").field("kind", kind).finish(),
+            Preprocessor::Model { kind, .. } => {
+                f.debug_struct("Model").field("kind", kind).finish()
+            }
         }
     }
 }
@@ -214,8 +216,14 @@ mod tests {
         for kind in DetectorKind::ALL {
             assert_eq!(DetectorKind::from_name(kind.name()), Some(kind));
         }
-        assert_eq!(DetectorKind::from_name("NormalBae"), Some(DetectorKind::Normal));
-        assert_eq!(DetectorKind::from_name("seg"), Some(DetectorKind::Segmentation));
+        assert_eq!(
+            DetectorKind::from_name("NormalBae"),
+            Some(DetectorKind::Normal)
+        );
+        assert_eq!(
+            DetectorKind::from_name("seg"),
+            Some(DetectorKind::Segmentation)
+        );
         assert_eq!(DetectorKind::from_name("canny"), None);
         assert_eq!(DetectorKind::Scribble.weights(), DetectorKind::Hed);
     }
