@@ -232,11 +232,12 @@ fn resize_fixed_point(
     let mut out = Vec::with_capacity(dw * dh);
     let mut column = Vec::new();
     for (idx, w) in &ys {
-        for x in 0..dw {
+        let taps: Vec<&Vec<i32>> = idx.iter().map(|&i| &rows[i]).collect();
+        out.extend((0..dw).map(|x| {
             column.clear();
-            column.extend(idx.iter().map(|&i| rows[i][x]));
-            out.push(round(&column, w));
-        }
+            column.extend(taps.iter().map(|row| row[x]));
+            round(&column, w)
+        }));
     }
     out
 }
@@ -262,7 +263,7 @@ fn round_generic(values: &[i32], weights: &[i32]) -> u8 {
 /// OpenCV's INTER_AREA shrink: each output pixel the area-weighted mean of the source pixels it
 /// covers (integer factors average whole blocks and round half up).
 fn resize_area(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8> {
-    if sw % dw == 0 && sh % dh == 0 {
+    if sw.is_multiple_of(dw) && sh.is_multiple_of(dh) {
         let (fx, fy) = (sw / dw, sh / dh);
         let area = (fx * fy) as u32;
         let mut out = Vec::with_capacity(dw * dh);
@@ -302,15 +303,16 @@ fn resize_area(src: &[u8], sw: usize, sh: usize, dw: usize, dh: usize) -> Vec<u8
         .collect();
     let mut out = Vec::with_capacity(dw * dh);
     for t in &ys {
-        for x in 0..dw {
-            let v: f32 = t
-                .index
-                .iter()
-                .zip(&t.weight)
-                .map(|(&i, &w)| rows[i][x] * w)
-                .sum();
-            out.push(v.round_ties_even().clamp(0.0, 255.0) as u8);
-        }
+        let taps: Vec<(&Vec<f32>, f32)> = t
+            .index
+            .iter()
+            .map(|&i| &rows[i])
+            .zip(t.weight.iter().copied())
+            .collect();
+        out.extend((0..dw).map(|x| {
+            let v: f32 = taps.iter().map(|(row, w)| row[x] * w).sum();
+            v.round_ties_even().clamp(0.0, 255.0) as u8
+        }));
     }
     out
 }
