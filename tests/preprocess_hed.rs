@@ -122,3 +122,73 @@ fn hed_control_images_match_controlnet_aux() {
     }
     eprintln!("{}", report.join("\n"));
 }
+
+/// A golden `[h, w]` u8 tensor as a gray image.
+fn gray_golden(
+    golden: &std::collections::HashMap<String, candle_core::Tensor>,
+    key: &str,
+) -> GrayImage {
+    let t = &golden[key];
+    let (h, w) = t.dims2().expect("2-D golden");
+    let bytes = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    GrayImage::from_raw(w as u32, h as u32, bytes).unwrap()
+}
+
+/// Pixels that differ, and the largest difference.
+fn compare(ours: &GrayImage, expected: &GrayImage) -> (usize, u8) {
+    assert_eq!(ours.dimensions(), expected.dimensions());
+    let diffs = ours
+        .as_raw()
+        .iter()
+        .zip(expected.as_raw())
+        .map(|(a, b)| a.abs_diff(*b));
+    diffs.fold((0, 0), |(n, m), d| (n + usize::from(d > 0), m.max(d)))
+}
+
+#[test]
+fn opencv_operations_match_cv2() {
+    use sd_serve::preprocess::cv;
+    let golden = load_goldens("hed.safetensors");
+    let input = gray_golden(&golden, "cv_input");
+    let rgb = image::DynamicImage::ImageLuma8(input.clone()).to_rgb8();
+    let mut report = Vec::new();
+    let mut check = |name: &str, ours: GrayImage, bound: u8| {
+        let (differing, max) = compare(&ours, &gray_golden(&golden, name));
+        report.push(format!("{name}: {differing} pixels differ, max {max}"));
+        assert!(max <= bound, "{name}: max diff {max}");
+    };
+    // resize_image's shrink (INTER_AREA, uneven factors), INTER_AREA growing the long side, and
+    // the LANCZOS4 enlargement: OpenCV's arithmetic, but the area weights are summed in float
+    // and the Lanczos coefficients come from sin/cos before their 11-bit rounding, so a value
+    // on a .5 boundary may round the other way (one level).
+    for (name, w, h) in [
+        ("cv_area_16x13", 16, 13),
+        ("cv_area_50x20", 50, 20),
+        ("cv_lanczos4_70x61", 70, 61),
+    ] {
+        let out = cv::resize_to_resolution(&rgb, w, h);
+        check(name, image::DynamicImage::ImageRgb8(out).to_luma8(), 1);
+    }
+    // Bilinear 8-bit resizes: OpenCV's integer fixed point from float32 fractions, exact.
+    check("cv_linear_50x40", cv::resize_linear_u8(&input, 50, 40), 0);
+    check("cv_linear_20x15", cv::resize_linear_u8(&input, 20, 15), 0);
+    // The 8-bit blur in OpenCV's exact fixed point, and nms (a float blur, then thresholds: a
+    // pixel within float rounding of a neighbour or of 127 could flip; none does here).
+    check("cv_blur_u8", cv::gaussian_blur_u8_sigma3(&input), 0);
+    check("cv_nms", cv::nms(&input, 127.0, 3.0), 0);
+    eprintln!("{}", report.join("\n"));
+
+    // The float bilinear resize of the side outputs: float32 products and sums as OpenCV's.
+    let small = &golden["cv_float_input"];
+    let (h, w) = small.dims2().unwrap();
+    let ours = cv::resize_linear_f32(&flat(small), w, h, 37, 29);
+    let expected = flat(&golden["cv_float_linear_37x29"]);
+    let max = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("float bilinear: max |diff| {max:.3e}");
+    // Values of a few units: OpenCV's SIMD kernels may fuse the multiply-adds (1 ulp ~ 5e-7).
+    assert!(max < 1e-5, "float bilinear: max |diff| {max}");
+}

@@ -43,11 +43,23 @@ pub fn resize_to_resolution(image: &RgbImage, width: u32, height: u32) -> RgbIma
     for c in 0..3 {
         let plane: Vec<u8> = image.pixels().map(|p| p[c]).collect();
         let resized = if enlarging {
-            resize_fixed_point(&plane, sw, sh, dw, dh, lanczos4_taps, round_generic)
+            resize_fixed_point(
+                &plane,
+                (sw, sh),
+                (dw, dh),
+                (lanczos4_taps, lanczos4_taps),
+                round_generic,
+            )
         } else if dw <= sw && dh <= sh {
             resize_area(&plane, sw, sh, dw, dh)
         } else {
-            resize_fixed_point(&plane, sw, sh, dw, dh, area_enlarge_taps, round_linear)
+            resize_fixed_point(
+                &plane,
+                (sw, sh),
+                (dw, dh),
+                (area_enlarge_taps, area_enlarge_taps),
+                round_linear,
+            )
         };
         for (p, v) in out.pixels_mut().zip(resized) {
             p[c] = v;
@@ -62,7 +74,7 @@ pub fn resize_linear_f32(src: &[f32], sw: usize, sh: usize, dw: usize, dh: usize
         return src.to_vec();
     }
     let xs = linear_taps(sw, dw);
-    let ys = linear_taps(sh, dh);
+    let ys = linear_taps_vertical(sh, dh);
     let rows: Vec<Vec<f32>> = (0..sh)
         .map(|y| {
             let row = &src[y * sw..(y + 1) * sw];
@@ -89,7 +101,13 @@ pub fn resize_linear_u8(image: &GrayImage, width: u32, height: u32) -> GrayImage
     } else if sw == 2 * dw && sh == 2 * dh {
         resize_area(image.as_raw(), sw, sh, dw, dh)
     } else {
-        resize_fixed_point(image.as_raw(), sw, sh, dw, dh, linear_taps, round_linear)
+        resize_fixed_point(
+            image.as_raw(),
+            (sw, sh),
+            (dw, dh),
+            (linear_taps, linear_taps_vertical),
+            round_linear,
+        )
     };
     GrayImage::from_raw(width, height, out)
         .expect("resized plane has the asked size; this is a bug")
@@ -101,7 +119,8 @@ struct Taps {
     weight: Vec<f32>,
 }
 
-/// Bilinear taps: two source pixels, the coordinate clamped at the borders as OpenCV does.
+/// Bilinear taps across: two source pixels, the coordinate clamped at the borders as OpenCV
+/// clamps it horizontally.
 fn linear_taps(src: usize, dst: usize) -> Vec<Taps> {
     let scale = src as f64 / dst as f64;
     (0..dst)
@@ -120,6 +139,24 @@ fn linear_taps(src: usize, dst: usize) -> Vec<Taps> {
             let s = s as usize;
             Taps {
                 index: vec![s, (s + 1).min(src - 1)],
+                weight: vec![1.0 - frac, frac],
+            }
+        })
+        .collect()
+}
+
+/// Bilinear taps down the image: OpenCV keeps the fraction at the borders and replicates the
+/// edge row instead (the same value in exact arithmetic, not in its fixed point).
+fn linear_taps_vertical(src: usize, dst: usize) -> Vec<Taps> {
+    let scale = src as f64 / dst as f64;
+    (0..dst)
+        .map(|d| {
+            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let s = f.floor() as i64;
+            let frac = f - s as f32;
+            let clamp = |i: i64| i.clamp(0, src as i64 - 1) as usize;
+            Taps {
+                index: vec![clamp(s), clamp(s + 1)],
                 weight: vec![1.0 - frac, frac],
             }
         })
@@ -191,15 +228,16 @@ fn lanczos4_coefficients(x: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Taps of one axis for a source and a destination length.
+type TapsFn = fn(usize, usize) -> Vec<Taps>;
+
 /// OpenCV's 8-bit separable resize: coefficients in 11-bit fixed point, a horizontal pass into
 /// integers, then a vertical pass rounded by `round`.
 fn resize_fixed_point(
     src: &[u8],
-    sw: usize,
-    sh: usize,
-    dw: usize,
-    dh: usize,
-    taps: fn(usize, usize) -> Vec<Taps>,
+    (sw, sh): (usize, usize),
+    (dw, dh): (usize, usize),
+    (x_taps, y_taps): (TapsFn, TapsFn),
     round: fn(&[i32], &[i32]) -> u8,
 ) -> Vec<u8> {
     let fixed = |t: Vec<Taps>| -> Vec<(Vec<usize>, Vec<i32>)> {
@@ -214,8 +252,8 @@ fn resize_fixed_point(
             })
             .collect()
     };
-    let xs = fixed(taps(sw, dw));
-    let ys = fixed(taps(sh, dh));
+    let xs = fixed(x_taps(sw, dw));
+    let ys = fixed(y_taps(sh, dh));
     let rows: Vec<Vec<i32>> = (0..sh)
         .map(|y| {
             let row = &src[y * sw..(y + 1) * sw];
