@@ -15,19 +15,26 @@ use crate::{Error, Result};
 const COEF_BITS: u32 = 11;
 const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
 
+/// The most pixels a detector's input may have after `resize_image` (a 512 short side with a
+/// 16:1 aspect ratio): the short side is scaled up, so a thin strip of an image would otherwise
+/// ask for gigabytes of activations.
+pub const MAX_DETECT_PIXELS: u64 = 2048 * 2048;
+
 /// The size `controlnet_aux.util.resize_image` gives an image of `width` x `height` for
 /// `resolution`: the short side scaled to `resolution`, each side rounded (half to even, as
-/// numpy rounds) to a multiple of 64.
+/// numpy rounds) to a multiple of 64. Sizes of 0 or above [`MAX_DETECT_PIXELS`] are refused.
 pub fn resize_image_size(width: u32, height: u32, resolution: u32) -> Result<(u32, u32)> {
-    let k = f64::from(resolution) / f64::from(width.min(height));
-    let round64 = |side: u32| ((f64::from(side) * k / 64.0).round_ties_even() as u32) * 64;
+    let k = f64::from(resolution) / f64::from(width.min(height).max(1));
+    let round64 = |side: u32| ((f64::from(side) * k / 64.0).round_ties_even() * 64.0) as u64;
     let (w, h) = (round64(width), round64(height));
-    if w == 0 || h == 0 {
+    if w == 0 || h == 0 || w * h > MAX_DETECT_PIXELS {
         return Err(Error::invalid(format!(
-            "a {width}x{height} image rounds to {w}x{h} at detect resolution {resolution}"
+            "a {width}x{height} image becomes {w}x{h} at detect resolution {resolution}; the \
+             detector takes 64x64 up to {MAX_DETECT_PIXELS} pixels (an aspect ratio up to 16:1 \
+             at resolution 512)"
         )));
     }
-    Ok((w, h))
+    Ok((w as u32, h as u32))
 }
 
 /// `controlnet_aux.util.resize_image`'s resize of `image` to `width` x `height`: INTER_LANCZOS4
@@ -508,4 +515,22 @@ pub fn nms(image: &GrayImage, threshold: f32, sigma: f64) -> GrayImage {
         .collect();
     GrayImage::from_raw(w as u32, h as u32, out)
         .expect("nms plane has the image's size; this is a bug")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_image_rounds_like_controlnet_aux() {
+        // 1.5 rounds to 2 and 2.5 to 2, as numpy rounds halves to even.
+        assert_eq!(resize_image_size(192, 128, 64).unwrap(), (128, 64));
+        assert_eq!(resize_image_size(96, 64, 64).unwrap(), (128, 64));
+        assert_eq!(resize_image_size(160, 64, 64).unwrap(), (128, 64));
+        assert_eq!(resize_image_size(80, 60, 512).unwrap(), (704, 512));
+        // A thin strip would need 512 x 32768 pixels.
+        let err = resize_image_size(4096, 64, 512).unwrap_err().to_string();
+        assert!(err.contains("16:1"), "{err}");
+        assert!(resize_image_size(10, 10, 16).is_err());
+    }
 }
