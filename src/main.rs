@@ -303,6 +303,10 @@ fn list_models(models: Option<&Path>) -> anyhow::Result<()> {
             net.id, net.family
         );
     }
+    for pre in registry.preprocessors() {
+        let source = file_source(&pre.source);
+        println!("{}\tpreprocessor {}\t{source}", pre.id, pre.kind);
+    }
     Ok(())
 }
 
@@ -545,7 +549,7 @@ fn aliases_column(aliases: &[String]) -> String {
     }
 }
 
-/// Where a LoRA or embedding file is, as `sd-serve models` prints it.
+/// Where a LoRA, embedding or preprocessor file is, as `sd-serve models` prints it.
 fn file_source(source: &LoraSource) -> String {
     match source {
         LoraSource::File(path) => path.display().to_string(),

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::preprocess::DetectorKind;
 use crate::weights::folder::{
     choose_weight_file, component_paths, load_component, shard_files, ModelIndex, WeightChoice,
 };
@@ -122,6 +123,117 @@ struct RegistryToml {
     controlnets: Vec<ControlNetToml>,
     #[serde(default, rename = "ip_adapter")]
     ip_adapters: Vec<IpAdapterToml>,
+    #[serde(default, rename = "preprocessor")]
+    preprocessors: Vec<PreprocessorToml>,
+}
+
+/// One model-based ControlNet preprocessor the registry knows: the detector kind and where its
+/// public weights are (`controlnet_aux`'s files, read in their published format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessorEntry {
+    /// `name` when given, else the type (`hed`).
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub kind: DetectorKind,
+    /// The weights: a file (`.pth`, `.pt`, `.safetensors`), or a folder for detectors whose
+    /// weights are a transformers folder; with `hf`, a file in the repo (a folder when it ends
+    /// in `/`).
+    pub source: LoraSource,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreprocessorToml {
+    #[serde(rename = "type")]
+    kind: String,
+    name: Option<String>,
+    path: Option<String>,
+    hf: Option<String>,
+    revision: Option<String>,
+    file: Option<String>,
+    description: Option<String>,
+}
+
+impl PreprocessorToml {
+    fn into_entry(self, base: &Path) -> Result<PreprocessorEntry> {
+        let label = self.name.clone().unwrap_or_else(|| self.kind.clone());
+        let bad = |msg: String| Error::model(format!("models.toml, preprocessor `{label}`: {msg}"));
+        let kind = DetectorKind::from_name(&self.kind).ok_or_else(|| {
+            let known: Vec<&str> = DetectorKind::ALL.iter().map(|k| k.name()).collect();
+            bad(format!(
+                "unknown type `{}`; known types: {}",
+                self.kind,
+                known.join(", ")
+            ))
+        })?;
+        let id = self.name.unwrap_or_else(|| kind.name().to_string());
+        if id.trim().is_empty() || id.trim() != id {
+            return Err(bad(
+                "`name` must be non-empty, without surrounding spaces".into()
+            ));
+        }
+        // Detector weights are published as torch pickles; they are read with candle's pickle
+        // reader, which rebuilds tensors only and runs no code from the file.
+        let source = match (self.hf, self.path, self.file) {
+            (Some(repo), None, Some(file)) => {
+                check_repo_id(&repo).map_err(bad)?;
+                LoraSource::Hub {
+                    repo,
+                    revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
+                    file,
+                }
+            }
+            (None, Some(path), None) if self.revision.is_none() => {
+                LoraSource::File(base.join(path))
+            }
+            (None, Some(_), None) => return Err(bad("`revision` needs `hf`".into())),
+            _ => {
+                return Err(bad(
+                    "give the weights as `path` (a local file or folder), or `hf` (a hub \
+                     repo) with `file`"
+                        .into(),
+                ))
+            }
+        };
+        Ok(PreprocessorEntry {
+            id,
+            aliases: Vec::new(),
+            kind,
+            source,
+            description: self.description,
+        })
+    }
+}
+
+impl PreprocessorEntry {
+    /// The local weights file or folder, fetched from the hub when needed.
+    pub fn local_path(&self) -> Result<PathBuf> {
+        match &self.source {
+            LoraSource::File(path) if path.exists() => Ok(path.clone()),
+            LoraSource::File(path) => Err(Error::model(format!(
+                "preprocessor `{}`: {} does not exist",
+                self.id,
+                path.display()
+            ))),
+            LoraSource::Hub {
+                repo,
+                revision,
+                file,
+            } if file.ends_with('/') => {
+                let hub = HubOptions::from_env()?;
+                let repo = HubRepo::new(&hub, repo, revision)?;
+                let folder = file.trim_end_matches('/');
+                repo.get(&format!("{folder}/model.safetensors"))?;
+                let config = repo.get(&format!("{folder}/config.json"))?;
+                config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| Error::model("hub file without a folder"))
+            }
+            LoraSource::Hub { .. } => source_path(&self.source, "preprocessor", &self.id),
+        }
+    }
 }
 
 /// One IP-Adapter the registry knows. Whether it is a plain or a plus adapter is read from the
@@ -979,6 +1091,7 @@ named! {
     EmbeddingEntry => "embedding", "embedding";
     ControlNetEntry => "controlnet", "ControlNet";
     IpAdapterEntry => "ip_adapter", "IP-Adapter";
+    PreprocessorEntry => "preprocessor", "preprocessor";
 }
 
 /// The entry whose id, else whose alias, is exactly `name`.
@@ -1039,6 +1152,7 @@ pub struct Registry {
     embeddings: Vec<EmbeddingEntry>,
     controlnets: Vec<ControlNetEntry>,
     ip_adapters: Vec<IpAdapterEntry>,
+    preprocessors: Vec<PreprocessorEntry>,
 }
 
 impl Registry {
@@ -1080,6 +1194,9 @@ impl Registry {
         }
         for raw in parsed.ip_adapters {
             reg.add_ip_adapter(raw.into_entry(base)?)?;
+        }
+        for raw in parsed.preprocessors {
+            reg.add_preprocessor(raw.into_entry(base)?)?;
         }
         Ok(reg)
     }
@@ -1144,7 +1261,36 @@ impl Registry {
             self.ip_adapters.retain(|e| e.id != entry.id);
             self.add_ip_adapter(entry)?;
         }
+        for entry in other.preprocessors {
+            self.preprocessors.retain(|e| e.id != entry.id);
+            self.add_preprocessor(entry)?;
+        }
         Ok(())
+    }
+
+    /// Adds a preprocessor entry; its name must not collide with known preprocessor names.
+    pub fn add_preprocessor(&mut self, entry: PreprocessorEntry) -> Result<()> {
+        check_names(&self.preprocessors, &entry)?;
+        self.preprocessors.push(entry);
+        Ok(())
+    }
+
+    /// The registered preprocessors, in file order.
+    pub fn preprocessors(&self) -> impl Iterator<Item = &PreprocessorEntry> {
+        self.preprocessors.iter()
+    }
+
+    /// The entry that provides the weights of `kind`: the first of that type, else the first
+    /// whose type runs the same weights (`hed`, `softedge` and `scribble` share HED's).
+    pub fn preprocessor_for(&self, kind: DetectorKind) -> Option<&PreprocessorEntry> {
+        self.preprocessors
+            .iter()
+            .find(|e| e.kind == kind)
+            .or_else(|| {
+                self.preprocessors
+                    .iter()
+                    .find(|e| e.kind.weights() == kind.weights())
+            })
     }
 
     /// Adds an IP-Adapter entry; its id and aliases must not collide with known IP-Adapter names.
@@ -1777,6 +1923,48 @@ mod tests {
         assert!(e.contains("exactly one source"), "{e}");
         let t = "[[model]]\nid = \"x\"\n";
         assert!(Registry::from_toml_str(t, Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn preprocessor_entries() {
+        let t = "[[preprocessor]]\ntype = \"hed\"\npath = \"annotators/ControlNetHED.pth\"\n\n\
+                 [[preprocessor]]\ntype = \"depth\"\nname = \"midas\"\n\
+                 hf = \"lllyasviel/Annotators\"\nfile = \"dpt_hybrid-midas-501f0c75.pt\"\n";
+        let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
+        let hed = reg.preprocessor_for(DetectorKind::Hed).unwrap();
+        assert_eq!(hed.id, "hed");
+        assert_eq!(
+            hed.source,
+            LoraSource::File(PathBuf::from("/m/annotators/ControlNetHED.pth"))
+        );
+        // softedge and scribble run HED's weights.
+        assert_eq!(
+            reg.preprocessor_for(DetectorKind::Scribble).unwrap().id,
+            "hed"
+        );
+        assert_eq!(
+            reg.preprocessor_for(DetectorKind::SoftEdge).unwrap().id,
+            "hed"
+        );
+        let depth = reg.preprocessor_for(DetectorKind::Depth).unwrap();
+        assert_eq!(depth.id, "midas");
+        assert!(matches!(&depth.source, LoraSource::Hub { repo, file, .. }
+            if repo == "lllyasviel/Annotators" && file == "dpt_hybrid-midas-501f0c75.pt"));
+        assert!(reg.preprocessor_for(DetectorKind::OpenPose).is_none());
+
+        let unknown = "[[preprocessor]]\ntype = \"sketch\"\npath = \"x.pth\"\n";
+        let err = Registry::from_toml_str(unknown, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown type `sketch`"), "{err}");
+        let both =
+            "[[preprocessor]]\ntype = \"hed\"\npath = \"x.pth\"\nhf = \"a/b\"\nfile = \"x\"\n";
+        assert!(Registry::from_toml_str(both, Path::new("/m")).is_err());
+        let twice = format!("{t}\n[[preprocessor]]\ntype = \"hed\"\npath = \"y.pth\"\n");
+        let err = Registry::from_toml_str(&twice, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`hed`"), "{err}");
     }
 
     #[test]

@@ -806,8 +806,9 @@ async fn sinkin_controlnet_canny_guides_from_the_init_image() {
     assert_eq!(a, download(&image_of(&body)).await);
 
     for (controlnet, image, status, needle) in [
-        ("depth", true, 400, "`controlnet` is not supported yet"),
-        ("openpose", true, 400, "`controlnet` is not supported yet"),
+        // Known detectors without a `[[preprocessor]]` entry: the message names the entry.
+        ("depth", true, 400, "type = \"depth\""),
+        ("openpose", true, 400, "body_pose_model.pth"),
         (
             "sketch",
             true,

@@ -443,7 +443,8 @@ async fn limits_and_malformed_values_are_refused() {
         (
             &[("controlnet", Some("openpose"))],
             bad,
-            "`controlnet` is not supported yet",
+            // No `[[preprocessor]]` entry for it: the message names the one to add.
+            "`controlnet`: the `openpose` preprocessor needs its detection model",
         ),
         (
             &[("controlnet", Some("sketch"))],

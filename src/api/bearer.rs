@@ -69,7 +69,6 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{Map, Value};
 
-use super::control;
 use super::media::{self, ImageInput, MediaError};
 use super::output::{JobError, JobErrorKind, OutputSpec};
 use super::{auth, params, random_seed, AppState};
@@ -388,12 +387,13 @@ async fn control_image(state: AppState, request: Request) -> Result<Response, Be
     let mut headers = HeaderMap::new();
     // The family's canny ControlNet, where one is registered, keeps the upload's outlines.
     if let Ok(net) = state.controlnet_of_type("image", &entry, "canny") {
-        let edges = control::run_preprocessor(
-            "image",
-            crate::preprocess::Preprocessor::CANNY,
-            image.clone(),
-        )
-        .await?;
+        let edges = state
+            .run_preprocessor(
+                "image",
+                crate::preprocess::PreprocessorSpec::CANNY,
+                image.clone(),
+            )
+            .await?;
         request.controlnets.push(ControlNetUnit {
             scale: control_strength,
             ..ControlNetUnit::new(net.id.clone(), edges)

@@ -1,20 +1,24 @@
 //! ControlNet inputs every dialect shares: finding the registered ControlNet a client names (by
 //! registry id or alias, or by control type such as `canny`), and running a preprocessor on an
-//! image. Model-based preprocessors (depth, pose, segmentation ...) are refused by name. The
-//! `inpaint` type makes no image: its ControlNet reads the seed image with the masked pixels at
-//! -1, which the pipeline builds from the request's mask ([`Hint::InpaintCondition`]).
+//! image. Model-based preprocessors (HED, depth, pose ...) run when a `[[preprocessor]]` entry
+//! names their weights; they load on first use and stay loaded. The `inpaint` type makes no
+//! image: its ControlNet reads the seed image with the masked pixels at -1, which the pipeline
+//! builds from the request's mask ([`Hint::InpaintCondition`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use image::RgbImage;
 
-use super::output::JobError;
+use super::output::{JobError, JobErrorKind};
 use super::AppState;
 use crate::pipeline::{ControlCondition, ControlNetUnit};
-use crate::preprocess::Preprocessor;
+use crate::preprocess::{load_detector, Detector, DetectorKind, Preprocessor, PreprocessorSpec};
 use crate::registry::{ControlNetEntry, ModelEntry};
 
-/// Control types the dialects document. Only `canny` has a preprocessor here; the others need a
-/// detection model this server does not run (their ControlNets still work with a ready control
-/// image where one is registered).
+/// Control types the dialects document. `canny` is computed directly; the model-based ones run
+/// when configured (see [`AppState::preprocessor`]); their ControlNets also work with a ready
+/// control image.
 pub const CONTROL_TYPES: &[&str] = &[
     "canny",
     "depth",
@@ -41,8 +45,8 @@ pub fn is_control_type(name: &str) -> bool {
 /// How a dialect turns its source image into a ControlNet's input when asked to prepare it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Hint {
-    /// Run this preprocessor on the source (an edge map ...).
-    Preprocess(Preprocessor),
+    /// Run this preprocessor on the source (an edge map, a depth map ...).
+    Preprocess(PreprocessorSpec),
     /// The inpaint condition: the source as it is, with the pixels the request's mask repaints
     /// at -1 ([`ControlCondition::Inpaint`]); the request must inpaint.
     InpaintCondition,
@@ -53,13 +57,14 @@ impl Hint {
     /// runtime when the hint says so); errors name `field`.
     pub async fn unit(
         self,
+        state: &AppState,
         field: &str,
         model: String,
         source: RgbImage,
     ) -> Result<ControlNetUnit, JobError> {
         Ok(match self {
-            Hint::Preprocess(p) => {
-                ControlNetUnit::new(model, run_preprocessor(field, p, source).await?)
+            Hint::Preprocess(spec) => {
+                ControlNetUnit::new(model, state.run_preprocessor(field, spec, source).await?)
             }
             Hint::InpaintCondition => ControlNetUnit {
                 condition: ControlCondition::Inpaint,
@@ -69,83 +74,195 @@ impl Hint {
     }
 }
 
-/// What prepares a ControlNet of control type `name`: the inpaint condition for `inpaint`, else
-/// the preprocessor of that name. Errors name `field`.
-pub fn hint(field: &str, name: &str) -> Result<Hint, JobError> {
-    if name.trim().eq_ignore_ascii_case("inpaint") {
-        Ok(Hint::InpaintCondition)
-    } else {
-        preprocessor(field, name).map(Hint::Preprocess)
-    }
+/// How a dialect's preprocessor name is served: what it computes, or why it cannot.
+enum Served {
+    Spec(PreprocessorSpec),
+    /// The inpaint condition, which is no image a preprocessor makes (see [`AppState::hint`]).
+    Inpaint,
+    /// A known preprocessor with no implementation here.
+    Unsupported,
 }
 
-/// The preprocessor called `name`; errors name `field`.
-pub fn preprocessor(field: &str, name: &str) -> Result<Preprocessor, JobError> {
+/// What `name` (a dialect's preprocessor or control type, case-insensitive) asks for.
+fn served(name: &str) -> Option<Served> {
     let lower = name.trim().to_ascii_lowercase();
-    match lower.as_str() {
-        "canny" => Ok(Preprocessor::CANNY),
-        // Not an image at all: see `hint`.
-        "inpaint" => Err(JobError::invalid(
-            field,
-            format!(
-                "`{field}`: `inpaint` makes no control image: an inpaint ControlNet reads the \
-                 seed image with its masked pixels at -1, built from an inpainting request's \
-                 seed image and mask"
-            ),
-        )),
-        _ if is_control_type(&lower) || MODEL_PREPROCESSORS.contains(&lower.as_str()) => {
-            Err(JobError::not_supported(
-                field,
-                &format!(
-                    "the `{name}` preprocessor needs a detection model, which this server does \
-                     not run (canny is available; or send a ready control image)"
-                ),
-            ))
-        }
-        _ => Err(JobError::invalid(
-            field,
-            format!("`{field}`: unknown preprocessor `{name}`; this server runs: canny"),
-        )),
+    if lower == "canny" {
+        return Some(Served::Spec(PreprocessorSpec::CANNY));
     }
+    if lower == "inpaint" {
+        return Some(Served::Inpaint);
+    }
+    if let Some(kind) = DetectorKind::from_name(&lower) {
+        return Some(Served::Spec(PreprocessorSpec::Detector(kind)));
+    }
+    (is_control_type(&lower) || UNSUPPORTED_PREPROCESSORS.contains(&lower.as_str()))
+        .then_some(Served::Unsupported)
 }
 
-/// Preprocessor names of other services (Runware's `preProcessorType` values) that need a model.
-const MODEL_PREPROCESSORS: &[&str] = &[
-    "depth",
-    "midas",
+/// Preprocessor names of the dialects (control types and Runware's `preProcessorType` values)
+/// that this server has no implementation of.
+const UNSUPPORTED_PREPROCESSORS: &[&str] = &[
     "zoe",
     "leres",
-    "mlsd",
-    "hed",
     "pidinet",
-    "softedge",
-    "lineart",
-    "lineart_anime",
-    "normalbae",
-    "openpose",
     "openpose_face",
     "openpose_faceonly",
     "openpose_full",
     "openpose_hand",
-    "scribble",
-    "seg",
-    "segmentation",
     "shuffle",
     "tile",
     "mediapipe_face",
 ];
 
-/// Runs `preprocessor` on `image` off the async runtime.
-pub async fn run_preprocessor(
-    field: &str,
-    preprocessor: Preprocessor,
-    image: RgbImage,
-) -> Result<RgbImage, JobError> {
-    let field_owned = field.to_string();
-    tokio::task::spawn_blocking(move || preprocessor.apply(&image))
-        .await
-        .map_err(|e| JobError::from_engine(crate::Error::Internal(e.to_string())))?
-        .map_err(|e| JobError::invalid(field_owned, e.to_string()))
+impl AppState {
+    /// What prepares a ControlNet of control type `name`: the inpaint condition for `inpaint`,
+    /// else the preprocessor of that name (see [`Self::preprocessor`]). Errors name `field`.
+    pub fn hint(&self, field: &str, name: &str) -> Result<Hint, JobError> {
+        if name.trim().eq_ignore_ascii_case("inpaint") {
+            Ok(Hint::InpaintCondition)
+        } else {
+            self.preprocessor(field, name).map(Hint::Preprocess)
+        }
+    }
+
+    /// The preprocessor called `name`, checked against what this server runs: Canny always, a
+    /// model-based one when a `[[preprocessor]]` entry provides its weights. Errors name `field`.
+    pub fn preprocessor(&self, field: &str, name: &str) -> Result<PreprocessorSpec, JobError> {
+        match served(name) {
+            Some(Served::Spec(PreprocessorSpec::Detector(kind))) => {
+                if self.registry().preprocessor_for(kind).is_none() {
+                    return Err(JobError {
+                        kind: JobErrorKind::NotSupported,
+                        message: format!(
+                            "`{field}`: the `{kind}` preprocessor needs its detection model, which \
+                             this server has not configured: add a `[[preprocessor]]` entry with \
+                             type = \"{weights}\" and its weights ({public}) to the models \
+                             registry, or send a ready control image",
+                            weights = kind.weights(),
+                            public = kind.public_weights(),
+                        ),
+                        parameter: Some(field.to_string()),
+                    });
+                }
+                Ok(PreprocessorSpec::Detector(kind))
+            }
+            Some(Served::Spec(spec)) => Ok(spec),
+            // Not an image at all: see `hint`.
+            Some(Served::Inpaint) => Err(JobError::invalid(
+                field,
+                format!(
+                    "`{field}`: `inpaint` makes no control image: an inpaint ControlNet reads the \
+                     seed image with its masked pixels at -1, built from an inpainting request's \
+                     seed image and mask"
+                ),
+            )),
+            Some(Served::Unsupported) => Err(JobError::not_supported(
+                field,
+                &format!(
+                    "the `{name}` preprocessor is not implemented (send a ready control image \
+                     instead); this server runs: {}",
+                    self.available_preprocessors()
+                ),
+            )),
+            None => Err(JobError::invalid(
+                field,
+                format!(
+                    "`{field}`: unknown preprocessor `{name}`; this server runs: {}",
+                    self.available_preprocessors()
+                ),
+            )),
+        }
+    }
+
+    /// The preprocessors a request can use here: canny and the configured detector kinds.
+    pub fn available_preprocessors(&self) -> String {
+        let mut names = vec!["canny"];
+        names.extend(
+            DetectorKind::ALL
+                .into_iter()
+                .filter(|k| self.registry().preprocessor_for(*k).is_some())
+                .map(DetectorKind::name),
+        );
+        names.join(", ")
+    }
+
+    /// Runs `spec` on `image` off the async runtime, loading its detector on first use.
+    pub async fn run_preprocessor(
+        &self,
+        field: &str,
+        spec: PreprocessorSpec,
+        image: RgbImage,
+    ) -> Result<RgbImage, JobError> {
+        let preprocessor = match spec {
+            PreprocessorSpec::Canny { low, high } => Preprocessor::Canny { low, high },
+            PreprocessorSpec::Detector(kind) => Preprocessor::Model {
+                kind,
+                detector: self.detector(field, kind).await?,
+            },
+        };
+        let field_owned = field.to_string();
+        tokio::task::spawn_blocking(move || preprocessor.apply(&image))
+            .await
+            .map_err(|e| JobError::from_engine(crate::Error::Internal(e.to_string())))?
+            .map_err(|e| JobError::invalid(field_owned, e.to_string()))
+    }
+
+    /// The loaded detector of `kind`: loaded once (off the async runtime) from its
+    /// `[[preprocessor]]` entry and shared; a failed load is reported and tried again by the
+    /// next request.
+    async fn detector(
+        &self,
+        field: &str,
+        kind: DetectorKind,
+    ) -> Result<Arc<dyn Detector>, JobError> {
+        // Refuses a kind with no entry, as parsing the request did.
+        self.preprocessor(field, kind.name())?;
+        let entry = self
+            .registry()
+            .preprocessor_for(kind)
+            .cloned()
+            .ok_or_else(|| {
+                JobError::from_engine(crate::Error::Internal(format!(
+                    "no `{kind}` preprocessor entry"
+                )))
+            })?;
+        let device = self.detector_device().clone();
+        let cell = self.detectors().cell(kind);
+        let loaded = cell
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    let path = entry.local_path()?;
+                    tracing::info!(kind = %kind, path = %path.display(), "loading preprocessor");
+                    load_detector(kind, &path, &device)
+                })
+                .await
+                .map_err(|e| crate::Error::Internal(e.to_string()))?
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(kind = %kind, "loading the preprocessor failed: {e}");
+                JobError {
+                    kind: JobErrorKind::Failed,
+                    message: format!("`{field}`: loading the `{kind}` preprocessor failed: {e}"),
+                    parameter: Some(field.to_string()),
+                }
+            })?;
+        Ok(loaded.clone())
+    }
+}
+
+/// The detectors loaded so far, one slot per kind, shared by every request.
+#[derive(Default)]
+pub struct Detectors(std::sync::Mutex<HashMap<DetectorKind, DetectorSlot>>);
+
+type DetectorSlot = Arc<tokio::sync::OnceCell<Arc<dyn Detector>>>;
+
+impl Detectors {
+    /// The slot of `kind`, empty until its detector loads.
+    fn cell(&self, kind: DetectorKind) -> DetectorSlot {
+        let mut slots = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(kind).or_default().clone()
+    }
 }
 
 impl AppState {
@@ -220,33 +337,22 @@ mod tests {
 
     #[test]
     fn preprocessors_by_name() {
-        assert!(preprocessor("auto_hint", "Canny").is_ok());
-        let inpaint = preprocessor("auto_hint", "inpaint").unwrap_err();
-        assert!(
-            inpaint.message.contains("makes no control image"),
-            "{}",
-            inpaint.message
-        );
-        assert_eq!(
-            hint("auto_hint", " Inpaint").unwrap(),
-            Hint::InpaintCondition
-        );
-        assert_eq!(
-            hint("auto_hint", "canny").unwrap(),
-            Hint::Preprocess(Preprocessor::CANNY)
-        );
-        assert!(hint("auto_hint", "depth").is_err());
-        let depth = preprocessor("auto_hint", "depth").unwrap_err();
-        assert!(
-            depth.message.contains("detection model"),
-            "{}",
-            depth.message
-        );
-        let unknown = preprocessor("auto_hint", "sketchy").unwrap_err();
-        assert!(
-            unknown.message.contains("unknown preprocessor"),
-            "{}",
-            unknown.message
-        );
+        assert!(matches!(
+            served("Canny"),
+            Some(Served::Spec(PreprocessorSpec::Canny { .. }))
+        ));
+        assert!(matches!(served("inpaint"), Some(Served::Inpaint)));
+        let detector = |name| match served(name) {
+            Some(Served::Spec(PreprocessorSpec::Detector(kind))) => Some(kind),
+            _ => None,
+        };
+        assert_eq!(detector("softedge"), Some(DetectorKind::SoftEdge));
+        assert_eq!(detector("HED"), Some(DetectorKind::Hed));
+        assert_eq!(detector("seg"), Some(DetectorKind::Segmentation));
+        assert_eq!(detector("lineart_anime"), Some(DetectorKind::LineartAnime));
+        assert!(matches!(served("tile"), Some(Served::Unsupported)));
+        assert!(matches!(served("face_detector"), Some(Served::Unsupported)));
+        assert!(matches!(served("openpose_full"), Some(Served::Unsupported)));
+        assert!(served("sketchy").is_none());
     }
 }

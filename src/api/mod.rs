@@ -60,6 +60,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// Dialect state that lives as long as the server (Runware WebSocket sessions).
     runware: runware::Sessions,
+    /// The model-based preprocessors loaded so far, and the device they run on (the engine's
+    /// first).
+    detectors: control::Detectors,
+    detector_device: candle_core::Device,
 }
 
 impl std::fmt::Debug for AppState {
@@ -76,6 +80,12 @@ impl AppState {
     }
     pub fn registry(&self) -> &Arc<Registry> {
         &self.0.registry
+    }
+    pub(crate) fn detectors(&self) -> &control::Detectors {
+        &self.0.detectors
+    }
+    pub(crate) fn detector_device(&self) -> &candle_core::Device {
+        &self.0.detector_device
     }
     pub fn engine(&self) -> &Arc<Engine> {
         &self.0.engine
@@ -205,10 +215,13 @@ impl Server {
         };
         let store = Store::open(&config.data_dir)
             .map_err(|e| Error::invalid(format!("opening {}: {e}", config.data_dir.display())))?;
-        let engine = Arc::new(Engine::start(
-            engine_config(&config)?,
-            Arc::new(registry.clone()),
-        )?);
+        let engine_config = engine_config(&config)?;
+        let detector_device = engine_config
+            .devices
+            .first()
+            .cloned()
+            .unwrap_or(candle_core::Device::Cpu);
+        let engine = Arc::new(Engine::start(engine_config, Arc::new(registry.clone()))?);
         let listener = TcpListener::bind(config.listen).await?;
         let bound = listener.local_addr()?;
         let keys = ApiKeys::new(config.api_keys.iter().cloned());
@@ -225,6 +238,8 @@ impl Server {
             keys,
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            detectors: control::Detectors::default(),
+            detector_device,
             config,
         }));
         let grace = Duration::from_secs(state.config().shutdown_grace_secs);

@@ -35,11 +35,11 @@ use image::imageops::FilterType;
 use image::RgbImage;
 use serde::Serialize;
 
-use super::control;
 use super::media::{self, ImageInput, MediaError};
 use super::output::{JobError, JobErrorKind, OutputSpec};
 use super::{params, random_seed, AppState};
 use crate::pipeline::{ControlNetUnit, GenerationRequest, InitImage};
+use crate::preprocess::PreprocessorSpec;
 use crate::registry::ModelEntry;
 use crate::schedulers::{SchedulerKind, SchedulerSpec};
 
@@ -373,9 +373,10 @@ async fn run_inference(state: &AppState, request: Request) -> Result<InferenceRe
         let image = fit_init_image(image, request.width, request.height).await?;
         match &parsed.controlnet {
             // With a ControlNet the upload is the control: its edges, no img2img start.
-            Some(id) => {
-                let preprocessor = control::preprocessor("controlnet", "canny")?;
-                let edges = control::run_preprocessor("controlnet", preprocessor, image).await?;
+            Some((id, preprocessor)) => {
+                let edges = state
+                    .run_preprocessor("controlnet", *preprocessor, image)
+                    .await?;
                 request
                     .controlnets
                     .push(ControlNetUnit::new(id.clone(), edges));
@@ -460,8 +461,9 @@ struct Parsed {
     /// The steps the request is priced at: those it would run without `lcm`.
     priced_steps: usize,
     image_strength: f64,
-    /// `controlnet`: the registry id of the ControlNet the init image's edges guide.
-    controlnet: Option<String>,
+    /// `controlnet`: the registry id of the ControlNet the init image guides, and the
+    /// preprocessor that makes its control image from the init image.
+    controlnet: Option<(String, PreprocessorSpec)>,
 }
 
 fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<Parsed, ApiError> {
@@ -524,14 +526,17 @@ fn parse_inference(state: &AppState, form: &Form, entry: &ModelEntry) -> Result<
             }
             // The control image is the init image's preprocessed form: refused before any work
             // when the preprocessor or the ControlNet is not available.
-            control::preprocessor("controlnet", &lower)?;
+            let preprocessor = state.preprocessor("controlnet", &lower)?;
             if form.init_image.is_none() {
                 return Err(ApiError::bad_request(format!(
                     "`controlnet` = {lower} needs `{INIT_IMAGE_FIELD}`: the image whose edges \
                      guide the generation"
                 )));
             }
-            Some(state.controlnet_of_type("controlnet", entry, &lower)?.id)
+            Some((
+                state.controlnet_of_type("controlnet", entry, &lower)?.id,
+                preprocessor,
+            ))
         }
         None => None,
     };

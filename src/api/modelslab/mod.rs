@@ -195,7 +195,7 @@ async fn start(
                     JobError::invalid("init_image", "`init_image` is required for controlnet")
                 })?,
             };
-            spec.units(source).await?
+            spec.units(&state, source).await?
         }
         None => Vec::new(),
     };

@@ -132,11 +132,18 @@ pub struct ControlSpec {
 
 impl ControlSpec {
     /// The request's ControlNet units for a loaded source image.
-    pub async fn units(&self, source: RgbImage) -> Result<Vec<ControlNetUnit>, JobError> {
+    pub async fn units(
+        &self,
+        state: &AppState,
+        source: RgbImage,
+    ) -> Result<Vec<ControlNetUnit>, JobError> {
         let mut units = Vec::with_capacity(self.units.len());
         for (id, hint) in &self.units {
             let unit = match hint {
-                Some(hint) => hint.unit("auto_hint", id.clone(), source.clone()).await?,
+                Some(hint) => {
+                    hint.unit(state, "auto_hint", id.clone(), source.clone())
+                        .await?
+                }
                 None => ControlNetUnit::new(id.clone(), source.clone()),
             };
             units.push(ControlNetUnit {
@@ -360,7 +367,7 @@ fn controlnet(
         let entry = state.controlnet_by_name("controlnet_model", model, name)?;
         let kind = entry.preprocessor.clone().unwrap_or_else(|| name.clone());
         let hint = if auto_hint || kind.eq_ignore_ascii_case("inpaint") {
-            Some(control::hint("auto_hint", &kind)?)
+            Some(state.hint("auto_hint", &kind)?)
         } else {
             None
         };

@@ -10,11 +10,10 @@
 use serde_json::{Map, Value};
 
 use super::error::RunwareError;
-use crate::api::control;
 use crate::api::output::JobError;
 use crate::api::{params, AppState};
 use crate::pipeline::{ControlCondition, ControlMode};
-use crate::preprocess::{canny, Preprocessor};
+use crate::preprocess::{canny, PreprocessorSpec};
 use crate::registry::ModelEntry;
 
 pub const IMAGE_CONTROLNET_PREPROCESS: &str = "imageControlNetPreProcess";
@@ -251,7 +250,7 @@ pub struct PreProcessTask {
     pub task_uuid: String,
     /// The input image as the client sent it.
     pub input_image: String,
-    pub preprocessor: Preprocessor,
+    pub preprocessor: PreprocessorSpec,
     /// The guide image's size when given (both or neither); else the input's.
     pub size: Option<(u32, u32)>,
 }
@@ -261,6 +260,7 @@ pub struct PreProcessTask {
 pub fn parse_preprocess(
     obj: &Map<String, Value>,
     task_uuid: String,
+    state: &AppState,
 ) -> Result<PreProcessTask, RunwareError> {
     let text = |name: &str| -> Result<Option<String>, RunwareError> {
         match get(obj, name) {
@@ -279,11 +279,15 @@ pub fn parse_preprocess(
     let kind = text("preProcessorType")?.ok_or_else(|| {
         RunwareError::missing(
             "preProcessorType",
-            "`preProcessorType` is required; this server runs: canny",
+            format!(
+                "`preProcessorType` is required; this server runs: {}",
+                state.available_preprocessors()
+            ),
         )
     })?;
-    let preprocessor =
-        control::preprocessor("preProcessorType", &kind).map_err(RunwareError::from_job)?;
+    let preprocessor = state
+        .preprocessor("preProcessorType", &kind)
+        .map_err(RunwareError::from_job)?;
     let threshold = |name: &str, default: f64| -> Result<f64, RunwareError> {
         match get(obj, name) {
             Some(v) => {
@@ -306,7 +310,19 @@ pub fn parse_preprocess(
         ));
     }
     let preprocessor = match preprocessor {
-        Preprocessor::Canny { .. } => Preprocessor::Canny { low, high },
+        PreprocessorSpec::Canny { .. } => PreprocessorSpec::Canny { low, high },
+        detector @ PreprocessorSpec::Detector(_) => {
+            // The Canny thresholds only apply to Canny: refused by name with another type.
+            for name in ["lowThresholdCanny", "highThresholdCanny"] {
+                if get(obj, name).is_some() {
+                    return Err(RunwareError::invalid(
+                        name,
+                        format!("`{name}` applies to `preProcessorType` canny, not `{kind}`"),
+                    ));
+                }
+            }
+            detector
+        }
     };
     if get(obj, "includeHandsAndFaceOpenPose").is_some_and(|v| v != &Value::Bool(false)) {
         return Err(RunwareError::unsupported(

@@ -644,7 +644,8 @@ async fn preprocess(state: &AppState, task: PreProcessOutput) -> Result<Value, R
         .map_err(|e| store_failed(&e.to_string()))?,
         _ => input,
     };
-    let guide = crate::api::control::run_preprocessor("preProcessorType", task.preprocessor, input)
+    let guide = state
+        .run_preprocessor("preProcessorType", task.preprocessor, input)
         .await
         .map_err(RunwareError::from_job)?;
     let output = OutputSpec {

@@ -243,7 +243,7 @@ fn parse_task_inner(task: &Value, state: &AppState) -> Result<Task, RunwareError
             task_uuid: fields.task_uuid()?,
         })),
         IMAGE_CONTROLNET_PREPROCESS => {
-            let task = control::parse_preprocess(fields.0, fields.task_uuid()?)?;
+            let task = control::parse_preprocess(fields.0, fields.task_uuid()?, state)?;
             Ok(Task::ControlNetPreProcess(PreProcessOutput {
                 task,
                 output_types: fields.output_types()?,
