@@ -136,8 +136,8 @@ pub struct PreprocessorEntry {
     pub aliases: Vec<String>,
     pub kind: DetectorKind,
     /// The weights: a file (`.pth`, `.pt`, `.safetensors`), or a folder for detectors whose
-    /// weights are a transformers folder; with `hf`, a file in the repo (a folder when it ends
-    /// in `/`).
+    /// weights are a transformers folder; with `hf`, a file in the repo, or a folder: the repo
+    /// itself when `file` is empty (no `file` given), a folder in it when `file` ends in `/`.
     pub source: LoraSource,
     pub description: Option<String>,
 }
@@ -176,8 +176,23 @@ impl PreprocessorToml {
         // Detector weights are published as torch pickles; they are read with candle's pickle
         // reader, which rebuilds tensors only and runs no code from the file.
         let source = match (self.hf, self.path, self.file) {
-            (Some(repo), None, Some(file)) => {
+            (Some(repo), None, file) => {
                 check_repo_id(&repo).map_err(bad)?;
+                let file = file.unwrap_or_default();
+                if file.is_empty() != kind.weights_are_folder() && !file.ends_with('/') {
+                    return Err(bad(if file.is_empty() {
+                        format!(
+                            "`{kind}` weights are one file: give `file` ({})",
+                            kind.public_weights()
+                        )
+                    } else {
+                        format!(
+                            "`{kind}` weights are a transformers folder ({}): leave out `file` \
+                             for the repo itself, or give a folder ending in `/`",
+                            kind.public_weights()
+                        )
+                    }));
+                }
                 LoraSource::Hub {
                     repo,
                     revision: self.revision.unwrap_or_else(|| DEFAULT_REVISION.into()),
@@ -191,7 +206,7 @@ impl PreprocessorToml {
             _ => {
                 return Err(bad(
                     "give the weights as `path` (a local file or folder), or `hf` (a hub \
-                     repo) with `file`"
+                     repo) with `file` (without it for a transformers folder)"
                         .into(),
                 ))
             }
@@ -220,12 +235,19 @@ impl PreprocessorEntry {
                 repo,
                 revision,
                 file,
-            } if file.ends_with('/') => {
+            } if file.is_empty() || file.ends_with('/') => {
                 let hub = HubOptions::from_env()?;
                 let repo = HubRepo::new(&hub, repo, revision)?;
-                let folder = file.trim_end_matches('/');
-                repo.get(&format!("{folder}/model.safetensors"))?;
-                let config = repo.get(&format!("{folder}/config.json"))?;
+                let prefix = file.as_str();
+                let listed = repo.list_files().unwrap_or_default();
+                // The image processor's settings are optional (DPT has defaults); fetched when
+                // the repo has them, so that the snapshot folder holds them beside the weights.
+                let processor = format!("{prefix}preprocessor_config.json");
+                if listed.iter().any(|f| *f == processor) {
+                    repo.get(&processor)?;
+                }
+                repo.get(&format!("{prefix}model.safetensors"))?;
+                let config = repo.get(&format!("{prefix}config.json"))?;
                 config
                     .parent()
                     .map(Path::to_path_buf)
@@ -1928,8 +1950,8 @@ mod tests {
     #[test]
     fn preprocessor_entries() {
         let t = "[[preprocessor]]\ntype = \"hed\"\npath = \"annotators/ControlNetHED.pth\"\n\n\
-                 [[preprocessor]]\ntype = \"depth\"\nname = \"midas\"\n\
-                 hf = \"lllyasviel/Annotators\"\nfile = \"dpt_hybrid-midas-501f0c75.pt\"\n";
+                 [[preprocessor]]\ntype = \"depth\"\nname = \"dpt\"\nhf = \"Intel/dpt-large\"\n\n\
+                 [[preprocessor]]\ntype = \"segmentation\"\npath = \"upernet\"\n";
         let reg = Registry::from_toml_str(t, Path::new("/m")).unwrap();
         let hed = reg.preprocessor_for(DetectorKind::Hed).unwrap();
         assert_eq!(hed.id, "hed");
@@ -1947,10 +1969,31 @@ mod tests {
             "hed"
         );
         let depth = reg.preprocessor_for(DetectorKind::Depth).unwrap();
-        assert_eq!(depth.id, "midas");
+        assert_eq!(depth.id, "dpt");
+        // No `file`: the repo itself is the transformers folder.
         assert!(matches!(&depth.source, LoraSource::Hub { repo, file, .. }
-            if repo == "lllyasviel/Annotators" && file == "dpt_hybrid-midas-501f0c75.pt"));
+            if repo == "Intel/dpt-large" && file.is_empty()));
+        assert_eq!(
+            reg.preprocessor_for(DetectorKind::Segmentation)
+                .unwrap()
+                .source,
+            LoraSource::File(PathBuf::from("/m/upernet"))
+        );
         assert!(reg.preprocessor_for(DetectorKind::OpenPose).is_none());
+        // A one-file detector needs `file`; a folder detector takes none or a folder.
+        let no_file = "[[preprocessor]]\ntype = \"mlsd\"\nhf = \"lllyasviel/Annotators\"\n";
+        let err = Registry::from_toml_str(no_file, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mlsd_large_512_fp32.pth"), "{err}");
+        let file = "[[preprocessor]]\ntype = \"normal\"\nhf = \"Intel/dpt-large\"\n\
+                    file = \"model.safetensors\"\n";
+        let err = Registry::from_toml_str(file, Path::new("/m"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transformers folder"), "{err}");
+        let sub = "[[preprocessor]]\ntype = \"normal\"\nhf = \"a/b\"\nfile = \"dpt/\"\n";
+        assert!(Registry::from_toml_str(sub, Path::new("/m")).is_ok());
 
         let unknown = "[[preprocessor]]\ntype = \"sketch\"\npath = \"x.pth\"\n";
         let err = Registry::from_toml_str(unknown, Path::new("/m"))

@@ -289,7 +289,8 @@ async fn runware_control_net_guides_and_preprocesses() {
 
     for (task, code, parameter) in [
         (
-            json!({"preProcessorType": "depth"}),
+            // A model-based type without a `[[preprocessor]]` entry in the fixture registry.
+            json!({"preProcessorType": "normal"}),
             "unsupportedParameter",
             "preProcessorType",
         ),
@@ -440,10 +441,7 @@ async fn modelslab_controlnet_routes() {
     assert_ne!(multi, hinted);
 
     for (extra, needle) in [
-        (
-            json!({"controlnet_model": "depth"}),
-            "no `depth` ControlNet",
-        ),
+        (json!({"controlnet_model": "mlsd"}), "no `mlsd` ControlNet"),
         (
             json!({"controlnet_model": "tiny-sdxl-controlnet"}),
             "is for sdxl models",
@@ -805,9 +803,12 @@ async fn sinkin_controlnet_canny_guides_from_the_init_image() {
     let (_, body) = sinkin(&server, &with_strength, Some(disc_png(128, 128, 0))).await;
     assert_eq!(a, download(&image_of(&body)).await);
 
+    // The fixture registry's DPT entry and depth ControlNet: the upload's depth map guides.
+    let (status, body) = sinkin(&server, &fields("depth"), Some(disc_png(128, 128, 0))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(a, download(&image_of(&body)).await, "depth is not canny");
     for (controlnet, image, status, needle) in [
-        // Known detectors without a `[[preprocessor]]` entry: the message names the entry.
-        ("depth", true, 400, "type = \"depth\""),
+        // A known detector without a `[[preprocessor]]` entry: the message names the entry.
         ("openpose", true, 400, "body_pose_model.pth"),
         (
             "sketch",

@@ -1,15 +1,23 @@
 //! Model-based preprocessors through the dialects against a real server: the fixture registry's
-//! `[[preprocessor]]` entry (the tiny HED detector) serves ModelsLab `auto_hint` with the
-//! softedge control type and Runware `imageControlNetPreProcess` with `softedge` and
-//! `scribble`; a known type without an entry, a configured type with no detector built in, and a
-//! weights file that appears after a failed load are each answered as documented.
+//! `[[preprocessor]]` entries (the tiny HED, DPT, UperNet, line-art and M-LSD detectors) serve
+//! ModelsLab `auto_hint` (softedge, depth) and Runware `imageControlNetPreProcess` (softedge,
+//! scribble, depth, lineart, mlsd, seg), each returning the detector's own output at the input's
+//! size; a known type without an entry, a configured type with no detector built in, a name of
+//! another network (`normalbae`), a transformers folder given as a local `path`, and a weights
+//! file that appears after a failed load are each answered as documented.
 
 mod common;
 
+use candle_core::Device;
 use common::fixtures;
 use common::runware::{b64, data_uri, disc_png, runware};
 use common::server::{client, decode, TestServer, KEY};
+use sd_serve::preprocess::depth::DptDepth;
 use sd_serve::preprocess::hed::{Hed, HedMode};
+use sd_serve::preprocess::lineart::LineartDetector;
+use sd_serve::preprocess::mlsd::MlsdDetector;
+use sd_serve::preprocess::normal::DepthNormal;
+use sd_serve::preprocess::segmentation::UperNetSegmenter;
 use sd_serve::preprocess::Detector;
 use serde_json::{json, Value};
 
@@ -91,7 +99,7 @@ async fn modelslab_auto_hint_runs_hed_soft_edges() {
         "`auto_hint`",
         "[[preprocessor]]",
         "type = \"normal\"",
-        "scannet.pt",
+        "Intel/dpt-large",
     ] {
         assert!(message.contains(needle), "`{needle}` not in {message}");
     }
@@ -129,16 +137,12 @@ async fn runware_preprocess_runs_hed_variants() {
     );
 
     // A known type without an entry; a Canny threshold with another type.
-    let reply = preprocess(&server, &input, json!({"preProcessorType": "depth"})).await;
+    let reply = preprocess(&server, &input, json!({"preProcessorType": "normal"})).await;
     let error = &reply["errors"][0];
     assert_eq!(error["code"], "unsupportedParameter", "{reply}");
     assert_eq!(error["parameter"], "preProcessorType");
     let message = error["message"].as_str().unwrap();
-    for needle in [
-        "[[preprocessor]]",
-        "type = \"depth\"",
-        "dpt_hybrid-midas-501f0c75.pt",
-    ] {
+    for needle in ["[[preprocessor]]", "type = \"normal\"", "Intel/dpt-large"] {
         assert!(message.contains(needle), "`{needle}` not in {message}");
     }
     let reply = preprocess(
@@ -164,26 +168,54 @@ async fn runware_preprocess_runs_hed_variants() {
 async fn preprocessor_load_failures_are_reported_and_retried() {
     let dir = common::scratch("pp-registry");
     let weights = dir.join("ControlNetHED.pth");
+    let dpt = fixtures().join("preprocessors/dpt-tiny");
     let toml = format!(
         "[[preprocessor]]\ntype = \"hed\"\npath = \"{}\"\n\n\
-         [[preprocessor]]\ntype = \"depth\"\npath = \"{}\"\n",
+         [[preprocessor]]\ntype = \"lineart_anime\"\npath = \"{}\"\n\n\
+         [[preprocessor]]\ntype = \"normal\"\npath = \"{}\"\n",
         weights.display(),
         fixtures()
-            .join("annotators/hed/ControlNetHED.pth")
-            .display()
+            .join("preprocessors/lineart/sk_model.pth")
+            .display(),
+        dpt.display()
     );
     let models = dir.join("models.toml");
     std::fs::write(&models, toml).unwrap();
     let server = TestServer::start_with("pp-failures", |c| c.models = Some(models.clone())).await;
     let input = disc_png(64, 64, 0);
 
-    // Configured, but no depth detector is built into this server.
-    let reply = preprocess(&server, &input, json!({"preProcessorType": "depth"})).await;
+    // Configured, but no anime line-art network is built into this server.
+    let reply = preprocess(
+        &server,
+        &input,
+        json!({"preProcessorType": "lineart_anime"}),
+    )
+    .await;
     let message = reply["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("`depth`") && message.contains("not built in"),
+        message.contains("`lineart_anime`") && message.contains("not built in"),
         "{reply}"
     );
+
+    // A transformers folder as a local `path`: the normal map from DPT depth.
+    let reply = preprocess(&server, &input, json!({"preProcessorType": "normal"})).await;
+    let url = reply["data"][0]["guideImageURL"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    let guide = decode(&download(url).await).to_rgb8();
+    let expected = DepthNormal::load(&dpt, &Device::Cpu)
+        .unwrap()
+        .detect(&decode(&input).to_rgb8())
+        .unwrap();
+    assert_eq!(guide, expected, "normal: the fixture detector's output");
+    // NormalBae is another network: refused by name, though a `normal` entry exists.
+    let reply = preprocess(&server, &input, json!({"preProcessorType": "normalbae"})).await;
+    assert_eq!(
+        reply["errors"][0]["code"], "unsupportedParameter",
+        "{reply}"
+    );
+    let message = reply["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`normalbae`"), "{reply}");
 
     // The HED weights are missing: reported; once the file is there the next request loads it.
     let reply = preprocess(&server, &input, json!({"preProcessorType": "softedge"})).await;
@@ -196,5 +228,97 @@ async fn preprocessor_load_failures_are_reported_and_retried() {
     .unwrap();
     let reply = preprocess(&server, &input, json!({"preProcessorType": "softedge"})).await;
     assert!(reply["data"][0]["guideImageURL"].is_string(), "{reply}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modelslab_auto_hint_runs_depth() {
+    let server = TestServer::start("pp-modelslab-depth").await;
+    let photo_png = disc_png(64, 64, 0);
+    let body = |extra: Value| {
+        let mut b = json!({"key": KEY, "model_id": "tiny-sd15", "prompt": "a fox",
+            "negative_prompt": "blurry", "init_image": b64(&photo_png), "controlnet_model": "depth",
+            "num_inference_steps": "2", "seed": "6"});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let r = modelslab(&server, &body(json!({"auto_hint": "yes"}))).await;
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["meta"]["controlnet_model"], "tiny-sd15-controlnet-depth");
+    let hinted = download(r["output"][0].as_str().unwrap()).await;
+
+    // The fixture's DPT detector run here, sent as a ready control image: the same picture, so
+    // auto_hint ran that detector on the photo.
+    let depth = DptDepth::load(&fixtures().join("preprocessors/dpt-tiny"), &Device::Cpu)
+        .unwrap()
+        .detect(&decode(&photo_png).to_rgb8())
+        .unwrap();
+    let mut depth_png = Vec::new();
+    depth
+        .write_to(
+            &mut std::io::Cursor::new(&mut depth_png),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let r = modelslab(
+        &server,
+        &body(json!({"auto_hint": "no", "control_image": b64(&depth_png)})),
+    )
+    .await;
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(download(r["output"][0].as_str().unwrap()).await, hinted);
+    // The photo itself as the control image: another picture.
+    let r = modelslab(&server, &body(json!({"auto_hint": "no"}))).await;
+    assert_ne!(download(r["output"][0].as_str().unwrap()).await, hinted);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runware_preprocess_runs_the_fixture_detectors() {
+    let server = TestServer::start("pp-runware-detectors").await;
+    let dir = fixtures().join("preprocessors");
+    let cpu = Device::Cpu;
+    let detectors: Vec<(&str, Box<dyn Detector>)> = vec![
+        (
+            "depth",
+            Box::new(DptDepth::load(&dir.join("dpt-tiny"), &cpu).unwrap()),
+        ),
+        (
+            "lineart",
+            Box::new(LineartDetector::load(&dir.join("lineart/sk_model.pth"), &cpu).unwrap()),
+        ),
+        (
+            "mlsd",
+            Box::new(MlsdDetector::load(&dir.join("mlsd/mlsd_large_512_fp32.pth"), &cpu).unwrap()),
+        ),
+        (
+            "seg",
+            Box::new(UperNetSegmenter::load(&dir.join("tiny-upernet-convnext"), &cpu).unwrap()),
+        ),
+    ];
+    // Not square and no multiple of 64, so each detector resizes there and back.
+    let input = disc_png(96, 80, 0);
+    let rgb = decode(&input).to_rgb8();
+    let mut guides = Vec::new();
+    for (kind, detector) in &detectors {
+        let reply = preprocess(&server, &input, json!({"preProcessorType": kind})).await;
+        let item = &reply["data"][0];
+        assert_eq!(
+            item["taskType"], "imageControlNetPreProcess",
+            "{kind}: {reply}"
+        );
+        let guide = decode(&download(item["guideImageURL"].as_str().unwrap()).await).to_rgb8();
+        assert_eq!(guide.dimensions(), (96, 80), "{kind}: the input's size");
+        let expected = detector.detect(&rgb).unwrap();
+        assert_eq!(guide, expected, "{kind}: the fixture detector's output");
+        guides.push(guide);
+    }
+    for (i, a) in guides.iter().enumerate() {
+        for b in &guides[i + 1..] {
+            assert_ne!(a, b, "each type runs its own detector");
+        }
+    }
     server.stop().await;
 }

@@ -105,6 +105,8 @@ const UNSUPPORTED_PREPROCESSORS: &[&str] = &[
     "zoe",
     "leres",
     "pidinet",
+    // NormalBae (`NormalBaeDetector`) is another network than the `normal` detector.
+    "normalbae",
     "openpose_face",
     "openpose_faceonly",
     "openpose_full",
@@ -353,6 +355,8 @@ mod tests {
         assert!(matches!(served("tile"), Some(Served::Unsupported)));
         assert!(matches!(served("face_detector"), Some(Served::Unsupported)));
         assert!(matches!(served("openpose_full"), Some(Served::Unsupported)));
+        assert!(matches!(served("NormalBae"), Some(Served::Unsupported)));
+        assert_eq!(detector("normal"), Some(DetectorKind::Normal));
         assert!(served("sketchy").is_none());
     }
 }

@@ -47,9 +47,10 @@ pub enum DetectorKind {
     LineartAnime,
     /// Straight lines (`MLSDdetector`).
     Mlsd,
-    /// Depth (`MidasDetector`).
+    /// Depth: DPT as transformers' depth-estimation pipeline runs it ([`depth::DptDepth`]).
     Depth,
-    /// Surface normals (`NormalBaeDetector`).
+    /// Surface normals from DPT depth, the `sd-controlnet-normal` model card's recipe
+    /// ([`normal::DepthNormal`]); not `NormalBaeDetector`, a different network.
     Normal,
     /// Body pose (`OpenposeDetector`).
     OpenPose,
@@ -89,12 +90,12 @@ impl DetectorKind {
     }
 
     /// The kind a name stands for (case-insensitive): the entry types, plus the other names
-    /// the dialects use for the same detector (`normalbae`, `seg`, `midas`).
+    /// the dialects use for the same detector (`seg`, `midas`). `normalbae` is not `normal`:
+    /// NormalBae is another network, which this server does not run.
     pub fn from_name(name: &str) -> Option<Self> {
         let lower = name.trim().to_ascii_lowercase();
         let kind = match lower.as_str() {
             "midas" => DetectorKind::Depth,
-            "normalbae" => DetectorKind::Normal,
             "seg" => DetectorKind::Segmentation,
             _ => return Self::ALL.into_iter().find(|k| k.name() == lower),
         };
@@ -110,7 +111,17 @@ impl DetectorKind {
         }
     }
 
-    /// The public weights of this kind's detector, as `controlnet_aux` names them.
+    /// Whether this kind's weights are a transformers folder (`config.json`,
+    /// `model.safetensors`, `preprocessor_config.json`) rather than one file.
+    pub fn weights_are_folder(self) -> bool {
+        matches!(
+            self.weights(),
+            DetectorKind::Depth | DetectorKind::Normal | DetectorKind::Segmentation
+        )
+    }
+
+    /// The public weights this kind's detector reads: a file of `lllyasviel/Annotators` (as
+    /// `controlnet_aux` names it) or a transformers repo.
     pub fn public_weights(self) -> &'static str {
         match self.weights() {
             DetectorKind::Hed | DetectorKind::SoftEdge | DetectorKind::Scribble => {
@@ -119,10 +130,11 @@ impl DetectorKind {
             DetectorKind::Lineart => "lllyasviel/Annotators sk_model.pth",
             DetectorKind::LineartAnime => "lllyasviel/Annotators netG.pth",
             DetectorKind::Mlsd => "lllyasviel/Annotators mlsd_large_512_fp32.pth",
-            DetectorKind::Depth => "lllyasviel/Annotators dpt_hybrid-midas-501f0c75.pt",
-            DetectorKind::Normal => "lllyasviel/Annotators scannet.pt",
+            DetectorKind::Depth | DetectorKind::Normal => "the transformers folder Intel/dpt-large",
             DetectorKind::OpenPose => "lllyasviel/Annotators body_pose_model.pth",
-            DetectorKind::Segmentation => "openmmlab/upernet-convnext-small",
+            DetectorKind::Segmentation => {
+                "the transformers folder openmmlab/upernet-convnext-small"
+            }
         }
     }
 }
@@ -144,6 +156,12 @@ pub fn load_detector(
     Ok(match kind {
         DetectorKind::Hed | DetectorKind::SoftEdge => Arc::new(Hed::load(path, device)?),
         DetectorKind::Scribble => Arc::new(Hed::load(path, device)?.with_mode(HedMode::Scribble)),
+        DetectorKind::Depth => Arc::new(depth::DptDepth::load(path, device)?),
+        DetectorKind::Normal => Arc::new(normal::DepthNormal::load(path, device)?),
+        DetectorKind::Segmentation => Arc::new(segmentation::UperNetSegmenter::load(path, device)?),
+        DetectorKind::Lineart => Arc::new(lineart::LineartDetector::load(path, device)?),
+        DetectorKind::Mlsd => Arc::new(mlsd::MlsdDetector::load(path, device)?),
+        // LineartAnime is another network (netG.pth), not built here.
         other => {
             return Err(crate::Error::model(format!(
                 "the `{other}` preprocessor is not built into this server"
@@ -224,10 +242,7 @@ mod tests {
         for kind in DetectorKind::ALL {
             assert_eq!(DetectorKind::from_name(kind.name()), Some(kind));
         }
-        assert_eq!(
-            DetectorKind::from_name("NormalBae"),
-            Some(DetectorKind::Normal)
-        );
+        assert_eq!(DetectorKind::from_name("NormalBae"), None);
         assert_eq!(
             DetectorKind::from_name("seg"),
             Some(DetectorKind::Segmentation)
@@ -238,10 +253,28 @@ mod tests {
 
     #[test]
     fn kinds_without_a_module_are_refused_by_name() {
-        let err = load_detector(DetectorKind::Depth, Path::new("x.pt"), &Device::Cpu)
-            .err()
-            .expect("no depth module");
-        assert!(err.to_string().contains("`depth`"), "{err}");
-        assert!(err.to_string().contains("not built in"), "{err}");
+        for kind in [DetectorKind::LineartAnime, DetectorKind::OpenPose] {
+            let err = load_detector(kind, Path::new("x.pth"), &Device::Cpu)
+                .err()
+                .expect("no module");
+            assert!(err.to_string().contains(&format!("`{kind}`")), "{err}");
+            assert!(err.to_string().contains("not built in"), "{err}");
+        }
+    }
+
+    #[test]
+    fn folder_kinds() {
+        let folders: Vec<_> = DetectorKind::ALL
+            .into_iter()
+            .filter(|k| k.weights_are_folder())
+            .collect();
+        assert_eq!(
+            folders,
+            [
+                DetectorKind::Depth,
+                DetectorKind::Normal,
+                DetectorKind::Segmentation
+            ]
+        );
     }
 }
