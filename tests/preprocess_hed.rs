@@ -148,6 +148,7 @@ fn compare(ours: &GrayImage, expected: &GrayImage) -> (usize, u8) {
 #[test]
 fn opencv_operations_match_cv2() {
     use sd_serve::preprocess::cv;
+    use sd_serve::preprocess::resize::{self, Interpolation};
     let golden = load_goldens("hed.safetensors");
     let input = gray_golden(&golden, "cv_input");
     let rgb = image::DynamicImage::ImageLuma8(input.clone()).to_rgb8();
@@ -161,17 +162,25 @@ fn opencv_operations_match_cv2() {
     // the LANCZOS4 enlargement: OpenCV's arithmetic, but the area weights are summed in float
     // and the Lanczos coefficients come from sin/cos before their 11-bit rounding, so a value
     // on a .5 boundary may round the other way (one level).
-    for (name, w, h) in [
-        ("cv_area_16x13", 16, 13),
-        ("cv_area_50x20", 50, 20),
-        ("cv_lanczos4_70x61", 70, 61),
+    for (name, w, h, mode) in [
+        ("cv_area_16x13", 16, 13, Interpolation::Area),
+        ("cv_area_50x20", 50, 20, Interpolation::Area),
+        ("cv_lanczos4_70x61", 70, 61, Interpolation::Lanczos4),
     ] {
-        let out = cv::resize_to_resolution(&rgb, w, h);
+        let out = resize::resize_rgb(&rgb, w, h, mode);
         check(name, image::DynamicImage::ImageRgb8(out).to_luma8(), 1);
     }
     // Bilinear 8-bit resizes: OpenCV's integer fixed point from float32 fractions, exact.
-    check("cv_linear_50x40", cv::resize_linear_u8(&input, 50, 40), 0);
-    check("cv_linear_20x15", cv::resize_linear_u8(&input, 20, 15), 0);
+    check(
+        "cv_linear_50x40",
+        resize::resize_gray(&input, 50, 40, Interpolation::Linear),
+        0,
+    );
+    check(
+        "cv_linear_20x15",
+        resize::resize_gray(&input, 20, 15, Interpolation::Linear),
+        0,
+    );
     // The 8-bit blur in OpenCV's exact fixed point, and nms (a float blur, then thresholds: a
     // pixel within float rounding of a neighbour or of 127 could flip; none does here).
     check("cv_blur_u8", cv::gaussian_blur_u8_sigma3(&input), 0);
@@ -181,7 +190,7 @@ fn opencv_operations_match_cv2() {
     // The float bilinear resize of the side outputs: float32 products and sums as OpenCV's.
     let small = &golden["cv_float_input"];
     let (h, w) = small.dims2().unwrap();
-    let ours = cv::resize_linear_f32(&flat(small), w, h, 37, 29);
+    let ours = resize::resize_linear_f32(&flat(small), (w, h), (37, 29));
     let expected = flat(&golden["cv_float_linear_37x29"]);
     let max = ours
         .iter()

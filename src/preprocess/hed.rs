@@ -18,7 +18,6 @@
 //! The channel widths and layer counts are read from the weights, so checkpoints of other widths
 //! (the test fixture's tiny one) load with the same code.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -26,6 +25,8 @@ use candle_nn::VarBuilder;
 use image::{GrayImage, RgbImage};
 
 use super::cv;
+use super::pth::{detect_resolution as detect_resolution_checked, read_pth};
+use super::resize::{self, Interpolation};
 use super::Detector;
 use crate::models::layers::{conv2d, Conv2d};
 use crate::{Error, Result};
@@ -87,7 +88,7 @@ impl Hed {
     /// Loads `ControlNetHED.pth` (or the same tensors as `.safetensors`) onto `device`, as a
     /// soft-edge detector at the default detect resolution.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let tensors = read_tensors(path)?;
+        let tensors = read_pth(path)?;
         let bad = |what: String| Error::model(format!("{}: {what}", path.display()));
         let mut blocks = Vec::new();
         let mut in_channels = 3;
@@ -151,13 +152,8 @@ impl Hed {
 
     /// The same network run at another detect resolution (the short side, at least 64).
     pub fn with_detect_resolution(self, detect_resolution: u32) -> Result<Self> {
-        if detect_resolution < 64 {
-            return Err(Error::invalid(format!(
-                "HED detect resolution must be at least 64, got {detect_resolution}"
-            )));
-        }
         Ok(Self {
-            detect_resolution,
+            detect_resolution: detect_resolution_checked(detect_resolution)?,
             ..self
         })
     }
@@ -176,8 +172,7 @@ impl Hed {
 
     /// The image at the detect resolution (the reference's `resize_image`).
     pub fn detect_input(&self, image: &RgbImage) -> Result<RgbImage> {
-        let (w, h) = cv::resize_image_size(image.width(), image.height(), self.detect_resolution)?;
-        Ok(cv::resize_to_resolution(image, w, h))
+        resize::working_image(image, self.detect_resolution)
     }
 
     /// The sigmoid of the mean side output at the detect resolution, before any quantisation.
@@ -197,7 +192,7 @@ impl Hed {
         for output in outputs {
             let (_, _, oh, ow) = output.dims4()?;
             let values = output.flatten_all()?.to_vec1::<f32>()?;
-            let resized = cv::resize_linear_f32(&values, ow, oh, w, h);
+            let resized = resize::resize_linear_f32(&values, (ow, oh), (w, h));
             // numpy's float32 mean over the five maps: a running sum in order, then the division.
             sum = Some(match sum {
                 None => resized,
@@ -245,7 +240,8 @@ impl Detector for Hed {
         let edges = self.soft_edges(image)?;
         let safe = matches!(self.mode, HedMode::Soft { safe: true });
         let map = self.edge_u8(&edges, safe);
-        let mut map = cv::resize_linear_u8(&map, image.width(), image.height());
+        let mut map =
+            resize::resize_gray(&map, image.width(), image.height(), Interpolation::Linear);
         if self.mode == HedMode::Scribble {
             map = scribble(&map);
         }
@@ -265,23 +261,4 @@ pub fn scribble(map: &GrayImage) -> GrayImage {
             0
         }])
     })
-}
-
-/// The tensors of a `.pth` (torch pickle) or `.safetensors` file, by name.
-pub(crate) fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let is_safetensors = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
-    let tensors = if is_safetensors {
-        candle_core::safetensors::load(path, &Device::Cpu)?
-    } else {
-        candle_core::pickle::read_all(path)
-            .map_err(|e| Error::model(format!("{}: {e}", path.display())))?
-            .into_iter()
-            .collect()
-    };
-    tensors
-        .into_iter()
-        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-        .collect()
 }

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use image::{GrayImage, RgbImage};
 
-use super::pth::{conv_shape, read_pth};
+use super::pth::{conv_shape, detect_resolution, read_pth};
 use super::resize::{resize_gray, working_image, Interpolation};
 use super::Detector;
 use crate::models::layers::{conv2d, Conv2d};
@@ -61,12 +61,7 @@ impl LineartDetector {
     /// The same detector working at another resolution (controlnet_aux's `detect_resolution`);
     /// at least 64.
     pub fn with_detect_resolution(mut self, resolution: u32) -> Result<Self> {
-        if resolution < 64 {
-            return Err(Error::invalid(format!(
-                "detect_resolution must be >= 64. Given: {resolution}"
-            )));
-        }
-        self.detect_resolution = resolution;
+        self.detect_resolution = detect_resolution(resolution)?;
         Ok(self)
     }
 

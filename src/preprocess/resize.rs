@@ -1,14 +1,20 @@
 //! OpenCV's `cv2.resize` for 8-bit images (bit-exact for `INTER_LINEAR`, `INTER_AREA` and
-//! `INTER_LANCZOS4`), and controlnet_aux's `resize_image` built on it. The ControlNet
-//! preprocessors were trained on images resized this way; the model-based detectors resize their
-//! input to a working resolution and their output back with these functions.
+//! `INTER_LANCZOS4`) and its `INTER_LINEAR` for float32 maps, and controlnet_aux's
+//! `resize_image` built on them. The ControlNet preprocessors were trained on images resized this
+//! way; the model-based detectors resize their input to a working resolution and their output
+//! back with these functions. Resizes follow OpenCV's pixel-centre convention
+//! (`src = (dst + 0.5) * scale - 0.5`) with the border replicated.
 //!
 //! OpenCV resizes 8-bit images in 11-bit fixed point (coefficients scaled by 2048) for the
 //! interpolating modes: a horizontal pass into `i32` rows, then a vertical pass. Its SIMD
 //! vertical pass for `INTER_LINEAR` drops 4 bits of each row before the multiply; that is
 //! reproduced here, so results equal OpenCV's byte for byte (checked against opencv-python).
+//! (OpenCV resizes an exact 8-bit halving with `INTER_LINEAR` by area; the bilinear weights are
+//! then all 1/2 and the fixed-point passes give the same rounded 2x2 means, so no special case.)
 
 use image::{GrayImage, RgbImage};
+
+use crate::{Error, Result};
 
 /// Coefficient scale of OpenCV's fixed-point resize (`INTER_RESIZE_COEF_SCALE`).
 const COEF_SCALE: f32 = 2048.0;
@@ -37,34 +43,43 @@ pub fn resize_image(image: &RgbImage, resolution: u32) -> RgbImage {
     resize_rgb(image, w, h, mode)
 }
 
-/// Longest working side a detector accepts, as a multiple of its resolution (an 8:1 image).
-const MAX_ASPECT: u32 = 8;
+/// The most pixels a detector's input may have after [`resize_image`] (a 512 short side with a
+/// 16:1 aspect ratio): the short side is scaled up, so a thin strip of an image would otherwise
+/// ask for gigabytes of activations.
+pub const MAX_DETECT_PIXELS: u64 = 2048 * 2048;
 
-/// [`resize_image`] for a detector working at `resolution`, refusing images it cannot work on:
-/// empty ones, and ones so elongated that the working image would be more than
-/// `MAX_ASPECT` times the resolution long (an 8:1 image at 512 works on 512x4096).
-pub fn working_image(image: &RgbImage, resolution: u32) -> crate::Result<RgbImage> {
-    let (w, h) = image.dimensions();
-    let limit = resolution.saturating_mul(MAX_ASPECT);
-    if w == 0 || h == 0 || w.max(h) / w.min(h) > MAX_ASPECT {
-        return Err(crate::Error::invalid(format!(
-            "the control image must be non-empty with sides at most {MAX_ASPECT}:1. Given: {w}x{h}"
-        )));
-    }
-    let (ww, wh) = working_size(w, h, resolution);
-    if ww == 0 || wh == 0 || ww.max(wh) > limit {
-        return Err(crate::Error::invalid(format!(
-            "the control image {w}x{h} cannot be brought to the working resolution {resolution}"
-        )));
-    }
+/// [`resize_image`] for a detector working at `resolution`, refusing images it cannot work on
+/// (see [`checked_working_size`]).
+pub fn working_image(image: &RgbImage, resolution: u32) -> Result<RgbImage> {
+    checked_working_size(image.width(), image.height(), resolution)?;
     Ok(resize_image(image, resolution))
+}
+
+/// [`working_size`], refusing empty images, working sizes with a side of 0 and working images
+/// of more than [`MAX_DETECT_PIXELS`].
+pub fn checked_working_size(width: u32, height: u32, resolution: u32) -> Result<(u32, u32)> {
+    if width == 0 || height == 0 {
+        return Err(Error::invalid(format!(
+            "the control image must be non-empty. Given: {width}x{height}"
+        )));
+    }
+    let (w, h) = working_size(width, height, resolution);
+    if w == 0 || h == 0 || u64::from(w) * u64::from(h) > MAX_DETECT_PIXELS {
+        return Err(Error::invalid(format!(
+            "a {width}x{height} image becomes {w}x{h} at detect resolution {resolution}; the \
+             detector takes 64x64 up to {MAX_DETECT_PIXELS} pixels (an aspect ratio up to 16:1 \
+             at resolution 512)"
+        )));
+    }
+    Ok((w, h))
 }
 
 /// The size `resize_image` gives an image of `width` x `height` at `resolution`:
 /// `round(side * k / 64) * 64` with `k = resolution / short side` (numpy's round: half to even).
+/// Saturates for sizes no detector takes ([`checked_working_size`] refuses them).
 pub fn working_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
-    let k = resolution as f64 / width.min(height) as f64;
-    let side = |s: u32| ((s as f64 * k / 64.0).round_ties_even() as u32) * 64;
+    let k = resolution as f64 / width.min(height).max(1) as f64;
+    let side = |s: u32| ((s as f64 * k / 64.0).round_ties_even() as u32).saturating_mul(64);
     (side(width), side(height))
 }
 
@@ -125,6 +140,37 @@ fn resize_u8(
     }
 }
 
+/// `cv2.resize(map, (dw, dh), interpolation=cv2.INTER_LINEAR)` of a row-major float32 map of
+/// `sw` x `sh` (float maps have no fixed point: the weights are OpenCV's f32 ones).
+pub fn resize_linear_f32(
+    src: &[f32],
+    (sw, sh): (usize, usize),
+    (dw, dh): (usize, usize),
+) -> Vec<f32> {
+    if (sw, sh) == (dw, dh) {
+        return src.to_vec();
+    }
+    let (x_first, x_weights) = float_taps(sw, dw, Interpolation::Linear, true);
+    let (y_first, y_weights) = float_taps(sh, dh, Interpolation::Linear, false);
+    let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
+    let rows: Vec<Vec<f32>> = (0..sh)
+        .map(|y| {
+            let row = &src[y * sw..(y + 1) * sw];
+            x_first
+                .iter()
+                .zip(&x_weights)
+                .map(|(&s, w)| row[clamp(s, sw)] * w[0] + row[clamp(s + 1, sw)] * w[1])
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(dw * dh);
+    for (&s, w) in y_first.iter().zip(&y_weights) {
+        let (r0, r1) = (&rows[clamp(s, sh)], &rows[clamp(s + 1, sh)]);
+        out.extend((0..dw).map(|x| r0[x] * w[0] + r1[x] * w[1]));
+    }
+    out
+}
+
 /// Per destination index: the first source index (may be outside, clamped when read) and the
 /// fixed-point coefficients of the consecutive source samples from there.
 struct Taps {
@@ -132,10 +178,29 @@ struct Taps {
     coefs: Vec<Vec<i32>>,
 }
 
-/// OpenCV's coefficient table for one axis (`Area` here: enlarging by area). Linear
-/// interpolation clamps the source position at the edges on the horizontal axis only; the
-/// vertical pass reads clamped rows instead.
+/// OpenCV's fixed-point coefficient table for one axis: [`float_taps`] scaled by 2048.
 fn taps(src: usize, dst: usize, mode: Interpolation, clamp: bool) -> Taps {
+    let (first, weights) = float_taps(src, dst, mode, clamp);
+    let coefs = weights
+        .iter()
+        .map(|w| {
+            w.iter()
+                .map(|w| (w * COEF_SCALE).round_ties_even().clamp(-32768.0, 32767.0) as i32)
+                .collect()
+        })
+        .collect();
+    Taps { first, coefs }
+}
+
+/// OpenCV's f32 coefficients for one axis (`Area` here: enlarging by area), with the first
+/// source index of each destination index. Linear interpolation clamps the source position at
+/// the edges on the horizontal axis only; the vertical pass reads clamped rows instead.
+fn float_taps(
+    src: usize,
+    dst: usize,
+    mode: Interpolation,
+    clamp: bool,
+) -> (Vec<isize>, Vec<Vec<f32>>) {
     let inv_scale = dst as f64 / src as f64;
     let scale = 1.0 / inv_scale;
     let mut first = Vec::with_capacity(dst);
@@ -166,14 +231,9 @@ fn taps(src: usize, dst: usize, mode: Interpolation, clamp: bool) -> Taps {
             }
         };
         first.push(s);
-        coefs.push(
-            weights
-                .iter()
-                .map(|w| (w * COEF_SCALE).round_ties_even().clamp(-32768.0, 32767.0) as i32)
-                .collect(),
-        );
+        coefs.push(weights);
     }
-    Taps { first, coefs }
+    (first, coefs)
 }
 
 /// OpenCV's `interpolateLanczos4`: the 8 Lanczos (a = 4) weights for fractional offset `x`,
@@ -383,6 +443,35 @@ mod tests {
         assert!(working_image(&RgbImage::new(1, 100), 512).is_err());
         let ok = working_image(&RgbImage::new(80, 10), 64).unwrap();
         assert_eq!(ok.dimensions(), (512, 64));
+        // 1.5 rounds to 2 and 2.5 to 2, as numpy rounds halves to even.
+        assert_eq!(checked_working_size(192, 128, 64).unwrap(), (128, 64));
+        assert_eq!(checked_working_size(160, 64, 64).unwrap(), (128, 64));
+        assert_eq!(checked_working_size(80, 60, 512).unwrap(), (704, 512));
+        // A thin strip would need 512 x 32768 pixels.
+        let err = checked_working_size(4096, 64, 512).unwrap_err().to_string();
+        assert!(err.contains("16:1"), "{err}");
+        // 16 / 64 rounds to no side at all.
+        assert!(checked_working_size(10, 10, 16).is_err());
+    }
+
+    #[test]
+    fn linear_halving_equals_area() {
+        // OpenCV takes its INTER_AREA path for an exact 8-bit halving with INTER_LINEAR; the
+        // fixed-point bilinear passes give the same bytes (checked on a pattern of varied values).
+        let img = GrayImage::from_fn(512, 256, |x, y| image::Luma([(x ^ (y * 7)) as u8]));
+        assert_eq!(
+            resize_gray(&img, 256, 128, Interpolation::Linear),
+            resize_gray(&img, 256, 128, Interpolation::Area)
+        );
+    }
+
+    #[test]
+    fn float_linear_interpolates_between_centres() {
+        // 2 -> 4: destination centres at source -0.25 (clamped), 0.25, 0.75, 1.25 (clamped).
+        let out = resize_linear_f32(&[0.0, 8.0], (2, 1), (4, 1));
+        assert_eq!(out, vec![0.0, 2.0, 6.0, 8.0]);
+        let same = [1.0, 2.0, 3.0];
+        assert_eq!(resize_linear_f32(&same, (3, 1), (3, 1)), same.to_vec());
     }
 
     #[test]
