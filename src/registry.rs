@@ -243,7 +243,7 @@ impl PreprocessorEntry {
                 // The image processor's settings are optional (DPT has defaults); fetched when
                 // the repo has them, so that the snapshot folder holds them beside the weights.
                 let processor = format!("{prefix}preprocessor_config.json");
-                if listed.iter().any(|f| *f == processor) {
+                if listed.contains(&processor) {
                     repo.get(&processor)?;
                 }
                 repo.get(&format!("{prefix}model.safetensors"))?;
