@@ -140,33 +140,108 @@ fn resize_u8(
     }
 }
 
-/// `cv2.resize(map, (dw, dh), interpolation=cv2.INTER_LINEAR)` of a row-major float32 map of
-/// `sw` x `sh` (float maps have no fixed point: the weights are OpenCV's f32 ones).
-pub fn resize_linear_f32(
+/// `cv2.resize(map, (dw, dh), interpolation=mode)` of a row-major one-channel float32 map of
+/// `sw` x `sh`. Float maps have no fixed point: OpenCV's f32 weights, the horizontal taps summed
+/// in order, then the vertical ones; `Area` shrinking sums the covered fractions in f32.
+pub fn resize_f32(
     src: &[f32],
     (sw, sh): (usize, usize),
     (dw, dh): (usize, usize),
+    mode: Interpolation,
 ) -> Vec<f32> {
-    if (sw, sh) == (dw, dh) {
-        return src.to_vec();
+    if (sw, sh) == (dw, dh) || sw == 0 || sh == 0 || dw == 0 || dh == 0 {
+        return if (sw, sh) == (dw, dh) {
+            src.to_vec()
+        } else {
+            vec![0.0; dw * dh]
+        };
     }
-    let (x_first, x_weights) = float_taps(sw, dw, Interpolation::Linear, true);
-    let (y_first, y_weights) = float_taps(sh, dh, Interpolation::Linear, false);
+    if mode == Interpolation::Area && sw >= dw && sh >= dh {
+        return area_f32(src, (sw, sh), (dw, dh));
+    }
+    let (x_first, x_weights) = float_taps(sw, dw, mode, true);
+    let (y_first, y_weights) = float_taps(sh, dh, mode, false);
     let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
-    let rows: Vec<Vec<f32>> = (0..sh)
-        .map(|y| {
-            let row = &src[y * sw..(y + 1) * sw];
+    let rows: Vec<Vec<f32>> = src
+        .chunks_exact(sw)
+        .map(|row| {
             x_first
                 .iter()
                 .zip(&x_weights)
-                .map(|(&s, w)| row[clamp(s, sw)] * w[0] + row[clamp(s + 1, sw)] * w[1])
+                .map(|(&s, w)| {
+                    let mut v = 0f32;
+                    for (k, &a) in w.iter().enumerate() {
+                        v += row[clamp(s + k as isize, sw)] * a;
+                    }
+                    v
+                })
                 .collect()
         })
         .collect();
     let mut out = Vec::with_capacity(dw * dh);
     for (&s, w) in y_first.iter().zip(&y_weights) {
-        let (r0, r1) = (&rows[clamp(s, sh)], &rows[clamp(s + 1, sh)]);
-        out.extend((0..dw).map(|x| r0[x] * w[0] + r1[x] * w[1]));
+        let taps: Vec<(&Vec<f32>, f32)> = w
+            .iter()
+            .enumerate()
+            .map(|(k, &b)| (&rows[clamp(s + k as isize, sh)], b))
+            .collect();
+        out.extend((0..dw).map(|x| {
+            let mut v = 0f32;
+            for (row, b) in &taps {
+                v += row[x] * b;
+            }
+            v
+        }));
+    }
+    out
+}
+
+/// [`resize_f32`] with `INTER_LINEAR`.
+pub fn resize_linear_f32(src: &[f32], from: (usize, usize), to: (usize, usize)) -> Vec<f32> {
+    resize_f32(src, from, to, Interpolation::Linear)
+}
+
+/// `INTER_AREA` reduction of a float map: whole-pixel factors average blocks (sum, then times
+/// the reciprocal of the block size), other factors weight the covered fractions.
+fn area_f32(src: &[f32], (sw, sh): (usize, usize), (dw, dh): (usize, usize)) -> Vec<f32> {
+    if sw % dw == 0 && sh % dh == 0 {
+        let (fx, fy) = (sw / dw, sh / dh);
+        let inv = 1.0f32 / (fx * fy) as f32;
+        let mut out = Vec::with_capacity(dw * dh);
+        for dy in 0..dh {
+            for dx in 0..dw {
+                let mut sum = 0f32;
+                for yy in 0..fy {
+                    for xx in 0..fx {
+                        sum += src[(dy * fy + yy) * sw + dx * fx + xx];
+                    }
+                }
+                out.push(sum * inv);
+            }
+        }
+        return out;
+    }
+    let xt = area_taps(sw, dw);
+    let yt = area_taps(sh, dh);
+    let mut out = Vec::with_capacity(dw * dh);
+    let mut row = vec![0f32; dw];
+    let mut acc = vec![0f32; dw];
+    for taps in &yt {
+        acc.iter_mut().for_each(|v| *v = 0.0);
+        for &(sy, by) in taps {
+            let line = &src[sy * sw..(sy + 1) * sw];
+            for (r, xs) in row.iter_mut().zip(&xt) {
+                let mut v = 0f32;
+                for &(sx, bx) in xs {
+                    v += line[sx] * bx;
+                }
+                *r = v;
+            }
+            for (a, r) in acc.iter_mut().zip(&row) {
+                *a += r * by;
+            }
+        }
+        out.extend_from_slice(&acc);
     }
     out
 }
@@ -463,6 +538,29 @@ mod tests {
             resize_gray(&img, 256, 128, Interpolation::Linear),
             resize_gray(&img, 256, 128, Interpolation::Area)
         );
+    }
+
+    #[test]
+    fn float_resizes_keep_constants_and_average_blocks() {
+        let flat = vec![0.75f32; 9 * 7];
+        for mode in [
+            Interpolation::Linear,
+            Interpolation::Area,
+            Interpolation::Lanczos4,
+        ] {
+            for (w, h) in [(18, 14), (3, 7), (5, 4), (20, 3)] {
+                let out = resize_f32(&flat, (9, 7), (w, h), mode);
+                assert_eq!(out.len(), w * h);
+                // Normalised weights in f32: within a few ulps of the constant.
+                assert!(
+                    out.iter().all(|v| (v - 0.75).abs() < 1e-6),
+                    "{mode:?} {w}x{h}: {out:?}"
+                );
+            }
+        }
+        let block = [1.0f32, 2.0, 10.0, 20.0, 3.0, 4.0, 30.0, 40.0];
+        let out = resize_f32(&block, (4, 2), (2, 1), Interpolation::Area);
+        assert_eq!(out, vec![2.5, 25.0]);
     }
 
     #[test]
