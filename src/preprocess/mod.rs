@@ -3,6 +3,7 @@
 //! (depth estimators, pose detectors) are refused by name where a dialect names them.
 
 pub mod canny;
+pub mod openpose;
 
 use image::RgbImage;
 
