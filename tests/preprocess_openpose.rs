@@ -25,8 +25,9 @@ fn rgb(path: &str) -> image::RgbImage {
         .to_rgb8()
 }
 
-/// Compares our estimate with the reference's `candidate` [N, 4] and `subset` [M, 20] arrays.
-fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tensor) {
+/// Compares our estimate with the reference's `candidate` [N, 4] and `subset` [M, 20] arrays;
+/// `score_tol` bounds the difference of a candidate's heatmap score.
+fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tensor, score_tol: f64) {
     let c = common::flat64(candidates);
     assert_eq!(ours.candidates.len() * 4, c.len(), "candidate count");
     for (k, (ours, theirs)) in ours.candidates.iter().zip(c.chunks_exact(4)).enumerate() {
@@ -36,10 +37,8 @@ fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tenso
             (theirs[0], theirs[1], theirs[3]),
             "candidate {k}"
         );
-        // The score is the resized heatmap at the peak: f32 Lanczos sums, whose order OpenCV's
-        // vector code may change (1 ulp of values below 1 is 6e-8).
         assert!(
-            (ours.score - theirs[2]).abs() < 1e-6,
+            (ours.score - theirs[2]).abs() < score_tol,
             "candidate {k} score {} vs {}",
             ours.score,
             theirs[2]
@@ -53,9 +52,9 @@ fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tenso
             assert_eq!(person.parts[part], theirs, "person {p} part {part}");
         }
         assert_eq!(person.count, row[19], "person {p} part count");
-        // Sums of about 20 scores and PAF integrals, each within 1e-6 as above.
+        // A sum of at most 18 candidate scores and 17 PAF integrals (these from the same maps).
         assert!(
-            (person.score - row[18]).abs() < 1e-5,
+            (person.score - row[18]).abs() < 40.0 * score_tol,
             "person {p} score {} vs {}",
             person.score,
             row[18]
@@ -87,9 +86,10 @@ fn network_matches_reference() {
     let scale = common::max_abs(ref_pafs).max(common::max_abs(ref_heatmaps));
     eprintln!("openpose network: max |diff| pafs {dp:e}, heatmaps {dh:e} (outputs up to {scale})");
     assert!(scale > 0.1, "the reference outputs are not trivial");
-    // f32 throughout; candle's im2col matmul and torch's convolution sum the 9..3000 products of
-    // each of the 55 convolutions in different orders: a few ulp per layer on values of order 1.
-    assert!(dp < 1e-4 && dh < 1e-4, "pafs {dp}, heatmaps {dh}");
+    // f32 throughout; candle's im2col matmul and torch's convolution sum the 27..3000 products
+    // of each of the 55 convolutions in different orders: a few ulp per layer on values of
+    // order 1 (measured 3e-6 on outputs up to 2.2).
+    assert!(dp < 1e-5 && dh < 1e-5, "pafs {dp}, heatmaps {dh}");
 }
 
 #[test]
@@ -115,7 +115,9 @@ fn body_estimation_matches_reference_on_made_up_maps() {
     };
     let estimate = estimate_from_network(&output, scaled, image);
     assert_eq!(estimate.people.len(), 2, "two people");
-    assert_same_estimate(&estimate, &g["maps_candidates"], &g["maps_subset"]);
+    // The same f32 maps on both sides: the scores are f32 Lanczos sums (8 + 8 taps per resize),
+    // whose order OpenCV's vector code may change: a few ulp of values below 1 (6e-8 each).
+    assert_same_estimate(&estimate, &g["maps_candidates"], &g["maps_subset"], 1e-6);
     let drawn = draw_bodypose(&estimate, image.0 as u32, image.1 as u32);
     let reference = rgb(maps["output"].as_str().expect("output image"));
     let lit = reference.pixels().filter(|p| p.0 != [0, 0, 0]).count();
@@ -140,7 +142,10 @@ fn detector_matches_reference_on_photo() {
         !estimate.candidates.is_empty(),
         "the tiny network finds candidates"
     );
-    assert_same_estimate(&estimate, &g["photo_candidates"], &g["photo_subset"]);
+    // Here the maps come from the network, which differs from torch's by up to 1e-5 (see
+    // `network_matches_reference`); two Lanczos resizes (weights summing to 1 in magnitude at
+    // most 1.3 per axis) can amplify that about 3 times.
+    assert_same_estimate(&estimate, &g["photo_candidates"], &g["photo_subset"], 3e-5);
     let ours = det.detect_at_detect_resolution(&photo).expect("detects");
     let reference = rgb(photo_case["output"].as_str().expect("output image"));
     assert_eq!(differing_pixels(&ours, &reference), 0);
