@@ -47,9 +47,9 @@ fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tenso
     let s = common::flat64(subset);
     assert_eq!(ours.people.len() * 20, s.len(), "people");
     for (p, (person, row)) in ours.people.iter().zip(s.chunks_exact(20)).enumerate() {
-        for part in 0..18 {
-            let theirs = (row[part] >= 0.0).then_some(row[part] as usize);
-            assert_eq!(person.parts[part], theirs, "person {p} part {part}");
+        for (part, (ours, id)) in person.parts.iter().zip(&row[..18]).enumerate() {
+            let theirs = (*id >= 0.0).then_some(*id as usize);
+            assert_eq!(*ours, theirs, "person {p} part {part}");
         }
         assert_eq!(person.count, row[19], "person {p} part count");
         // A sum of at most 18 candidate scores and 17 PAF integrals (these from the same maps).

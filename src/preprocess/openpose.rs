@@ -748,7 +748,7 @@ pub fn draw_bodypose(estimate: &BodyEstimate, width: u32, height: u32) -> RgbIma
     let (fw, fh) = (width as f64, height as f64);
     {
         let mut canvas = Canvas {
-            data: &mut *image,
+            data: &mut image,
             width: width as i64,
             height: height as i64,
         };

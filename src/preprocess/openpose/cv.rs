@@ -746,7 +746,8 @@ mod tests {
     fn sine_table_matches_opencv_entries() {
         // Entries copied from OpenCV's table at a few angles (as printed there, 7 decimals).
         assert_eq!(sin_table(1), 0.0174524f32);
-        assert_eq!(sin_table(45), 0.7071068f32);
+        assert_eq!(sin_table(30), 0.5f32);
+        assert_eq!(sin_table(60), 0.8660254f32);
         assert_eq!(sin_table(89), 0.9998477f32);
         assert_eq!(sin_table(90), 1.0f32);
         assert_eq!(sin_table(181), -0.0174524f32);
