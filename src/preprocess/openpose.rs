@@ -490,24 +490,28 @@ fn numpy_sum(a: &[f64]) -> f64 {
     s
 }
 
-/// scipy's `correlate1d` with a symmetric kernel and `mode='reflect'` along one line.
-fn correlate_line(line: &[f64], weights: &[f64], out: &mut [f64]) {
+/// scipy's `correlate1d` with a symmetric kernel and `mode='reflect'` along one line: the
+/// centre tap first, then the pairs `(left + right) * w` from the outermost in. `ext` is scratch.
+fn correlate_line(line: &[f64], weights: &[f64], ext: &mut Vec<f64>, out: &mut [f64]) {
     let n = line.len() as i64;
-    let r = (weights.len() / 2) as i64;
-    let at = |i: i64| -> f64 {
-        // reflect: (d c b a | a b c d | d c b a), repeated for short lines.
+    let r = weights.len() / 2;
+    // reflect: (d c b a | a b c d | d c b a), repeated for lines shorter than the kernel.
+    ext.clear();
+    ext.extend((-(r as i64)..n + r as i64).map(|i| {
         let period = 2 * n;
         let mut j = i.rem_euclid(period);
         if j >= n {
             j = period - 1 - j;
         }
         line[j as usize]
-    };
+    }));
+    let centre = weights[r];
     for (i, o) in out.iter_mut().enumerate() {
-        let i = i as i64;
-        let mut acc = at(i) * weights[r as usize];
-        for jj in -r..0 {
-            acc += (at(i + jj) + at(i - jj)) * weights[(r + jj) as usize];
+        let c = i + r;
+        let mut acc = ext[c] * centre;
+        for (k, w) in weights[..r].iter().enumerate() {
+            let d = r - k;
+            acc += (ext[c - d] + ext[c + d]) * w;
         }
         *o = acc;
     }
@@ -516,25 +520,22 @@ fn correlate_line(line: &[f64], weights: &[f64], out: &mut [f64]) {
 /// scipy's `gaussian_filter(map, sigma)`: axis 0 (columns) first, then axis 1 (rows).
 fn gaussian_filter(map: &[f64], (w, h): (usize, usize), sigma: f64) -> Vec<f64> {
     let weights = gaussian_weights(sigma);
+    let mut ext = Vec::new();
     let mut tmp = vec![0f64; w * h];
     let mut col = vec![0f64; h];
     let mut col_out = vec![0f64; h];
     for x in 0..w {
-        for y in 0..h {
-            col[y] = map[y * w + x];
+        for (y, c) in col.iter_mut().enumerate() {
+            *c = map[y * w + x];
         }
-        correlate_line(&col, &weights, &mut col_out);
-        for y in 0..h {
-            tmp[y * w + x] = col_out[y];
+        correlate_line(&col, &weights, &mut ext, &mut col_out);
+        for (y, c) in col_out.iter().enumerate() {
+            tmp[y * w + x] = *c;
         }
     }
     let mut out = vec![0f64; w * h];
-    for y in 0..h {
-        correlate_line(
-            &tmp[y * w..(y + 1) * w],
-            &weights,
-            &mut out[y * w..(y + 1) * w],
-        );
+    for (src, dst) in tmp.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+        correlate_line(src, &weights, &mut ext, dst);
     }
     out
 }
