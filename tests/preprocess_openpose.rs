@@ -30,6 +30,16 @@ fn rgb(path: &str) -> image::RgbImage {
 fn assert_same_estimate(ours: &BodyEstimate, candidates: &Tensor, subset: &Tensor, score_tol: f64) {
     let c = common::flat64(candidates);
     assert_eq!(ours.candidates.len() * 4, c.len(), "candidate count");
+    let worst = ours
+        .candidates
+        .iter()
+        .zip(c.chunks_exact(4))
+        .map(|(o, t)| (o.score - t[2]).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "openpose: {} candidates, max score |diff| {worst:e}",
+        ours.candidates.len()
+    );
     for (k, (ours, theirs)) in ours.candidates.iter().zip(c.chunks_exact(4)).enumerate() {
         // Positions and ids are integers and must be equal.
         assert_eq!(
