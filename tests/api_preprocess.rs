@@ -3,7 +3,8 @@
 //! ModelsLab `auto_hint` (softedge, depth) and Runware `imageControlNetPreProcess` (softedge,
 //! scribble, depth, lineart, mlsd, seg), each returning the detector's own output at the input's
 //! size; a known type without an entry, a configured type with no detector built in, a name of
-//! another network (`normalbae`), a transformers folder given as a local `path`, and a weights
+//! another network (`normalbae`), a transformers folder given as a local `path`, the OpenPose
+//! body detector (its hand and face variants refused), and a weights
 //! file that appears after a failed load are each answered as documented.
 
 mod common;
@@ -17,6 +18,7 @@ use sd_serve::preprocess::hed::{Hed, HedMode};
 use sd_serve::preprocess::lineart::LineartDetector;
 use sd_serve::preprocess::mlsd::MlsdDetector;
 use sd_serve::preprocess::normal::DepthNormal;
+use sd_serve::preprocess::openpose::OpenposeDetector;
 use sd_serve::preprocess::segmentation::UperNetSegmenter;
 use sd_serve::preprocess::Detector;
 use serde_json::{json, Value};
@@ -169,15 +171,18 @@ async fn preprocessor_load_failures_are_reported_and_retried() {
     let dir = common::scratch("pp-registry");
     let weights = dir.join("ControlNetHED.pth");
     let dpt = fixtures().join("preprocessors/dpt-tiny");
+    let pose = fixtures().join("annotators/openpose/body_pose_model.pth");
     let toml = format!(
         "[[preprocessor]]\ntype = \"hed\"\npath = \"{}\"\n\n\
          [[preprocessor]]\ntype = \"lineart_anime\"\npath = \"{}\"\n\n\
-         [[preprocessor]]\ntype = \"normal\"\npath = \"{}\"\n",
+         [[preprocessor]]\ntype = \"normal\"\npath = \"{}\"\n\n\
+         [[preprocessor]]\ntype = \"openpose\"\npath = \"{}\"\n",
         weights.display(),
         fixtures()
             .join("preprocessors/lineart/sk_model.pth")
             .display(),
-        dpt.display()
+        dpt.display(),
+        pose.display()
     );
     let models = dir.join("models.toml");
     std::fs::write(&models, toml).unwrap();
@@ -208,6 +213,26 @@ async fn preprocessor_load_failures_are_reported_and_retried() {
         .detect(&decode(&input).to_rgb8())
         .unwrap();
     assert_eq!(guide, expected, "normal: the fixture detector's output");
+    // The OpenPose body detector; its hand and face variants stay refused by name.
+    let reply = preprocess(&server, &input, json!({"preProcessorType": "openpose"})).await;
+    let url = reply["data"][0]["guideImageURL"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    let guide = decode(&download(url).await).to_rgb8();
+    let expected = OpenposeDetector::load(&pose, &Device::Cpu)
+        .unwrap()
+        .detect(&decode(&input).to_rgb8())
+        .unwrap();
+    assert_eq!(guide, expected, "openpose: the fixture detector's output");
+    for variant in ["openpose_hand", "openpose_face", "openpose_full"] {
+        let reply = preprocess(&server, &input, json!({"preProcessorType": variant})).await;
+        assert_eq!(
+            reply["errors"][0]["code"], "unsupportedParameter",
+            "{reply}"
+        );
+        let message = reply["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("`{variant}`")), "{reply}");
+    }
     // NormalBae is another network: refused by name, though a `normal` entry exists.
     let reply = preprocess(&server, &input, json!({"preProcessorType": "normalbae"})).await;
     assert_eq!(

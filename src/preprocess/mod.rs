@@ -10,6 +10,7 @@ pub mod hed;
 pub mod lineart;
 pub mod mlsd;
 pub mod normal;
+pub mod openpose;
 mod pth;
 pub mod resample;
 pub mod resize;
@@ -52,7 +53,7 @@ pub enum DetectorKind {
     /// Surface normals from DPT depth, the `sd-controlnet-normal` model card's recipe
     /// ([`normal::DepthNormal`]); not `NormalBaeDetector`, a different network.
     Normal,
-    /// Body pose (`OpenposeDetector`).
+    /// Body pose (`OpenposeDetector`, body only: [`openpose::OpenposeDetector`]).
     OpenPose,
     /// Semantic segmentation (ADE20K palette).
     Segmentation,
@@ -161,6 +162,7 @@ pub fn load_detector(
         DetectorKind::Segmentation => Arc::new(segmentation::UperNetSegmenter::load(path, device)?),
         DetectorKind::Lineart => Arc::new(lineart::LineartDetector::load(path, device)?),
         DetectorKind::Mlsd => Arc::new(mlsd::MlsdDetector::load(path, device)?),
+        DetectorKind::OpenPose => Arc::new(openpose::OpenposeDetector::load(path, device)?),
         // LineartAnime is another network (netG.pth), not built here.
         other => {
             return Err(crate::Error::model(format!(
@@ -253,7 +255,7 @@ mod tests {
 
     #[test]
     fn kinds_without_a_module_are_refused_by_name() {
-        for kind in [DetectorKind::LineartAnime, DetectorKind::OpenPose] {
+        for kind in [DetectorKind::LineartAnime] {
             let err = load_detector(kind, Path::new("x.pth"), &Device::Cpu)
                 .err()
                 .expect("no module");
