@@ -23,7 +23,7 @@
 //! and limbs are assembled into people, dropping people with fewer than 4 parts or a mean score
 //! below 0.4. People are drawn as in `draw_bodypose`: 17 limbs as filled ellipses of half-width 4
 //! in 60 % colours, then 18 keypoints as discs of radius 4, on black. OpenCV's resizes and
-//! rasterisers are reimplemented in [`cv`] so the image matches the reference's.
+//! rasterisers are reimplemented ([`super::resize`], [`cv`]) so the image matches the reference's.
 //!
 //! Hands and face (`openpose_hand`, `openpose_face`, `openpose_full`) need two more networks and
 //! are not part of this detector.
@@ -37,7 +37,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use self::cv::{Canvas, Interpolation};
+use self::cv::Canvas;
+use super::resize::{self, Interpolation};
 use super::Detector;
 use crate::models::layers::{conv2d, Conv2d};
 use crate::{Error, Result};
@@ -55,9 +56,6 @@ const PAF_THRESHOLD: f64 = 0.05;
 /// PAF samples along a candidate limb (`mid_num`).
 const PAF_SAMPLES: usize = 10;
 const GAUSSIAN_SIGMA: f64 = 3.0;
-/// The detect-resolution image may be at most this many times longer than wide (8192 pixels on
-/// its long side): beyond that the network input would grow without bound.
-const MAX_ASPECT: usize = 16;
 
 /// Pairs of keypoints (1-based, the reference's `limbSeq`) joined by a limb; the last two are
 /// ear-shoulder links that only help assembly and are not drawn.
@@ -296,16 +294,7 @@ pub struct NetworkOutput {
 impl OpenposeDetector {
     /// Loads `body_pose_model.pth` (see the module docs) onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let tensors = candle_core::pickle::read_all(path).map_err(|e| {
-            Error::model(format!(
-                "openpose body model {}: cannot read the checkpoint: {e}",
-                path.display()
-            ))
-        })?;
-        let weights: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
+        let weights = super::pth::read_pth(path)?;
         let net = BodyPoseNet::load(&weights, device)
             .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
         Ok(Self {
@@ -353,7 +342,7 @@ impl OpenposeDetector {
         } else {
             Interpolation::Lanczos4
         };
-        let scaled = cv::resize_u8(&bgr, (w, h), 3, (sw, sh), interp);
+        let scaled = resize::resize_u8(&bgr, (w, h), 3, (sw, sh), interp);
         let (pw, ph) = (sw.div_ceil(STRIDE) * STRIDE, sh.div_ceil(STRIDE) * STRIDE);
         let mut padded = vec![PAD_VALUE; pw * ph * 3];
         for y in 0..sh {
@@ -395,7 +384,7 @@ impl Detector for OpenposeDetector {
         } else {
             Interpolation::Lanczos4
         };
-        let data = cv::resize_u8(
+        let data = resize::resize_u8(
             pose.as_raw(),
             (pose.width() as usize, pose.height() as usize),
             3,
@@ -410,26 +399,9 @@ impl Detector for OpenposeDetector {
 /// controlnet_aux's `resize_image`: `resolution` on the short side, both sides rounded to a
 /// multiple of 64, Lanczos when enlarging and area averaging when shrinking.
 pub fn resize_image(image: &RgbImage, resolution: usize) -> Result<RgbImage> {
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    if w == 0 || h == 0 {
-        return Err(Error::invalid("openpose: the image is empty"));
-    }
-    if w.max(h) > MAX_ASPECT * w.min(h) {
-        return Err(Error::invalid(format!(
-            "openpose: a {w}x{h} image is too elongated (at most {MAX_ASPECT}:1)"
-        )));
-    }
-    let k = resolution as f64 / h.min(w) as f64;
-    let round64 = |v: f64| ((v / 64.0).round_ties_even() as usize) * 64;
-    let (nh, nw) = (round64(h as f64 * k), round64(w as f64 * k));
-    let interp = if k > 1.0 {
-        Interpolation::Lanczos4
-    } else {
-        Interpolation::Area
-    };
-    let data = cv::resize_u8(image.as_raw(), (w, h), 3, (nw, nh), interp);
-    RgbImage::from_raw(nw as u32, nh as u32, data)
-        .ok_or_else(|| Error::Internal("openpose: resized image has the wrong size".into()))
+    let resolution = u32::try_from(resolution)
+        .map_err(|_| Error::invalid(format!("openpose: resolution {resolution} is too large")))?;
+    resize::working_image(image, resolution)
 }
 
 /// `smart_resize_k(x, 8, 8)`, the crop of the padding and `smart_resize(x, image)` of one
@@ -441,7 +413,7 @@ fn upsample_channel(
     (w, h): (usize, usize),
 ) -> Vec<f64> {
     let (uw, uh) = (ow * STRIDE, oh * STRIDE);
-    let up = cv::resize_f32(channel, (ow, oh), (uw, uh), Interpolation::Lanczos4);
+    let up = resize::resize_f32(channel, (ow, oh), (uw, uh), Interpolation::Lanczos4);
     let mut cropped = Vec::with_capacity(sw * sh);
     for y in 0..sh {
         cropped.extend_from_slice(&up[y * uw..y * uw + sw]);
@@ -452,7 +424,7 @@ fn upsample_channel(
     } else {
         Interpolation::Lanczos4
     };
-    cv::resize_f32(&cropped, (sw, sh), (w, h), interp)
+    resize::resize_f32(&cropped, (sw, sh), (w, h), interp)
         .into_iter()
         .map(f64::from)
         .collect()

@@ -108,7 +108,7 @@ pub fn resize_gray(image: &GrayImage, width: u32, height: u32, mode: Interpolati
 }
 
 /// `cv2.resize` on interleaved 8-bit pixels (`channels` per pixel), `src` of size `(w, h)`.
-fn resize_u8(
+pub(crate) fn resize_u8(
     src: &[u8],
     (sw, sh): (usize, usize),
     channels: usize,
