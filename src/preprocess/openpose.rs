@@ -294,7 +294,16 @@ pub struct NetworkOutput {
 impl OpenposeDetector {
     /// Loads `body_pose_model.pth` (see the module docs) onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let weights = super::pth::read_pth(path)?;
+        let tensors = candle_core::pickle::read_all(path).map_err(|e| {
+            Error::model(format!(
+                "openpose body model {}: cannot read the checkpoint: {e}",
+                path.display()
+            ))
+        })?;
+        let weights: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
         let net = BodyPoseNet::load(&weights, device)
             .map_err(|e| Error::model(format!("{}: {e}", path.display())))?;
         Ok(Self {
