@@ -212,6 +212,11 @@ struct TokenGroupNorm {
 impl TokenGroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let fast =
+            crate::models::cpu::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, false)?;
+        if let Some(ys) = fast {
+            return Ok(ys.reshape((b, c, h * w))?.transpose(1, 2)?);
+        }
         let dtype = x.dtype();
         // Statistics in f32 whatever the model dtype, as torch computes them.
         let grouped = x
