@@ -54,7 +54,11 @@ impl SharedMut {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("{what}: expected f32 storage");
     };
@@ -113,10 +117,17 @@ impl CustomOp3 for Conv2dOp {
         let p = self.padding;
         let (hp, wp) = (height + 2 * p, width + 2 * p);
         if hp < k || wp < k {
-            candle_core::bail!("conv2d: input {:?} smaller than the {k}x{k} kernel", xl.shape());
+            candle_core::bail!(
+                "conv2d: input {:?} smaller than the {k}x{k} kernel",
+                xl.shape()
+            );
         }
         if batch * c_in * c_out * height * width == 0 {
-            candle_core::bail!("conv2d: empty input {:?} or weight {:?}", xl.shape(), wl.shape());
+            candle_core::bail!(
+                "conv2d: empty input {:?} or weight {:?}",
+                xl.shape(),
+                wl.shape()
+            );
         }
         let (ho, wo) = (hp - k + 1, wp - k + 1);
         let plane = hp * wp;
@@ -265,6 +276,33 @@ fn exp_f32(x: f32) -> f32 {
     e * scale
 }
 
+/// `erf(x)` to a few ulp: the odd rational approximation on [-4, 4] that Eigen and XNNPACK use
+/// for f32 (beyond 4, erf is 1 in f32).
+#[inline(always)]
+fn erf_f32(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10f32;
+    p = p.mul_add(x2, 2.770_681_4e-8);
+    p = p.mul_add(x2, -2.101_024e-6);
+    p = p.mul_add(x2, -5.692_506_5e-5);
+    p = p.mul_add(x2, -7.349_906e-4);
+    p = p.mul_add(x2, -2.954_600_2e-3);
+    p = p.mul_add(x2, -1.609_603_3e-2);
+    let mut q = -1.456_607_2e-5f32;
+    q = q.mul_add(x2, -2.133_740_6e-4);
+    q = q.mul_add(x2, -1.682_827e-3);
+    q = q.mul_add(x2, -7.373_329_2e-3);
+    q = q.mul_add(x2, -1.426_474e-2);
+    x * p / q
+}
+
+/// Exact GELU, `x/2 (1 + erf(x / sqrt 2))`, as torch's default.
+#[inline(always)]
+fn gelu_f32(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 #[inline(always)]
 fn silu_f32(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
@@ -368,6 +406,14 @@ dispatch!(/// `dst[i] = src[i] * scale + shift`, then SiLU when `silu`.
 dispatch!(silu_slice(src: &[f32], dst: &mut [f32]) -> () {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = silu_f32(s);
+    }
+});
+
+dispatch!(
+    /// `dst[i] = hidden[i] * gelu(gate[i])`.
+    geglu_row(hidden: &[f32], gate: &[f32], dst: &mut [f32]) -> () {
+    for ((d, &h), &g) in dst.iter_mut().zip(hidden).zip(gate) {
+        *d = h * gelu_f32(g);
     }
 });
 
@@ -535,6 +581,8 @@ struct GroupNormOp {
     weight: Vec<f32>,
     bias: Vec<f32>,
     silu: bool,
+    /// Write `[batch, spatial, channels]` (tokens) instead of the input's layout.
+    tokens: bool,
 }
 
 impl CustomOp1 for GroupNormOp {
@@ -556,30 +604,63 @@ impl CustomOp1 for GroupNormOp {
         }
         let per_group = channels / g;
         let group_len = per_group * spatial;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(group_len)
-            .zip(x.par_chunks(group_len))
-            .enumerate()
-            .for_each(|(i, (dst, src))| {
-                let group = i % g;
+        if x.is_empty() {
+            candle_core::bail!("group norm: empty input {:?}", l.shape());
+        }
+        // Per (item, group): the mean and 1/std, two passes as torch.
+        let stats: Vec<(f32, f32)> = x
+            .par_chunks(group_len)
+            .map(|src| {
                 let n = src.len().max(1) as f64;
-                // Two passes, as torch: the mean, then the mean squared deviation.
                 let mean = (src.chunks(4096).map(sum_f32).sum::<f64>() / n) as f32;
                 let var = src
                     .chunks(4096)
                     .map(|c| centered_squares_f32(c, mean))
                     .sum::<f64>()
                     / n;
-                let rstd = (1.0 / (var + self.eps).sqrt()) as f32;
-                for c in 0..per_group {
-                    let ch = group * per_group + c;
-                    let scale = rstd * self.weight[ch];
-                    let shift = self.bias[ch] - mean * scale;
-                    let range = c * spatial..(c + 1) * spatial;
-                    affine(&src[range.clone()], &mut dst[range], scale, shift, self.silu);
-                }
-            });
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+                (mean, (1.0 / (var + self.eps).sqrt()) as f32)
+            })
+            .collect();
+        // Per (item, channel): y = x * scale + shift.
+        let affine_of = |b: usize, ch: usize| {
+            let (mean, rstd) = stats[b * g + ch / per_group];
+            let scale = rstd * self.weight[ch];
+            (scale, self.bias[ch] - mean * scale)
+        };
+        let mut out = vec![0f32; x.len()];
+        if !self.tokens {
+            out.par_chunks_mut(spatial.max(1))
+                .zip(x.par_chunks(spatial.max(1)))
+                .enumerate()
+                .for_each(|(i, (dst, src))| {
+                    let (scale, shift) = affine_of(i / channels, i % channels);
+                    affine(src, dst, scale, shift, self.silu);
+                });
+            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        }
+        // Tokens: each task writes whole rows (all channels of up to ROWS positions).
+        const ROWS: usize = 64;
+        for (b, item) in out.chunks_mut(spatial * channels).enumerate() {
+            item.par_chunks_mut(ROWS * channels)
+                .enumerate()
+                .for_each(|(blk, dst)| {
+                    let p0 = blk * ROWS;
+                    let rows = dst.len() / channels;
+                    let mut column = [0f32; ROWS];
+                    for ch in 0..channels {
+                        let (scale, shift) = affine_of(b, ch);
+                        let src = &x[(b * channels + ch) * spatial + p0..][..rows];
+                        affine(src, &mut column[..rows], scale, shift, self.silu);
+                        for (r, &v) in column[..rows].iter().enumerate() {
+                            dst[r * channels + ch] = v;
+                        }
+                    }
+                });
+        }
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from_dims(&[dims[0], spatial, channels]),
+        ))
     }
 }
 
@@ -602,6 +683,31 @@ pub(crate) fn group_norm(
         weight: weight.to_dtype(DType::F32)?.to_vec1()?,
         bias: bias.to_dtype(DType::F32)?.to_vec1()?,
         silu,
+        tokens: false,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+}
+
+/// GroupNorm of `[batch, channels, height, width]` returned as tokens
+/// `[batch, height * width, channels]` (the transposition done by the affine pass), for f32
+/// CPU tensors; `None` where this module does not apply.
+pub(crate) fn group_norm_tokens(
+    x: &Tensor,
+    groups: usize,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(x) {
+        return Ok(None);
+    }
+    let op = GroupNormOp {
+        groups,
+        eps,
+        weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+        bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+        silu: false,
+        tokens: true,
     };
     x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
 }
@@ -632,6 +738,45 @@ pub(crate) fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// GEGLU
+
+struct GegluOp;
+
+impl CustomOp1 for GegluOp {
+    fn name(&self) -> &'static str {
+        "sd-serve-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "geglu input")?;
+        let dims = l.shape().dims();
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || width % 2 != 0 {
+            candle_core::bail!("geglu: last dimension of {:?} is not even", l.shape());
+        }
+        let inner = width / 2;
+        let mut out = vec![0f32; x.len() / 2];
+        out.par_chunks_mut(inner)
+            .zip(x.par_chunks(width))
+            .for_each(|(d, row)| geglu_row(&row[..inner], &row[inner..], d));
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// diffusers' GEGLU over the last dimension: its first half times the exact GELU of its second
+/// half, on all threads for f32 CPU tensors; `None` where this module does not apply.
+pub(crate) fn geglu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !applies(x) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1_no_bwd(&GegluOp).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -641,10 +786,14 @@ mod tests {
     fn random(shape: &[usize], seed: u64) -> Tensor {
         // A fixed pseudo-random fill, so failures reproduce.
         let n: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let data: Vec<f32> = (0..n)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
@@ -679,6 +828,24 @@ mod tests {
         assert!(worst < 2.5e-7, "worst relative error {worst}");
         assert!(exp_f32(-1000.0) < 1e-37);
         assert!(exp_f32(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn erf_and_geglu_match_candle() {
+        let mut worst = 0f32;
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            let exact = candle_core::cpu::erf::erf_f64(x as f64) as f32;
+            worst = worst.max((erf_f32(x) - exact).abs());
+            x += 0.001;
+        }
+        // The approximation's published bound is a few ulp of 1.
+        assert!(worst < 5e-7, "worst erf error {worst}");
+        let h = random(&[2, 3, 10], 13).affine(3.0, 0.0).unwrap();
+        let ours = geglu(&h).unwrap().unwrap();
+        let theirs =
+            (h.narrow(2, 0, 5).unwrap() * h.narrow(2, 5, 5).unwrap().gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&ours, &theirs) < 2e-6);
     }
 
     #[test]
@@ -746,7 +913,10 @@ mod tests {
             let theirs = reference_attention(&q, &k, &v, scale);
             // Same math; softmax with a 1-2 ulp exp and sums in another order.
             let diff = max_diff(&ours, &theirs);
-            assert!(diff < 2e-6, "{batch} {tokens} {context} {heads} {dim}: {diff}");
+            assert!(
+                diff < 2e-6,
+                "{batch} {tokens} {context} {heads} {dim}: {diff}"
+            );
         }
     }
 
@@ -757,11 +927,25 @@ mod tests {
         let bias = random(&[12], 12);
         let gn = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), 12, 4, 1e-6).unwrap();
         let theirs = candle_core::Module::forward(&gn, &x).unwrap();
-        let ours = group_norm(&x, 4, 1e-6, &weight, &bias, false).unwrap().unwrap();
+        let ours = group_norm(&x, 4, 1e-6, &weight, &bias, false)
+            .unwrap()
+            .unwrap();
         // Statistics accumulated in f64 here, in f32 by candle: a few ulp of the output.
         assert!(max_diff(&ours, &theirs) < 2e-6);
-        let ours = group_norm(&x, 4, 1e-6, &weight, &bias, true).unwrap().unwrap();
+        let ours = group_norm(&x, 4, 1e-6, &weight, &bias, true)
+            .unwrap()
+            .unwrap();
         assert!(max_diff(&ours, &theirs.silu().unwrap()) < 2e-6);
+        let tokens = group_norm_tokens(&x, 4, 1e-6, &weight, &bias)
+            .unwrap()
+            .unwrap();
+        let expected = theirs
+            .reshape((2, 12, 63))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        assert_eq!(tokens.dims(), &[2, 63, 12]);
+        assert!(max_diff(&tokens, &expected.contiguous().unwrap()) < 2e-6);
         let plain = silu(&x).unwrap();
         assert!(max_diff(&plain, &x.silu().unwrap()) < 2e-6);
     }

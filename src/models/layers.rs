@@ -120,7 +120,9 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // The CPU kernel needs no im2col buffer, so no stripes either.
-        if let Some(ys) = super::cpu::conv2d(xs, &self.weight, &self.bias, self.padding, self.stride)? {
+        if let Some(ys) =
+            super::cpu::conv2d(xs, &self.weight, &self.bias, self.padding, self.stride)?
+        {
             return Ok(ys);
         }
         self.forward_striped(xs, self.max_im2col)
@@ -159,7 +161,8 @@ pub(crate) fn group_norm(
 impl GroupNorm {
     /// `silu(group_norm(x))`.
     pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast = super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true)?;
+        let fast =
+            super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true)?;
         match fast {
             Some(ys) => Ok(ys),
             None => self.inner.forward(xs)?.silu(),
@@ -169,7 +172,8 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast = super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false)?;
+        let fast =
+            super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false)?;
         match fast {
             Some(ys) => Ok(ys),
             None => self.inner.forward(xs),

@@ -194,8 +194,14 @@ impl GroupNorm {
 impl GroupNorm {
     /// `silu(self(xs))`, one fused pass on the CPU.
     fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast =
-            crate::models::cpu::group_norm(xs, self.groups, NORM_EPS, &self.weight, &self.bias, true)?;
+        let fast = crate::models::cpu::group_norm(
+            xs,
+            self.groups,
+            NORM_EPS,
+            &self.weight,
+            &self.bias,
+            true,
+        )?;
         match fast {
             Some(ys) => Ok(ys),
             None => candle_nn::ops::silu(&self.forward(xs)?),
@@ -205,8 +211,14 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast =
-            crate::models::cpu::group_norm(xs, self.groups, NORM_EPS, &self.weight, &self.bias, false)?;
+        let fast = crate::models::cpu::group_norm(
+            xs,
+            self.groups,
+            NORM_EPS,
+            &self.weight,
+            &self.bias,
+            false,
+        )?;
         if let Some(ys) = fast {
             return Ok(ys);
         }

@@ -93,7 +93,9 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = match self.time_embedding_norm {
-            TimeEmbeddingNorm::Default => self.act.after_norm(&self.norm2, &h.broadcast_add(&t)?)?,
+            TimeEmbeddingNorm::Default => {
+                self.act.after_norm(&self.norm2, &h.broadcast_add(&t)?)?
+            }
             TimeEmbeddingNorm::ScaleShift => {
                 let scale = (t.narrow(1, 0, self.out_channels)? + 1.0)?;
                 let shift = t.narrow(1, self.out_channels, self.out_channels)?;
