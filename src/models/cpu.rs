@@ -270,9 +270,11 @@ fn exp_f32(x: f32) -> f32 {
     poly = poly.mul_add(r, 8.333_452e-3);
     poly = poly.mul_add(r, 4.166_579_6e-2);
     poly = poly.mul_add(r, 1.666_666_5e-1);
-    poly = poly.mul_add(r, 5.000_000_1e-1);
+    poly = poly.mul_add(r, 0.5);
     let e = poly.mul_add(r * r, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // SAFETY: n is an integer in [-126, 127] after the clamp, so the conversion is exact.
+    let biased = unsafe { n.to_int_unchecked::<i32>() } + 127;
+    let scale = f32::from_bits((biased as u32) << 23);
     e * scale
 }
 
@@ -432,9 +434,10 @@ struct AttentionOp {
     scale: f32,
 }
 
-/// Query rows per task: the score block (rows x context) stays within ~1 MiB.
+/// Query rows per task: up to 256, the score block (rows x context) within ~4 MiB; larger
+/// blocks repack the keys less often.
 fn attention_block_rows(context: usize, tokens: usize, tasks_outside: usize) -> usize {
-    let mut rows = ((256 * 1024) / context.max(1)).clamp(16, 256);
+    let mut rows = ((1024 * 1024) / context.max(1)).clamp(16, 256);
     let wanted = 3 * threads();
     while rows > 16 && tasks_outside * tokens.div_ceil(rows) < wanted {
         rows /= 2;
@@ -599,7 +602,7 @@ impl CustomOp1 for GroupNormOp {
         let channels = dims[1];
         let spatial: usize = dims[2..].iter().product();
         let g = self.groups;
-        if g == 0 || channels % g != 0 || self.weight.len() != channels {
+        if g == 0 || !channels.is_multiple_of(g) || self.weight.len() != channels {
             candle_core::bail!("group norm: {channels} channels in {g} groups");
         }
         let per_group = channels / g;
@@ -775,6 +778,18 @@ pub(crate) fn geglu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     x.contiguous()?.apply_op1_no_bwd(&GegluOp).map(Some)
+}
+
+/// The stride-1 convolution kernel on its own (`examples/kernels_bench.rs` times it against
+/// candle's); an error where it does not apply (not f32 on the CPU, or turned off).
+pub fn conv2d_stride1(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d(x, weight, bias, padding, 1)?
+        .ok_or_else(|| candle_core::Error::Msg("the CPU convolution kernel does not apply".into()))
 }
 
 #[cfg(test)]
