@@ -4,11 +4,13 @@ steps, DPM++ 2M scheduler with guidance 7.5 (a UNet batch of two) and dtype.
 
     # on a GPU host (build sd-serve with `--features cuda` first)
     python benches/compare_diffusers.py --sd-serve target/release/sd-serve
+    # on the CPU (f32, both sides on the same threads): SD1.5 at 512x512, 20 steps
+    python benches/compare_diffusers.py --device cpu --arch sd15 --steps 20 --unet-iters 3
     # CPU smoke test: tiny sizes, two steps
     python benches/compare_diffusers.py --device cpu --arch sd15 --size 64 --steps 2 --unet-iters 1
 
-Prints, per architecture, UNet iterations per second (CFG batch 2), VAE decode seconds,
-end-to-end seconds per image and peak GPU memory, each for diffusers and sd-serve, with their
+Prints, per architecture, UNet iterations per second (CFG batch 2), VAE decode and encode
+seconds, end-to-end (text encoders, denoising, decode) seconds per image and peak GPU memory, each for diffusers and sd-serve, with their
 ratio (above 1: sd-serve is faster, or uses less memory). Peak memory: diffusers'
 `torch.cuda.max_memory_allocated` (tensors only), and for both processes the device memory NVML
 saw them hold (allocator pools and the CUDA context included), sampled every 20 ms; sd-serve
@@ -132,6 +134,7 @@ ROWS = [
     ("UNet it/s (CFG batch 2)", "unet_steps_per_second", "it/s", True),
     ("text encoders", "text_encode_seconds", "s", False),
     ("VAE decode", "vae_decode_seconds", "s", False),
+    ("VAE encode", "vae_encode_seconds", "s", False),
     ("end to end, {steps} steps", "end_to_end_seconds_per_image", "s", False),
     ("peak allocated (torch)", "peak_memory_allocated_bytes", "GiB", False),
     ("peak process memory (NVML)", "peak_process_memory_bytes", "GiB", False),
@@ -163,8 +166,13 @@ def main():
     ap.add_argument("--dtype", help="f32, f16 or bf16; default f16 on a GPU, f32 on the CPU")
     ap.add_argument("--sd-serve", default=str(ROOT / "target" / "release" / "sd-serve"),
                     help="the sd-serve binary (built with --features cuda for a GPU)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="CPU threads for both (torch.set_num_threads, RAYON_NUM_THREADS); default "
+                         "torch's, the number of cores")
     ap.add_argument("--json", help="also write every figure to this file")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    os.environ["RAYON_NUM_THREADS"] = str(a.threads)
     device = torch.device(a.device)
     a.dtype = a.dtype or ("f32" if device.type == "cpu" else "f16")
     dtype = diffusers_reference.DTYPES[a.dtype]
@@ -173,6 +181,7 @@ def main():
                  "--features cuda) or pass --sd-serve")
 
     report = {"device": str(device), "dtype": a.dtype, "steps": a.steps, "torch": torch.__version__,
+              "threads": a.threads,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "results": []}
     for arch in [x.strip() for x in a.arch.split(",") if x.strip()]:
@@ -183,7 +192,8 @@ def main():
         ours = run_sd_serve(arch, side, a, device)
         report["results"].append({"arch": arch, "side": side, "diffusers": theirs, "sd_serve": ours})
 
-        print(f"\n{arch} {side}x{side}, {a.steps} steps, {a.dtype} on {report['gpu'] or device}")
+        where = report["gpu"] or f"{device}, {a.threads} threads"
+        print(f"\n{arch} {side}x{side}, {a.steps} steps, {a.dtype} on {where}")
         print(f"{'':32}{'diffusers':>16}{'sd-serve':>16}{'ratio':>10}")
         for label, key, unit, larger in ROWS:
             t, o = theirs.get(key), ours.get(key)

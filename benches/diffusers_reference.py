@@ -95,12 +95,19 @@ def bench(arch, side, steps, iters, device, dtype):
     sync(device)
     denoise_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vae.decode(x.to(vae_dtype) / vae.config.scaling_factor).sample.float().sum().item()
+    decoded = vae.decode(x.to(vae_dtype) / vae.config.scaling_factor).sample
+    decoded.float().sum().item()
     sync(device)
     vae_s = time.perf_counter() - t0
+    image = decoded.clamp(-1, 1)
+    t0 = time.perf_counter()
+    vae.encode(image).latent_dist.mean.float().sum().item()
+    sync(device)
+    vae_encode_s = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return dict(arch=arch, width=side, height=side, dtype=str(dtype), steps=steps,
                 unet_steps_per_second=unet_sps, text_encode_seconds=text_s, vae_decode_seconds=vae_s,
+                vae_encode_seconds=vae_encode_s,
                 end_to_end_seconds_per_image=text_s + denoise_s + vae_s,
                 peak_memory_allocated_bytes=peak)
 

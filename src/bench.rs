@@ -51,6 +51,8 @@ pub struct ArchReport {
     pub unet_steps_per_second: f64,
     pub text_encode_seconds: f64,
     pub vae_decode_seconds: f64,
+    /// Encoding the decoded image back to the latent mean (img2img's first step).
+    pub vae_encode_seconds: f64,
     pub end_to_end_seconds_per_image: f64,
 }
 
@@ -325,6 +327,14 @@ fn bench_arch(
         .sum_all()?
         .to_scalar::<f32>()?;
     let vae_decode_seconds = seconds_since(start, device)?;
+    let image = decoded.clamp(-1f32, 1f32)?.to_dtype(vae_dtype)?;
+    let start = Instant::now();
+    vae.encode(&image)?
+        .mean
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    let vae_encode_seconds = seconds_since(start, device)?;
 
     Ok(ArchReport {
         arch: arch.to_string(),
@@ -335,6 +345,7 @@ fn bench_arch(
         unet_steps_per_second,
         text_encode_seconds,
         vae_decode_seconds,
+        vae_encode_seconds,
         end_to_end_seconds_per_image: text_encode_seconds + denoise_seconds + vae_decode_seconds,
     })
 }

@@ -119,7 +119,65 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // The CPU kernel needs no im2col buffer, so no stripes either.
+        if let Some(ys) =
+            super::cpu::conv2d(xs, &self.weight, &self.bias, self.padding, self.stride)?
+        {
+            return Ok(ys);
+        }
         self.forward_striped(xs, self.max_im2col)
+    }
+}
+
+/// GroupNorm over `[batch, channels, ...]` as torch computes it, with the SiLU that usually
+/// follows fused in on the CPU ([`super::cpu`]); elsewhere candle's.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+/// `vb` holds `weight` and `bias`, `[channels]` each.
+pub(crate) fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
+impl GroupNorm {
+    /// `silu(group_norm(x))`.
+    pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let fast =
+            super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, true)?;
+        match fast {
+            Some(ys) => Ok(ys),
+            None => self.inner.forward(xs)?.silu(),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let fast =
+            super::cpu::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, false)?;
+        match fast {
+            Some(ys) => Ok(ys),
+            None => self.inner.forward(xs),
+        }
     }
 }
 
@@ -152,6 +210,12 @@ pub fn scaled_dot_product_attention(
     precision: AttentionPrecision,
     mask: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    if mask.is_none() {
+        // In f32 every precision is the same computation.
+        if let Some(out) = super::cpu::attention(q, k, v, scale)? {
+            return Ok(out);
+        }
+    }
     attention_in_blocks(q, k, v, scale, precision, mask, SCORE_BLOCK_BYTES)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod controlnet;
+pub mod cpu;
 pub mod ip_adapter;
 pub mod layers;
 pub mod unet;

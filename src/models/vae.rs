@@ -191,8 +191,37 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `silu(self(xs))`, one fused pass on the CPU.
+    fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let fast = crate::models::cpu::group_norm(
+            xs,
+            self.groups,
+            NORM_EPS,
+            &self.weight,
+            &self.bias,
+            true,
+        )?;
+        match fast {
+            Some(ys) => Ok(ys),
+            None => candle_nn::ops::silu(&self.forward(xs)?),
+        }
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let fast = crate::models::cpu::group_norm(
+            xs,
+            self.groups,
+            NORM_EPS,
+            &self.weight,
+            &self.bias,
+            false,
+        )?;
+        if let Some(ys) = fast {
+            return Ok(ys);
+        }
         let (b, c, h, w) = xs.dims4()?;
         let dtype = xs.dtype();
         let per_group = c / self.groups;
@@ -273,11 +302,9 @@ impl ResnetBlock {
 impl Module for ResnetBlock {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // One statement per step so each intermediate is freed before the next is allocated.
-        let mut h = self.norm1.forward(xs)?;
-        h = candle_nn::ops::silu(&h)?;
+        let mut h = self.norm1.forward_silu(xs)?;
         h = self.conv1.forward(&h)?;
-        h = self.norm2.forward(&h)?;
-        h = candle_nn::ops::silu(&h)?;
+        h = self.norm2.forward_silu(&h)?;
         h = self.conv2.forward(&h)?;
         match &self.conv_shortcut {
             Some(shortcut) => shortcut.forward(xs)? + h,
@@ -500,8 +527,7 @@ impl Module for Encoder {
             h = block.forward(h)?;
         }
         h = self.mid_block.forward(&h)?;
-        h = self.conv_norm_out.forward(&h)?;
-        h = candle_nn::ops::silu(&h)?;
+        h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -558,8 +584,7 @@ impl Module for Decoder {
         for block in &self.up_blocks {
             h = block.forward(h)?;
         }
-        h = self.conv_norm_out.forward(&h)?;
-        h = candle_nn::ops::silu(&h)?;
+        h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

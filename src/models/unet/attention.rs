@@ -120,6 +120,9 @@ impl FeedForward {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
+        if let Some(h) = crate::models::cpu::geglu(&h)? {
+            return Ok(self.proj_out.forward(&h)?);
+        }
         let gate = h.narrow(D::Minus1, self.inner, self.inner)?.gelu_erf()?;
         let h = h.narrow(D::Minus1, 0, self.inner)?.mul(&gate)?;
         Ok(self.proj_out.forward(&h)?)
@@ -212,6 +215,16 @@ struct TokenGroupNorm {
 impl TokenGroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let fast = crate::models::cpu::group_norm_tokens(
+            x,
+            self.groups,
+            self.eps,
+            &self.weight,
+            &self.bias,
+        )?;
+        if let Some(tokens) = fast {
+            return Ok(tokens);
+        }
         let dtype = x.dtype();
         // Statistics in f32 whatever the model dtype, as torch computes them.
         let grouped = x

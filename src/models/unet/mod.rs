@@ -16,7 +16,7 @@ mod resnet;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 pub use attention::ImageAttention;
@@ -25,7 +25,7 @@ use blocks::{CrossAttention, DownBlock, MidBlock, UpBlock};
 use embeddings::{SinusoidalEmbedding, TimestepEmbedding};
 use resnet::{ResnetSettings, TimeEmbeddingNorm};
 
-use crate::models::layers::{conv2d, Conv2d};
+use crate::models::layers::{conv2d, group_norm, Conv2d, GroupNorm};
 use crate::{Error, Result};
 
 /// A setting given once for all blocks or once per block (or layer).
@@ -226,9 +226,17 @@ impl Activation {
 
     pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Silu => x.silu(),
+            Self::Silu => crate::models::cpu::silu(x),
             Self::Gelu => x.gelu_erf(),
             Self::Relu => x.relu(),
+        }
+    }
+
+    /// `apply(norm(x))`, fused where the CPU kernels have the pair.
+    pub(crate) fn after_norm(self, norm: &GroupNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Silu => norm.forward_silu(x),
+            _ => self.apply(&candle_core::Module::forward(norm, x)?),
         }
     }
 }
@@ -669,7 +677,7 @@ impl UNet2DConditionModel {
             up_blocks,
             head: if with_up_path {
                 Some((
-                    candle_nn::group_norm(
+                    group_norm(
                         norm_groups,
                         channels[0],
                         cfg.norm_eps,
@@ -864,7 +872,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &own, &temb_act, &context, own_images, upsample_to)?;
         }
 
-        let h = self.resnet_act.apply(&conv_norm_out.forward(&h)?)?;
+        let h = self.resnet_act.after_norm(conv_norm_out, &h)?;
         Ok(conv_out.forward(&h)?)
     }
 

@@ -3,10 +3,10 @@
 //! residual form), and the stride-2 convolution / nearest-neighbour upsampling between levels.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, Linear, Module, VarBuilder};
+use candle_nn::{Linear, Module, VarBuilder};
 
 use super::Activation;
-use crate::models::layers::{conv2d, Conv2d};
+use crate::models::layers::{conv2d, group_norm, Conv2d, GroupNorm};
 use crate::Result;
 
 /// How a ResNet block injects the time embedding (diffusers' `resnet_time_scale_shift`).
@@ -69,10 +69,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
+            norm1: group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
             conv1: conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
             time_emb_proj: candle_nn::linear(s.temb_channels, temb_out, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
+            norm2: group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
             conv2: conv2d(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             conv_shortcut,
             act: s.act,
@@ -85,7 +85,7 @@ impl ResnetBlock2D {
     /// `temb_act`: the time embedding `[1 or B, temb_channels]` with the block's activation
     /// already applied (every block applies the same one, so the model does it once).
     pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.act.apply(&self.norm1.forward(x)?)?;
+        let h = self.act.after_norm(&self.norm1, x)?;
         let h = self.conv1.forward(&h)?;
         let t = self
             .time_emb_proj
@@ -93,17 +93,21 @@ impl ResnetBlock2D {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = match self.time_embedding_norm {
-            TimeEmbeddingNorm::Default => self.norm2.forward(&h.broadcast_add(&t)?)?,
+            TimeEmbeddingNorm::Default => {
+                self.act.after_norm(&self.norm2, &h.broadcast_add(&t)?)?
+            }
             TimeEmbeddingNorm::ScaleShift => {
                 let scale = (t.narrow(1, 0, self.out_channels)? + 1.0)?;
                 let shift = t.narrow(1, self.out_channels, self.out_channels)?;
-                self.norm2
+                let h = self
+                    .norm2
                     .forward(&h)?
                     .broadcast_mul(&scale)?
-                    .broadcast_add(&shift)?
+                    .broadcast_add(&shift)?;
+                self.act.apply(&h)?
             }
         };
-        let h = self.conv2.forward(&self.act.apply(&h)?)?;
+        let h = self.conv2.forward(&h)?;
         let out = match &self.conv_shortcut {
             Some(conv) => (conv.forward(x)? + h)?,
             None => (x + h)?,
