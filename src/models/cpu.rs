@@ -677,18 +677,7 @@ pub(crate) fn group_norm(
     bias: &Tensor,
     silu: bool,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !applies(x) {
-        return Ok(None);
-    }
-    let op = GroupNormOp {
-        groups,
-        eps,
-        weight: weight.to_dtype(DType::F32)?.to_vec1()?,
-        bias: bias.to_dtype(DType::F32)?.to_vec1()?,
-        silu,
-        tokens: false,
-    };
-    x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    run_group_norm(x, groups, eps, (weight, bias), silu, false)
 }
 
 /// GroupNorm of `[batch, channels, height, width]` returned as tokens
@@ -701,6 +690,17 @@ pub(crate) fn group_norm_tokens(
     weight: &Tensor,
     bias: &Tensor,
 ) -> candle_core::Result<Option<Tensor>> {
+    run_group_norm(x, groups, eps, (weight, bias), false, true)
+}
+
+fn run_group_norm(
+    x: &Tensor,
+    groups: usize,
+    eps: f64,
+    (weight, bias): (&Tensor, &Tensor),
+    silu: bool,
+    tokens: bool,
+) -> candle_core::Result<Option<Tensor>> {
     if !applies(x) {
         return Ok(None);
     }
@@ -709,8 +709,8 @@ pub(crate) fn group_norm_tokens(
         eps,
         weight: weight.to_dtype(DType::F32)?.to_vec1()?,
         bias: bias.to_dtype(DType::F32)?.to_vec1()?,
-        silu: false,
-        tokens: true,
+        silu,
+        tokens,
     };
     x.contiguous()?.apply_op1_no_bwd(&op).map(Some)
 }
