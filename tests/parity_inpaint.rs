@@ -64,28 +64,7 @@ fn inpainting_matches_diffusers() {
             "{name}: latent mask"
         );
 
-        let mut steps_seen = 0;
-        let latents = sd
-            .denoise_latents(&req, &mut |_, _| {
-                steps_seen += 1;
-                true
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            steps_seen,
-            case["num_steps"].as_u64().unwrap() as usize,
-            "{name}: denoising steps"
-        );
-        let diff = max_abs_diff(&latents, &golden["latents_final"]);
-        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
-        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
-        if let Some(expected) = golden.get("images") {
-            let images = sd.decode(&latents).unwrap();
-            let diff = max_abs_diff(&images, expected);
-            line += &format!(", images {diff:.2e}");
-            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
-        }
-        report.push(line);
+        report.push(denoise_and_compare(&sd, &req, case, &golden));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -220,28 +199,7 @@ fn sdxl_inpainting_unet_matches_diffusers() {
         assert_eq!(case["unet_in_channels"], 9, "{name}");
         let golden = load_goldens(case["file"].as_str().expect("file"));
         let req = request_for(case);
-        let mut steps_seen = 0;
-        let latents = sd
-            .denoise_latents(&req, &mut |_, _| {
-                steps_seen += 1;
-                true
-            })
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(
-            steps_seen,
-            case["num_steps"].as_u64().unwrap() as usize,
-            "{name}: denoising steps"
-        );
-        let diff = max_abs_diff(&latents, &golden["latents_final"]);
-        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
-        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
-        if let Some(expected) = golden.get("images") {
-            let images = sd.decode(&latents).unwrap();
-            let diff = max_abs_diff(&images, expected);
-            line += &format!(", images {diff:.2e}");
-            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
-        }
-        report.push(line);
+        report.push(denoise_and_compare(&sd, &req, case, &golden));
     }
     eprintln!("{}", report.join("\n"));
 }
@@ -277,4 +235,37 @@ fn mask_margin_keeps_the_seed_away_from_the_mask() {
     for (x, y) in [(0, 0), (20, 100), (127, 10)] {
         assert_eq!(rgb.get_pixel(x, y), seed.get_pixel(x, y));
     }
+}
+
+/// Denoises `req`, checks the step count against the case and the final latents (and images,
+/// where the golden has them) against diffusers; returns the report line.
+fn denoise_and_compare(
+    sd: &StableDiffusion,
+    req: &GenerationRequest,
+    case: &serde_json::Value,
+    golden: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> String {
+    let name = case["name"].as_str().expect("name");
+    let mut steps_seen = 0;
+    let latents = sd
+        .denoise_latents(req, &mut |_, _| {
+            steps_seen += 1;
+            true
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        steps_seen,
+        case["num_steps"].as_u64().unwrap() as usize,
+        "{name}: denoising steps"
+    );
+    let diff = max_abs_diff(&latents, &golden["latents_final"]);
+    let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
+    assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
+    if let Some(expected) = golden.get("images") {
+        let images = sd.decode(&latents).unwrap();
+        let diff = max_abs_diff(&images, expected);
+        line += &format!(", images {diff:.2e}");
+        assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
+    }
+    line
 }
