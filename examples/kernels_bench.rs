@@ -1,5 +1,6 @@
 //! Times the CPU kernels of `sd_serve::models::cpu` against candle's own on the shapes of an
-//! SD1.5 UNet at 512x512 (first level, classifier-free guidance batch of 2), in GFLOP/s.
+//! SD1.5 UNet at 512x512 (first level, classifier-free guidance batch of 2), in GFLOP/s, then
+//! the layers of the VAE decoder at each of its four resolutions (512x512 image).
 //!
 //!     cargo run --release --example kernels_bench
 //!     RAYON_NUM_THREADS=1 cargo run --release --example kernels_bench
@@ -49,6 +50,94 @@ fn main() -> anyhow::Result<()> {
         )?;
         let s = t.elapsed().as_secs_f64();
         println!("attention {:.3}s {:.1} GFLOP/s", s, flops / s / 1e9);
+    }
+    unet_levels(&dev)?;
+    vae_levels(&dev)
+}
+
+/// The UNet's 3x3 convolution and token projection (to_q) at each level of a 512x512 step with
+/// guidance (batch 2).
+fn unet_levels(dev: &Device) -> anyhow::Result<()> {
+    for (c, h) in [(320usize, 64usize), (640, 32), (1280, 16), (1280, 8)] {
+        let x = Tensor::randn(0f32, 1.0, (2, c, h, h), dev)?;
+        let w = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), dev)? * 0.02)?;
+        let b = Tensor::zeros(c, candle_core::DType::F32, dev)?;
+        let flops = 2.0 * (2 * c * c * 9 * h * h) as f64;
+        let s = best_of_two(|| {
+            sd_serve::models::cpu::conv2d_stride1(&x, &w, &b, 1)?;
+            Ok(())
+        })?;
+        println!(
+            "unet conv {c}x{h}^2 {:.1} ms {:.1} GFLOP/s",
+            s * 1e3,
+            flops / s / 1e9
+        );
+        let tokens = Tensor::randn(0f32, 1.0, (2, h * h, c), dev)?;
+        let lw = (Tensor::randn(0f32, 1.0, (c, c), dev)? * 0.02)?;
+        let lin = candle_nn::Linear::new(lw.clone(), None);
+        let flops = 2.0 * (2 * h * h * c * c) as f64;
+        let s = best_of_two(|| {
+            candle_nn::Module::forward(&lin, &tokens)?;
+            Ok(())
+        })?;
+        println!(
+            "  candle linear {:.1} ms {:.1} GFLOP/s",
+            s * 1e3,
+            flops / s / 1e9
+        );
+        let s = best_of_two(|| {
+            sd_serve::models::cpu::linear(&tokens, &lw, None)?;
+            Ok(())
+        })?;
+        println!(
+            "  ours linear {:.1} ms {:.1} GFLOP/s",
+            s * 1e3,
+            flops / s / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// Best of two runs of `f`, in seconds.
+fn best_of_two(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..2 {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// The decoder's 3x3 convolution, GroupNorm + SiLU, nearest 2x upsampling and residual add at
+/// each level (channels, side) of a 512x512 decode.
+fn vae_levels(dev: &Device) -> anyhow::Result<()> {
+    for (c, h) in [(512usize, 64usize), (512, 128), (256, 256), (128, 512)] {
+        let x = Tensor::randn(0f32, 1.0, (1, c, h, h), dev)?;
+        let w = (Tensor::randn(0f32, 1.0, (c, c, 3, 3), dev)? * 0.02)?;
+        let b = Tensor::zeros(c, candle_core::DType::F32, dev)?;
+        let flops = 2.0 * (c * c * 9 * h * h) as f64;
+        let s = best_of_two(|| {
+            sd_serve::models::cpu::conv2d_stride1(&x, &w, &b, 1)?;
+            Ok(())
+        })?;
+        println!("vae conv {c}x{h}^2 {s:.3}s {:.1} GFLOP/s", flops / s / 1e9);
+        let gw = Tensor::ones(c, candle_core::DType::F32, dev)?;
+        let s = best_of_two(|| {
+            sd_serve::models::cpu::group_norm(&x, 32, 1e-6, &gw, &b, true)?;
+            Ok(())
+        })?;
+        println!("  gn+silu {:.1} ms", s * 1e3);
+        let s = best_of_two(|| {
+            x.upsample_nearest2d(2 * h, 2 * h)?;
+            Ok(())
+        })?;
+        println!("  upsample {:.1} ms", s * 1e3);
+        let s = best_of_two(|| {
+            (&x + &x)?;
+            Ok(())
+        })?;
+        println!("  add {:.1} ms", s * 1e3);
     }
     Ok(())
 }

@@ -7,10 +7,12 @@
 //! self_attn.q_proj.weight`, ...); the config mirrors transformers' `CLIPTextConfig` JSON.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::layers::{scaled_dot_product_attention, AttentionPrecision};
+use super::layers::{
+    linear, linear_no_bias, scaled_dot_product_attention, AttentionPrecision, Linear,
+};
 use crate::error::{Error, Result};
 
 /// Token id transformers treats as "no real eos id configured": pooling then takes the position
@@ -175,10 +177,10 @@ impl Attention {
         let h = cfg.hidden_size;
         let head_dim = h / cfg.num_attention_heads;
         Ok(Self {
-            q_proj: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q_proj: linear(h, h, vb.pp("q_proj"))?,
+            k_proj: linear(h, h, vb.pp("k_proj"))?,
+            v_proj: linear(h, h, vb.pp("v_proj"))?,
+            out_proj: linear(h, h, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
@@ -216,8 +218,8 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &ClipTextConfig, activation: Activation, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             activation,
         })
     }
@@ -329,7 +331,7 @@ impl ClipTextModel {
             tm.pp("final_layer_norm"),
         )?;
         let text_projection = if vb.contains_tensor("text_projection.weight") {
-            Some(candle_nn::linear_no_bias(
+            Some(linear_no_bias(
                 cfg.hidden_size,
                 cfg.projection_dim,
                 vb.pp("text_projection"),

@@ -129,6 +129,44 @@ impl Module for Conv2d {
     }
 }
 
+/// A linear layer, `x · weightᵀ + bias`: on the CPU in f32 the kernel of [`super::cpu`] (which
+/// reads the weight where it lies), elsewhere candle's.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+}
+
+/// `vb` holds `weight` `[out, in]` and `bias` `[out]`.
+pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear(in_dim, out_dim, vb)?,
+    })
+}
+
+/// `vb` holds `weight` `[out, in]`.
+pub(crate) fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+    })
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match super::cpu::linear(xs, self.inner.weight(), self.inner.bias())? {
+            Some(ys) => Ok(ys),
+            None => self.inner.forward(xs),
+        }
+    }
+}
+
 /// GroupNorm over `[batch, channels, ...]` as torch computes it, with the SiLU that usually
 /// follows fused in on the CPU ([`super::cpu`]); elsewhere candle's.
 #[derive(Debug, Clone)]

@@ -3,7 +3,8 @@
 
 pub mod clip;
 pub mod controlnet;
-pub mod cpu;
+/// The f32 CPU kernels (its own crate, so that it is optimised even in test builds).
+pub use sd_serve_kernels as cpu;
 pub mod ip_adapter;
 pub mod layers;
 pub mod unet;

@@ -4,9 +4,11 @@
 //! embeddings, and projected back onto the residual. diffusers calls it `Transformer2DModel`.
 
 use candle_core::{DType, Tensor, D};
-use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{LayerNorm, Module, VarBuilder};
 
-use crate::models::layers::{scaled_dot_product_attention, AttentionPrecision};
+use crate::models::layers::{
+    linear, linear_no_bias, scaled_dot_product_attention, AttentionPrecision, Linear,
+};
 use crate::{Error, Result};
 
 /// Multi-head attention with separate q/k/v projections (no bias) and a biased output
@@ -34,10 +36,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
@@ -112,8 +114,8 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            proj_out: linear(inner, dim, vb.pp("net.2"))?,
             inner,
         })
     }

@@ -3,9 +3,10 @@
 //! two-layer MLP that maps it to the embedding every ResNet block receives.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use super::Activation;
+use crate::models::layers::{linear, Linear};
 use crate::Result;
 
 /// Fixed sinusoidal embedding of scalar positions (timesteps, or SDXL's size/crop ids).
@@ -79,8 +80,8 @@ impl TimestepEmbedding {
         act: Activation,
     ) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(embed_dim, embed_dim, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear(embed_dim, embed_dim, vb.pp("linear_2"))?,
             act,
         })
     }

@@ -3,10 +3,10 @@
 //! residual form), and the stride-2 convolution / nearest-neighbour upsampling between levels.
 
 use candle_core::Tensor;
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 
 use super::Activation;
-use crate::models::layers::{conv2d, group_norm, Conv2d, GroupNorm};
+use crate::models::layers::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear};
 use crate::Result;
 
 /// How a ResNet block injects the time embedding (diffusers' `resnet_time_scale_shift`).
@@ -71,7 +71,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
             conv1: conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
-            time_emb_proj: candle_nn::linear(s.temb_channels, temb_out, vb.pp("time_emb_proj"))?,
+            time_emb_proj: linear(s.temb_channels, temb_out, vb.pp("time_emb_proj"))?,
             norm2: group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
             conv2: conv2d(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             conv_shortcut,

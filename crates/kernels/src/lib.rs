@@ -25,8 +25,11 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+mod packed;
+mod winograd;
+
 /// Whether the kernels here run for `t`: f32 on the CPU, unless `SD_SERVE_CPU_KERNELS=0`.
-pub(crate) fn applies(t: &Tensor) -> bool {
+pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && enabled()
 }
 
@@ -42,15 +45,29 @@ fn threads() -> usize {
 
 /// A pointer that rayon tasks writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub struct SharedMut(*mut f32);
 // SAFETY: every task writes a region no other task touches (see each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
+    pub fn new(buf: &mut [f32]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
     fn get(self) -> *mut f32 {
         self.0
+    }
+
+    /// Writes `value` at `index`.
+    ///
+    /// # Safety
+    /// `index` lies in the buffer this was made from, which outlives the call, and no other
+    /// thread reads or writes that element meanwhile.
+    pub unsafe fn write(self, index: usize, value: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.0.add(index) = value };
     }
 }
 
@@ -71,20 +88,11 @@ fn f32_slice<'a>(
 // ---------------------------------------------------------------------------------------------
 // Convolution
 
-/// Stride-1 convolution with zero padding `padding`, square kernel, no groups or dilation.
+/// Convolution with zero padding `padding` and stride `stride`, square kernel, no groups or
+/// dilation.
 struct Conv2dOp {
     padding: usize,
-}
-
-/// Accumulator block: columns per task such that `out_channels` rows stay within ~512 KiB.
-fn conv_block_columns(out_channels: usize, columns: usize, batch: usize) -> usize {
-    let mut block = ((128 * 1024) / out_channels.max(1)).clamp(64, 2048);
-    // Enough blocks for every thread to have a few.
-    let wanted = 3 * threads();
-    while block > 32 && batch * columns.div_ceil(block) < wanted {
-        block /= 2;
-    }
-    block.div_ceil(8) * 8
+    stride: usize,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -114,7 +122,7 @@ impl CustomOp3 for Conv2dOp {
                 bias.len()
             );
         }
-        let p = self.padding;
+        let (p, s) = (self.padding, self.stride.max(1));
         let (hp, wp) = (height + 2 * p, width + 2 * p);
         if hp < k || wp < k {
             candle_core::bail!(
@@ -129,13 +137,27 @@ impl CustomOp3 for Conv2dOp {
                 wl.shape()
             );
         }
-        let (ho, wo) = (hp - k + 1, wp - k + 1);
+        if k == 3 && s == 1 && p == 1 && winograd::pays(batch, c_in, c_out, height, width) {
+            let out = winograd::conv3x3(x, w, bias, (batch, c_in, height, width), c_out);
+            return Ok((
+                CpuStorage::F32(out),
+                Shape::from_dims(&[batch, c_out, height, width]),
+            ));
+        }
+        let (ho, wo) = ((hp - k) / s + 1, (wp - k) / s + 1);
         let plane = hp * wp;
+        let taps = k * k;
 
-        // The padded input, plus k - 1 trailing zeros: the last tap's view of the last row runs
-        // that far past the last plane (into columns that are dropped).
+        // At stride 1, output pixels are computed over the padded width, so that the input a
+        // tap sees for a run of pixels is one contiguous run of the padded input; the k - 1
+        // extra columns per row are dropped on the way out. The last tap's view of the last
+        // row runs k - 1 values past the last plane: the padded copy has that many trailing
+        // zeros.
+        let dense = s == 1;
+        let row_width = if dense { wp } else { wo };
+        let columns = ho * row_width;
         let padded_storage;
-        let xp: &[f32] = if p == 0 && k == 1 {
+        let xp: &[f32] = if p == 0 && (k == 1 || !dense) {
             x
         } else {
             let mut buf = vec![0f32; batch * c_in * plane + k - 1];
@@ -152,79 +174,75 @@ impl CustomOp3 for Conv2dOp {
             &padded_storage
         };
 
-        // Output over the padded width: column j of a batch item is pixel (j / wp, j % wp).
-        let columns = ho * wp;
-        let block = conv_block_columns(c_out, columns, batch);
-        let blocks = columns.div_ceil(block);
-        let mut out = vec![0f32; batch * c_out * ho * wo];
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        let taps = k * k;
-        (0..batch * blocks).into_par_iter().for_each_init(
-            || vec![0f32; c_out * block],
-            |acc, task| {
-                let (b, blk) = (task / blocks, task % blocks);
-                let j0 = blk * block;
-                let n = block.min(columns - j0);
-                for (row, chunk) in acc.chunks_exact_mut(block).enumerate() {
-                    chunk[..n].fill(bias[row]);
-                }
-                let x_b = &xp[b * c_in * plane..];
-                for tap in 0..taps {
-                    let (dy, dx) = (tap / k, tap % k);
-                    let shift = dy * wp + dx + j0;
-                    // SAFETY: `acc` holds c_out rows of `block` >= n columns; the weight view is
-                    // c_out x c_in with strides (c_in * taps, taps) inside `w`; the input view is
-                    // c_in x n with strides (plane, 1) starting at `shift`, whose last element,
-                    // (c_in - 1) * plane + shift + n - 1 <= c_in * plane + k - 2, lies in the
-                    // padded buffer (k - 1 trailing zeros).
-                    unsafe {
-                        gemm::gemm(
-                            c_out,
-                            n,
-                            c_in,
-                            acc.as_mut_ptr(),
-                            1,
-                            block as isize,
-                            true,
-                            w.as_ptr().add(tap),
-                            taps as isize,
-                            (c_in * taps) as isize,
-                            x_b.as_ptr().add(shift),
-                            1,
-                            plane as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
-                }
-                // Copy the valid columns out: runs of consecutive pixels of one output row.
-                let mut j = 0;
-                while j < n {
-                    let (y, x) = ((j0 + j) / wp, (j0 + j) % wp);
-                    let run = (wp - x).min(n - j);
-                    let valid = wo.saturating_sub(x).min(run);
-                    if valid > 0 {
-                        for c in 0..c_out {
-                            let src = &acc[c * block + j..c * block + j + valid];
-                            let at = ((b * c_out + c) * ho + y) * wo + x;
-                            // SAFETY: (b, c, y, x..x + valid) belongs to this task's columns
-                            // only; tasks cover disjoint column ranges of each batch item.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    src.as_ptr(),
-                                    out_ptr.get().add(at),
-                                    valid,
-                                );
+        // B (c_in * taps rows, batch * columns columns): row (ci, dy, dx), column (b, y, x) is
+        // padded input (b, ci, y * s + dy, x * s + dx). Its rows are in the weight's order, so
+        // A is the weight as it lies, `[c_out, c_in * k * k]`.
+        let pack_b = |k0: usize, kc: usize, n0: usize, n: usize, dst: &mut [f32]| {
+            let panels = n.div_ceil(packed::NR);
+            for kk in 0..kc {
+                let (ci, tap) = ((k0 + kk) / taps, (k0 + kk) % taps);
+                let (dy, dx) = (tap / k, tap % k);
+                for panel in 0..panels {
+                    let row = &mut dst[packed::panel_row(panel, kk, kc)..][..packed::NR];
+                    let width = packed::NR.min(n - panel * packed::NR);
+                    let mut c = 0;
+                    while c < width {
+                        let g = n0 + panel * packed::NR + c;
+                        let (b, j) = (g / columns, g % columns);
+                        let plane_at = (b * c_in + ci) * plane;
+                        if dense {
+                            let run = (width - c).min(columns - j);
+                            let at = plane_at + dy * wp + dx + j;
+                            row[c..c + run].copy_from_slice(&xp[at..at + run]);
+                            c += run;
+                        } else {
+                            let (y, x) = (j / wo, j % wo);
+                            let run = (width - c).min(wo - x);
+                            let at = plane_at + (y * s + dy) * wp + x * s + dx;
+                            for (i, v) in row[c..c + run].iter_mut().enumerate() {
+                                *v = xp[at + i * s];
                             }
+                            c += run;
                         }
                     }
-                    j += run;
+                    row[width..].fill(0.0);
                 }
-            },
+            }
+        };
+
+        let mut out = vec![0f32; batch * c_out * ho * wo];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let sink = |m0: usize, m: usize, n0: usize, n: usize, acc: &[f32], ldc: usize| {
+            // Runs of consecutive pixels of one output row, within one batch item.
+            let mut c = 0;
+            while c < n {
+                let (b, j) = ((n0 + c) / columns, (n0 + c) % columns);
+                let (y, x) = (j / row_width, j % row_width);
+                let run = (row_width - x).min(n - c);
+                let valid = wo.saturating_sub(x).min(run);
+                for o in 0..m {
+                    let ch = m0 + o;
+                    let src = &acc[o * ldc + c..o * ldc + c + valid];
+                    let at = ((b * c_out + ch) * ho + y) * wo + x;
+                    // SAFETY: (b, ch, y, x..x + valid) lies in `out`, and belongs to this
+                    // task's rows and columns only.
+                    let dst =
+                        unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(at), valid) };
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v + bias[ch];
+                    }
+                }
+                c += run;
+            }
+        };
+        packed::gemm(
+            c_out,
+            batch * columns,
+            c_in * taps,
+            w,
+            c_in * taps,
+            pack_b,
+            sink,
         );
         Ok((
             CpuStorage::F32(out),
@@ -233,22 +251,144 @@ impl CustomOp3 for Conv2dOp {
     }
 }
 
-/// `conv2d(x, weight, padding, stride 1) + bias` for f32 CPU tensors, or `None` where this
-/// module does not apply (another dtype or device, a stride other than 1).
-pub(crate) fn conv2d(
+/// `conv2d(x, weight, padding, stride) + bias` for f32 CPU tensors, or `None` where this module
+/// does not apply (another dtype or device).
+pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Option<Tensor>> {
-    if stride != 1 || !applies(x) || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
+    if stride == 0 || !applies(x) || weight.dtype() != DType::F32 || bias.dtype() != DType::F32 {
         return Ok(None);
     }
-    let op = Conv2dOp { padding };
+    let op = Conv2dOp { padding, stride };
     x.contiguous()?
         .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
         .map(Some)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers
+
+/// `x · wᵀ (+ bias)` over the last dimension of `x`.
+struct LinearOp;
+
+/// `y[t, o] = sum_i x[t, i] w[o, i] (+ bias[o])` for `tokens` rows of `x`.
+fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, tokens: usize, out: usize) -> Vec<f32> {
+    let inputs = w.len() / out.max(1);
+    let mut y = vec![0f32; tokens * out];
+    let y_ptr = SharedMut(y.as_mut_ptr());
+    // C = yᵀ (out x tokens) = w (as it lies) · xᵀ: B's column t is row t of x.
+    let pack_b = |k0: usize, kc: usize, n0: usize, n: usize, dst: &mut [f32]| {
+        for panel in 0..n.div_ceil(packed::NR) {
+            let first = panel * packed::NR;
+            let width = packed::NR.min(n - first);
+            let block =
+                &mut dst[packed::panel_row(panel, 0, kc)..packed::panel_row(panel + 1, 0, kc)];
+            for c in 0..width {
+                let src = &x[(n0 + first + c) * inputs + k0..][..kc];
+                for (kk, &v) in src.iter().enumerate() {
+                    block[kk * packed::NR + c] = v;
+                }
+            }
+            if width < packed::NR {
+                for row in block.chunks_exact_mut(packed::NR) {
+                    row[width..].fill(0.0);
+                }
+            }
+        }
+    };
+    let sink = |m0: usize, m: usize, n0: usize, n: usize, acc: &[f32], ldc: usize| {
+        for t in 0..n {
+            // SAFETY: row n0 + t, columns m0..m0 + m of y belong to this task only.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add((n0 + t) * out + m0), m) };
+            for (o, d) in dst.iter_mut().enumerate() {
+                *d = acc[o * ldc + t] + bias.map_or(0.0, |b| b[m0 + o]);
+            }
+        }
+    };
+    packed::gemm(out, tokens, inputs, w, inputs, pack_b, sink);
+    y
+}
+
+impl LinearOp {
+    fn run(
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(x, xl, "linear input")?;
+        let w = f32_slice(w, wl, "linear weight")?;
+        let (out, inputs) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&inputs) || bias.is_some_and(|b| b.len() != out) || out == 0 {
+            candle_core::bail!("linear: input {:?}, weight {:?}", xl.shape(), wl.shape());
+        }
+        let tokens = x.len() / inputs.max(1);
+        let y = linear_into(x, w, bias, tokens, out);
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("checked above") = out;
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sd-serve-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::run(xs, xl, ws, wl, None)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sd-serve-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = f32_slice(bs, bl, "linear bias")?;
+        Self::run(xs, xl, ws, wl, Some(bias))
+    }
+}
+
+/// `x · weightᵀ + bias` over the last dimension of `x` (a linear layer, `weight` `[out, in]`)
+/// for f32 CPU tensors; `None` where this module does not apply.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !applies(x) || weight.dtype() != DType::F32 || bias.is_some_and(|b| b.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(bias) => x.apply_op3_no_bwd(&weight, &bias.contiguous()?, &LinearOp),
+        None => x.apply_op2_no_bwd(&weight, &LinearOp),
+    }
+    .map(Some)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -557,8 +697,8 @@ impl CustomOp3 for AttentionOp {
 }
 
 /// Unmasked softmax attention for f32 CPU tensors (layout as
-/// [`super::layers::scaled_dot_product_attention`]), or `None` where this module does not apply.
-pub(crate) fn attention(
+/// `sd_serve::models::layers::scaled_dot_product_attention`), or `None` where this module does not apply.
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -669,7 +809,7 @@ impl CustomOp1 for GroupNormOp {
 
 /// GroupNorm over `[batch, channels, ...]` with per-channel `weight` and `bias`, followed by SiLU
 /// when `silu`, for f32 CPU tensors; `None` where this module does not apply.
-pub(crate) fn group_norm(
+pub fn group_norm(
     x: &Tensor,
     groups: usize,
     eps: f64,
@@ -683,7 +823,7 @@ pub(crate) fn group_norm(
 /// GroupNorm of `[batch, channels, height, width]` returned as tokens
 /// `[batch, height * width, channels]` (the transposition done by the affine pass), for f32
 /// CPU tensors; `None` where this module does not apply.
-pub(crate) fn group_norm_tokens(
+pub fn group_norm_tokens(
     x: &Tensor,
     groups: usize,
     eps: f64,
@@ -733,7 +873,7 @@ impl CustomOp1 for SiluOp {
 }
 
 /// `x * sigmoid(x)` on all threads for f32 CPU tensors, else candle's.
-pub(crate) fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     if applies(x) {
         x.contiguous()?.apply_op1_no_bwd(&SiluOp)
     } else {
@@ -773,7 +913,7 @@ impl CustomOp1 for GegluOp {
 
 /// diffusers' GEGLU over the last dimension: its first half times the exact GELU of its second
 /// half, on all threads for f32 CPU tensors; `None` where this module does not apply.
-pub(crate) fn geglu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+pub fn geglu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     if !applies(x) {
         return Ok(None);
     }
@@ -891,6 +1031,99 @@ mod tests {
     }
 
     #[test]
+    fn winograd_convolution_matches_candle() {
+        // Through the op (shapes where F(2x2, 3x3) is chosen, odd sides included), then the
+        // transform on its own at sizes the op would give to the direct kernel.
+        let cases: &[(usize, usize, usize, usize, usize, bool)] = &[
+            (1, 32, 33, 65, 67, true),
+            (2, 40, 37, 48, 44, true),
+            (1, 3, 5, 7, 9, false),
+            (2, 6, 4, 4, 5, false),
+            (1, 2, 3, 1, 2, false),
+        ];
+        for &(batch, c_in, c_out, h, w, via_op) in cases {
+            assert_eq!(winograd::pays(batch, c_in, c_out, h, w), via_op);
+            let x = random(&[batch, c_in, h, w], 41);
+            let weight = random(&[c_out, c_in, 3, 3], 42);
+            let bias = random(&[c_out], 43);
+            let ours = if via_op {
+                conv2d(&x, &weight, &bias, 1, 1).unwrap().unwrap()
+            } else {
+                let data = winograd::conv3x3(
+                    &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &weight.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &bias.to_vec1::<f32>().unwrap(),
+                    (batch, c_in, h, w),
+                    c_out,
+                );
+                Tensor::from_vec(data, (batch, c_out, h, w), &Device::Cpu).unwrap()
+            };
+            let theirs = x
+                .conv2d(&weight, 1, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            // Sums of up to 360 products of size ~1 (|sum| ~ 6), in another order and through
+            // transforms whose intermediate values reach 4x the inputs: ~1e-5 typical, 2e-4 at
+            // worst; a wrong tap or transform coefficient is off by O(1).
+            let diff = max_diff(&ours, &theirs);
+            assert!(diff < 2e-4, "{batch}x{c_in}x{h}x{w} -> {c_out}: {diff}");
+        }
+    }
+
+    #[test]
+    fn strided_convolution_matches_candle() {
+        // Stride 2 with and without padding (the UNet's and the VAE encoder's downsamplers),
+        // and a depth past one packed block (c_in * 9 = 576 > 256).
+        for &(batch, c_in, c_out, h, w, k, p, s) in &[
+            (2, 5, 7, 9, 11, 3, 1, 2),
+            (1, 64, 13, 16, 16, 3, 1, 2),
+            (2, 3, 4, 9, 10, 3, 0, 2),
+            (1, 4, 3, 11, 7, 1, 0, 2),
+        ] {
+            let x = random(&[batch, c_in, h, w], 21);
+            let weight = random(&[c_out, c_in, k, k], 22);
+            let bias = random(&[c_out], 23);
+            let ours = conv2d(&x, &weight, &bias, p, s).unwrap().unwrap();
+            let theirs = x
+                .conv2d(&weight, p, s, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, c_out, 1, 1)).unwrap())
+                .unwrap();
+            // Sums of up to 576 products of size ~1 in another order.
+            let diff = max_diff(&ours, &theirs);
+            assert!(diff < 1e-4, "{batch}x{c_in}x{h}x{w} k{k} p{p} s{s}: {diff}");
+        }
+    }
+
+    #[test]
+    fn linear_matches_candle() {
+        // Token counts and widths around the 16-column panels, 6-row tiles and 256-deep blocks.
+        for &(lead, tokens, inputs, out) in &[(1, 1, 3, 1), (2, 37, 300, 41), (1, 100, 17, 600)] {
+            let x = random(&[lead, tokens, inputs], 31);
+            let weight = random(&[out, inputs], 32);
+            let bias = random(&[out], 33);
+            for bias in [None, Some(&bias)] {
+                let ours = linear(&x, &weight, bias).unwrap().unwrap();
+                let layer = candle_nn::Linear::new(weight.clone(), bias.cloned());
+                let theirs = candle_core::Module::forward(&layer, &x).unwrap();
+                // Dot products of up to 300 terms of size ~1, summed in blocks.
+                let diff = max_diff(&ours, &theirs);
+                assert!(diff < 5e-5, "{lead}x{tokens}x{inputs} -> {out}: {diff}");
+            }
+        }
+        let odd = random(&[4, 6], 34).t().unwrap();
+        let weight = random(&[3, 4], 35);
+        let ours = linear(&odd, &weight, None).unwrap().unwrap();
+        let theirs = odd
+            .contiguous()
+            .unwrap()
+            .matmul(&weight.t().unwrap())
+            .unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-5);
+    }
+
+    #[test]
     fn convolution_of_a_strided_input() {
         let x = random(&[1, 6, 8, 3], 4).permute((0, 1, 3, 2)).unwrap();
         let weight = random(&[2, 6, 3, 3], 5);
@@ -904,7 +1137,15 @@ mod tests {
             .broadcast_add(&bias.reshape((1, 2, 1, 1)).unwrap())
             .unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        assert!(conv2d(&x, &weight, &bias, 1, 2).unwrap().is_none());
+        let ours = conv2d(&x, &weight, &bias, 1, 2).unwrap().unwrap();
+        let theirs = x
+            .contiguous()
+            .unwrap()
+            .conv2d(&weight, 1, 2, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, 2, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-5);
     }
 
     fn reference_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
