@@ -48,6 +48,21 @@ fn transform_filters(w: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     u
 }
 
+/// The tiles `t0..t0 + n` as runs `(offset from t0, length)` that stay within one row of tiles
+/// and one packed panel (at most NR long).
+fn tile_runs(t0: usize, n: usize, tiles_per_item: usize, tw: usize) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut t = 0;
+    while t < n {
+        let in_row = tw - (t0 + t) % tiles_per_item % tw;
+        let in_panel = NR - t % NR;
+        let len = in_row.min(in_panel).min(n - t);
+        runs.push((t, len));
+        t += len;
+    }
+    runs
+}
+
 /// Whether F(2x2, 3x3) pays for this convolution: enough tiles for the transforms to be
 /// amortised over the filter transform, enough channels for the products to be matrix
 /// products.
@@ -70,9 +85,11 @@ pub(crate) fn conv3x3(
     let u = transform_filters(w, c_out, c_in);
     let plane = c_out * c_in;
 
-    // Tiles per task: the packed patches of one position (c_in x block) within ~256 KiB.
+    // Tiles per task: the packed patches of one position (c_in x block) within 128 KiB, so
+    // that a task's patches and products (16 positions each) stay within 2 MiB (measured
+    // best on 128-512 channels among 64 KiB to 512 KiB per position).
     let threads = rayon::current_num_threads().max(1);
-    let mut block = ((64 * 1024) / c_in).clamp(2 * NR, 32 * NR) / NR * NR;
+    let mut block = ((32 * 1024) / c_in).clamp(2 * NR, 32 * NR) / NR * NR;
     while block > 2 * NR && tiles.div_ceil(block) < 3 * threads {
         block /= 2;
     }
@@ -99,52 +116,61 @@ pub(crate) fn conv3x3(
             let n = block.min(tiles - t0);
             let panels = n.div_ceil(NR);
             let stride_v = c_in * panels * NR;
-            // V for every position: panel p of position e holds rows c, columns t % NR.
-            // Channels outer, tiles inner: consecutive tiles read neighbouring input columns.
+            // V for every position: panel p of position e holds rows c, columns t % NR. Tiles
+            // go in runs that share a row of tiles and a panel, up to NR at once, so the
+            // arithmetic runs across the run's lanes.
+            let runs = tile_runs(t0, n, tiles_per_item, tw);
             for c in 0..c_in {
-                for t in 0..panels * NR {
-                    let at = packed::panel_row(t / NR, c, c_in) + t % NR;
-                    if t >= n {
-                        for e in 0..16 {
-                            v[e * stride_v + at] = 0.0;
-                        }
-                        continue;
-                    }
-                    let g = t0 + t;
-                    let (b, r) = (g / tiles_per_item, g % tiles_per_item);
+                for &(t, len) in &runs {
+                    let (b, r) = ((t0 + t) / tiles_per_item, (t0 + t) % tiles_per_item);
                     let (y0, x0) = (2 * (r / tw) as isize - 1, 2 * (r % tw) as isize - 1);
-                    let mut d = [[0f32; 4]; 4];
-                    if y0 >= 0 && x0 >= 0 && y0 as usize + 4 <= height && x0 as usize + 4 <= width {
-                        let base = ((b * c_in + c) * height + y0 as usize) * width + x0 as usize;
-                        for (i, row) in d.iter_mut().enumerate() {
-                            row.copy_from_slice(&x[base + i * width..][..4]);
-                        }
-                    } else {
-                        for (i, row) in d.iter_mut().enumerate() {
-                            for (j, val) in row.iter_mut().enumerate() {
-                                *val = input(b, c, y0 + i as isize, x0 + j as isize);
+                    // d[i][j][lane]: patch element (i, j) of tile t + lane.
+                    let mut d = [[[0f32; NR]; 4]; 4];
+                    for lane in 0..len {
+                        let x0 = x0 + 2 * lane as isize;
+                        let inside = y0 >= 0
+                            && x0 >= 0
+                            && y0 as usize + 4 <= height
+                            && x0 as usize + 4 <= width;
+                        let base = ((b * c_in + c) * height) as isize * width as isize;
+                        for (i, plane) in d.iter_mut().enumerate() {
+                            for (j, row) in plane.iter_mut().enumerate() {
+                                row[lane] = if inside {
+                                    x[(base + (y0 + i as isize) * width as isize + x0 + j as isize)
+                                        as usize]
+                                } else {
+                                    input(b, c, y0 + i as isize, x0 + j as isize)
+                                };
                             }
                         }
                     }
-                    // Bᵀ d: rows.
-                    let mut s = [[0f32; 4]; 4];
-                    for j in 0..4 {
-                        s[0][j] = d[0][j] - d[2][j];
-                        s[1][j] = d[1][j] + d[2][j];
-                        s[2][j] = d[2][j] - d[1][j];
-                        s[3][j] = d[1][j] - d[3][j];
-                    }
-                    // (Bᵀ d) B: columns.
-                    for (i, row) in s.iter().enumerate() {
-                        let vals = [
-                            row[0] - row[2],
-                            row[1] + row[2],
-                            row[2] - row[1],
-                            row[1] - row[3],
-                        ];
-                        for (j, val) in vals.into_iter().enumerate() {
-                            v[(i * 4 + j) * stride_v + at] = val;
+                    // Bᵀ d B, lane by lane.
+                    let mut e = [[0f32; NR]; 16];
+                    for lane in 0..NR {
+                        let mut s = [[0f32; 4]; 4];
+                        for j in 0..4 {
+                            s[0][j] = d[0][j][lane] - d[2][j][lane];
+                            s[1][j] = d[1][j][lane] + d[2][j][lane];
+                            s[2][j] = d[2][j][lane] - d[1][j][lane];
+                            s[3][j] = d[1][j][lane] - d[3][j][lane];
                         }
+                        for (i, row) in s.iter().enumerate() {
+                            e[i * 4][lane] = row[0] - row[2];
+                            e[i * 4 + 1][lane] = row[1] + row[2];
+                            e[i * 4 + 2][lane] = row[2] - row[1];
+                            e[i * 4 + 3][lane] = row[1] - row[3];
+                        }
+                    }
+                    let at = packed::panel_row(t / NR, c, c_in) + t % NR;
+                    for (pos, vals) in e.iter().enumerate() {
+                        v[pos * stride_v + at..][..len].copy_from_slice(&vals[..len]);
+                    }
+                }
+                // Columns past the last tile are zeros.
+                for t in n..panels * NR {
+                    let at = packed::panel_row(t / NR, c, c_in) + t % NR;
+                    for pos in 0..16 {
+                        v[pos * stride_v + at] = 0.0;
                     }
                 }
             }
@@ -165,31 +191,38 @@ pub(crate) fn conv3x3(
                 );
             }
             // Y = Aᵀ M A + bias, 2x2 per tile, clipped at the image's edge. Channels outer,
-            // tiles inner: M is read along its rows.
+            // runs of tiles inner: M is read along its rows, a run's lanes at once.
             for o in 0..c_out {
-                for t in 0..n {
-                    let g = t0 + t;
-                    let (b, r) = (g / tiles_per_item, g % tiles_per_item);
-                    let (y0, x0) = (2 * (r / tw), 2 * (r % tw));
-                    let (rows, cols) = ((height - y0).min(2), (width - x0).min(2));
-                    let mut mm = [[0f32; 4]; 4];
-                    for (i, row) in mm.iter_mut().enumerate() {
-                        for (j, val) in row.iter_mut().enumerate() {
-                            *val = m[((i * 4 + j) * c_out + o) * ldc + t];
+                for &(t, len) in &runs {
+                    let mut mm = [[0f32; NR]; 16];
+                    for (pos, vals) in mm.iter_mut().enumerate() {
+                        vals[..len].copy_from_slice(&m[(pos * c_out + o) * ldc + t..][..len]);
+                    }
+                    // Aᵀ M A, lane by lane: y[i * 2 + j][lane].
+                    let mut y = [[0f32; NR]; 4];
+                    for lane in 0..NR {
+                        let mut s = [[0f32; 4]; 2];
+                        for j in 0..4 {
+                            s[0][j] = mm[j][lane] + mm[4 + j][lane] + mm[8 + j][lane];
+                            s[1][j] = mm[4 + j][lane] - mm[8 + j][lane] - mm[12 + j][lane];
+                        }
+                        for (i, row) in s.iter().enumerate() {
+                            y[i * 2][lane] = row[0] + row[1] + row[2] + bias[o];
+                            y[i * 2 + 1][lane] = row[1] - row[2] - row[3] + bias[o];
                         }
                     }
-                    // Aᵀ M: 2 rows of 4.
-                    let mut s = [[0f32; 4]; 2];
-                    for j in 0..4 {
-                        s[0][j] = mm[0][j] + mm[1][j] + mm[2][j];
-                        s[1][j] = mm[1][j] - mm[2][j] - mm[3][j];
-                    }
-                    let base = ((b * c_out + o) * height + y0) * width + x0;
-                    for (i, row) in s.iter().enumerate().take(rows) {
-                        let vals = [row[0] + row[1] + row[2], row[1] - row[2] - row[3]];
-                        for (j, val) in vals.into_iter().enumerate().take(cols) {
-                            // SAFETY: pixel (b, o, y0 + i, x0 + j) belongs to this tile only.
-                            unsafe { out_ptr.write(base + i * width + j, val + bias[o]) };
+                    let (b, r) = ((t0 + t) / tiles_per_item, (t0 + t) % tiles_per_item);
+                    let (y0, x_start) = (2 * (r / tw), 2 * (r % tw));
+                    let rows = (height - y0).min(2);
+                    for i in 0..rows {
+                        let base = ((b * c_out + o) * height + y0 + i) * width;
+                        for lane in 0..len {
+                            let x0 = x_start + 2 * lane;
+                            for j in 0..(width - x0).min(2) {
+                                // SAFETY: pixel (b, o, y0 + i, x0 + j) belongs to this tile,
+                                // which only this task computes.
+                                unsafe { out_ptr.write(base + x0 + j, y[i * 2 + j][lane]) };
+                            }
                         }
                     }
                 }
