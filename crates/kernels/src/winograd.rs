@@ -63,11 +63,12 @@ fn tile_runs(t0: usize, n: usize, tiles_per_item: usize, tw: usize) -> Vec<(usiz
     runs
 }
 
-/// Whether F(2x2, 3x3) pays for this convolution: enough tiles for the transforms to be
-/// amortised over the filter transform, enough channels for the products to be matrix
-/// products.
+/// Whether F(2x2, 3x3) pays for this convolution: enough tiles for the transforms (and the
+/// filter transform, done per call) to be amortised, enough channels for the products to be
+/// matrix products. Measured on 2 cores: a UNet's 640-channel convolution at 2x32x32 takes
+/// 94 ms against 120-130 ms direct, its 1280-channel one at 2x16x16 155 ms against 130 ms.
 pub(crate) fn pays(batch: usize, c_in: usize, c_out: usize, height: usize, width: usize) -> bool {
-    c_in >= 32 && c_out >= 32 && batch * height * width >= 64 * 64 && height >= 4 && width >= 4
+    c_in >= 32 && c_out >= 32 && batch * height * width >= 2 * 32 * 32 && height >= 4 && width >= 4
 }
 
 /// `conv2d(x, w, padding 1, stride 1) + bias`, `x` `[batch, c_in, height, width]`, `w`
