@@ -215,14 +215,14 @@ pub(crate) fn conv3x3(
                     let (b, r) = ((t0 + t) / tiles_per_item, (t0 + t) % tiles_per_item);
                     let (y0, x_start) = (2 * (r / tw), 2 * (r % tw));
                     let rows = (height - y0).min(2);
-                    for i in 0..rows {
+                    for (i, pair) in y.chunks_exact(2).enumerate().take(rows) {
                         let base = ((b * c_out + o) * height + y0 + i) * width;
                         for lane in 0..len {
                             let x0 = x_start + 2 * lane;
-                            for j in 0..(width - x0).min(2) {
+                            for (j, col) in pair.iter().enumerate().take((width - x0).min(2)) {
                                 // SAFETY: pixel (b, o, y0 + i, x0 + j) belongs to this tile,
                                 // which only this task computes.
-                                unsafe { out_ptr.write(base + x0 + j, y[i * 2 + j][lane]) };
+                                unsafe { out_ptr.write(base + x0 + j, col[lane]) };
                             }
                         }
                     }
