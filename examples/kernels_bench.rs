@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         let s = t.elapsed().as_secs_f64();
         println!("candle conv {:.3}s {:.1} GFLOP/s", s, flops / s / 1e9);
         let t = Instant::now();
-        let _ = sd_serve::models::cpu::conv2d_stride1(&x, &w, &b, 1)?;
+        let _ = conv(&x, &w, &b)?;
         let s = t.elapsed().as_secs_f64();
         println!("ours conv {:.3}s {:.1} GFLOP/s", s, flops / s / 1e9);
     }
@@ -64,7 +64,7 @@ fn unet_levels(dev: &Device) -> anyhow::Result<()> {
         let b = Tensor::zeros(c, candle_core::DType::F32, dev)?;
         let flops = 2.0 * (2 * c * c * 9 * h * h) as f64;
         let s = best_of_two(|| {
-            sd_serve::models::cpu::conv2d_stride1(&x, &w, &b, 1)?;
+            conv(&x, &w, &b)?;
             Ok(())
         })?;
         println!(
@@ -98,6 +98,12 @@ fn unet_levels(dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// sd-serve's kernel for a 3x3 stride-1 convolution with padding 1.
+fn conv(x: &Tensor, w: &Tensor, b: &Tensor) -> anyhow::Result<Tensor> {
+    sd_serve::models::cpu::conv2d(x, w, b, 1, 1)?
+        .ok_or_else(|| anyhow::anyhow!("the CPU kernels are off (SD_SERVE_CPU_KERNELS=0)"))
+}
+
 /// Best of two runs of `f`, in seconds.
 fn best_of_two(mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     let mut best = f64::INFINITY;
@@ -118,7 +124,7 @@ fn vae_levels(dev: &Device) -> anyhow::Result<()> {
         let b = Tensor::zeros(c, candle_core::DType::F32, dev)?;
         let flops = 2.0 * (c * c * 9 * h * h) as f64;
         let s = best_of_two(|| {
-            sd_serve::models::cpu::conv2d_stride1(&x, &w, &b, 1)?;
+            conv(&x, &w, &b)?;
             Ok(())
         })?;
         println!("vae conv {c}x{h}^2 {s:.3}s {:.1} GFLOP/s", flops / s / 1e9);

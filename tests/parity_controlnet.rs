@@ -20,8 +20,8 @@ use sd_serve::pipeline::{
 use sd_serve::weights::{load_controlnet_file, WeightStore};
 
 use common::{
-    fixtures, golden_request, load_goldens, manifest, max_abs_diff, max_abs_store_diff, pipeline,
-    registry, scratch, Pipelines,
+    check_against_golden, fixtures, golden_request, load_goldens, manifest, max_abs_diff,
+    max_abs_store_diff, pipeline, registry, scratch, Pipelines,
 };
 
 /// Same bounds as the txt2img parity (`parity_pipeline.rs`, `parity_inpaint.rs`): 3 steps of a
@@ -105,16 +105,13 @@ fn controlnet_pipelines_match_diffusers() {
         let latents = sd
             .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let diff = max_abs_diff(&latents, &golden["latents_final"]);
-        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
-        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
-        if let Some(expected) = golden.get("images") {
-            let images = sd.decode(&latents).unwrap();
-            let diff = max_abs_diff(&images, expected);
-            line += &format!(", images {diff:.2e}");
-            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
-        }
-        report.push(line);
+        report.push(check_against_golden(
+            name,
+            sd,
+            &latents,
+            &golden,
+            (LATENT_TOL, IMAGE_TOL),
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }

@@ -12,7 +12,9 @@ use sd_serve::pipeline::{
 };
 use sd_serve::schedulers::SchedulerSpec;
 
-use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline};
+use common::{
+    check_against_golden, fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline,
+};
 
 /// Same bounds as the txt2img/img2img parity (`parity_pipeline.rs`): 3-5 UNet evaluations with
 /// guidance and two or three VAE passes (encoding the seed and the masked seed, decoding) in f32,
@@ -258,14 +260,5 @@ fn denoise_and_compare(
         case["num_steps"].as_u64().unwrap() as usize,
         "{name}: denoising steps"
     );
-    let diff = max_abs_diff(&latents, &golden["latents_final"]);
-    let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
-    assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
-    if let Some(expected) = golden.get("images") {
-        let images = sd.decode(&latents).unwrap();
-        let diff = max_abs_diff(&images, expected);
-        line += &format!(", images {diff:.2e}");
-        assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
-    }
-    line
+    check_against_golden(name, sd, &latents, golden, (LATENT_TOL, IMAGE_TOL))
 }

@@ -10,7 +10,10 @@ use candle_core::{DType, Device, Tensor};
 use sd_serve::models::ip_adapter::{preprocess, ClipVisionModel, IpAdapterModel};
 use sd_serve::pipeline::{GenerationRequest, IpAdapterUnit};
 
-use common::{fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline, Pipelines};
+use common::{
+    check_against_golden, fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline,
+    Pipelines,
+};
 
 /// Preprocessing: the fixed-point antialiased bicubic is reproduced exactly, so the 8-bit pixels
 /// agree; what is left is the f32 rounding of rescale and normalisation (a few 1e-7).
@@ -125,16 +128,13 @@ fn ip_adapter_pipelines_match_diffusers() {
         let latents = sd
             .denoise_latents_adapted(&req, &[], &[&adapter], &mut |_, _| true)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let diff = max_abs_diff(&latents, &golden["latents_final"]);
-        let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
-        assert!(diff < LATENT_TOL, "{name}: final latents differ by {diff}");
-        if let Some(expected) = golden.get("images") {
-            let images = sd.decode(&latents).unwrap();
-            let diff = max_abs_diff(&images, expected);
-            line += &format!(", images {diff:.2e}");
-            assert!(diff < IMAGE_TOL, "{name}: images differ by {diff}");
-        }
-        report.push(line);
+        report.push(check_against_golden(
+            name,
+            sd,
+            &latents,
+            &golden,
+            (LATENT_TOL, IMAGE_TOL),
+        ));
     }
     eprintln!("{}", report.join("\n"));
 }

@@ -192,17 +192,14 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
+    /// The CPU kernel (with the SiLU when `silu`), or `None` where it does not apply.
+    fn fast(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Option<Tensor>> {
+        crate::models::cpu::group_norm(xs, self.groups, NORM_EPS, &self.weight, &self.bias, silu)
+    }
+
     /// `silu(self(xs))`, one fused pass on the CPU.
     fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast = crate::models::cpu::group_norm(
-            xs,
-            self.groups,
-            NORM_EPS,
-            &self.weight,
-            &self.bias,
-            true,
-        )?;
-        match fast {
+        match self.fast(xs, true)? {
             Some(ys) => Ok(ys),
             None => candle_nn::ops::silu(&self.forward(xs)?),
         }
@@ -211,15 +208,7 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let fast = crate::models::cpu::group_norm(
-            xs,
-            self.groups,
-            NORM_EPS,
-            &self.weight,
-            &self.bias,
-            false,
-        )?;
-        if let Some(ys) = fast {
+        if let Some(ys) = self.fast(xs, false)? {
             return Ok(ys);
         }
         let (b, c, h, w) = xs.dims4()?;

@@ -105,6 +105,27 @@ pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Asserts `latents` within `latent_tol` of the golden `latents_final` and, where the golden
+/// file has `images`, their decode within `image_tol`; returns the report line for `name`.
+pub fn check_against_golden(
+    name: &str,
+    sd: &StableDiffusion,
+    latents: &Tensor,
+    golden: &HashMap<String, Tensor>,
+    (latent_tol, image_tol): (f32, f32),
+) -> String {
+    let diff = max_abs_diff(latents, &golden["latents_final"]);
+    let mut line = format!("{name}: final latents max |diff| {diff:.2e}");
+    assert!(diff < latent_tol, "{name}: final latents differ by {diff}");
+    if let Some(expected) = golden.get("images") {
+        let images = sd.decode(latents).unwrap();
+        let diff = max_abs_diff(&images, expected);
+        line += &format!(", images {diff:.2e}");
+        assert!(diff < image_tol, "{name}: images differ by {diff}");
+    }
+    line
+}
+
 /// The largest magnitude in a tensor, in f32.
 pub fn max_abs(t: &Tensor) -> f32 {
     t.to_dtype(DType::F32)

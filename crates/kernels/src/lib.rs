@@ -1,15 +1,16 @@
-//! f32 CPU kernels for the layers that dominate a generation on the CPU: 3x3 and 1x1
-//! convolutions, softmax attention, and GroupNorm with its SiLU.
+//! f32 CPU kernels for the layers that dominate a generation on the CPU: convolutions, linear
+//! layers, softmax attention, and GroupNorm with its SiLU.
 //!
 //! candle's CPU backend lowers a convolution to a full im2col copy (`c_in * 9` values per output
-//! pixel, 1.2 GB for one 128-channel layer of a 512x512 VAE decode) followed by a matmul, runs
-//! every elementwise op on one thread, and composes GroupNorm from about ten such ops. Here:
+//! pixel, 1.2 GB for one 128-channel layer of a 512x512 VAE decode) followed by a matmul that
+//! repacks both operands on every call, runs every elementwise op on one thread, and composes
+//! GroupNorm from about ten such ops. Here:
 //!
-//! - a stride-1 convolution is a sum of `k * k` matrix products, one per kernel tap, each reading
-//!   the zero-padded input through a shifted view (no im2col). Output pixels are computed over the
-//!   padded width, so that a tap's view is a plain strided matrix; the `k - 1` extra columns per
-//!   row are dropped when the block is copied out. Work is split into column blocks whose
-//!   accumulator stays in cache while all taps add into it;
+//! - convolutions and linear layers are products on one core ([`packed`]) that reads the weights
+//!   where they lie and packs the activations a cache-sized block at a time (for a convolution,
+//!   the im2col of that block only);
+//! - 3x3 stride-1 convolutions with enough channels and pixels use Winograd's F(2x2, 3x3)
+//!   ([`winograd`]), 2.25x fewer multiplies on the same core;
 //! - attention runs per (batch, head, block of queries): scores, softmax and the weighted sum of
 //!   the values, so the `tokens x context` score matrix never exists whole;
 //! - GroupNorm computes its statistics and applies the affine map (and SiLU) in one parallel
@@ -918,18 +919,6 @@ pub fn geglu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     x.contiguous()?.apply_op1_no_bwd(&GegluOp).map(Some)
-}
-
-/// The stride-1 convolution kernel on its own (`examples/kernels_bench.rs` times it against
-/// candle's); an error where it does not apply (not f32 on the CPU, or turned off).
-pub fn conv2d_stride1(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    padding: usize,
-) -> candle_core::Result<Tensor> {
-    conv2d(x, weight, bias, padding, 1)?
-        .ok_or_else(|| candle_core::Error::Msg("the CPU convolution kernel does not apply".into()))
 }
 
 #[cfg(test)]
