@@ -279,6 +279,28 @@ struct LinearOp;
 /// `y[t, o] = sum_i x[t, i] w[o, i] (+ bias[o])` for `tokens` rows of `x`.
 fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, tokens: usize, out: usize) -> Vec<f32> {
     let inputs = w.len() / out.max(1);
+    // Two ways round. Many tokens: C = y = x · wᵀ with x read in place and w packed once for
+    // all tasks, written straight into y. Few tokens (cross-attention keys, an 8x8 UNet level)
+    // or an output width that is not a whole number of panels: C = yᵀ = w · xᵀ with w read in
+    // place and x packed per task, transposed into y at the end. Packing costs about one move
+    // per packed value: w's out * in once, against x's tokens * in plus the transposition's
+    // tokens * out.
+    let packed_w = out % packed::NR == 0 && tokens * (inputs + out) > out * inputs;
+    if packed_w {
+        let b = packed::pack_rows(w, out, inputs);
+        // C starts as the bias (or zeros), written here rather than left to fresh zero pages:
+        // the kernel's first store to a page it has only read would be a copy-on-write fault.
+        let mut y = match bias {
+            Some(bias) => bias.repeat(tokens),
+            None => {
+                let mut y = Vec::with_capacity(tokens * out);
+                y.resize(tokens * out, 0f32);
+                y
+            }
+        };
+        packed::gemm_packed(tokens, out, inputs, x, inputs, &b, &mut y, out);
+        return y;
+    }
     let mut y = vec![0f32; tokens * out];
     let y_ptr = SharedMut(y.as_mut_ptr());
     // C = yᵀ (out x tokens) = w (as it lies) · xᵀ: B's column t is row t of x.
@@ -1088,7 +1110,15 @@ mod tests {
     #[test]
     fn linear_matches_candle() {
         // Token counts and widths around the 16-column panels, 6-row tiles and 256-deep blocks.
-        for &(lead, tokens, inputs, out) in &[(1, 1, 3, 1), (2, 37, 300, 41), (1, 100, 17, 600)] {
+        // The first three take the w · xᵀ way (widths that are not whole panels), the last two
+        // x · wᵀ: 422 tokens in row blocks of 192, 192 and 38, and 20 panels cut into groups.
+        for &(lead, tokens, inputs, out) in &[
+            (1, 1, 3, 1),
+            (2, 37, 300, 41),
+            (1, 100, 17, 600),
+            (2, 211, 300, 48),
+            (1, 50, 40, 320),
+        ] {
             let x = random(&[lead, tokens, inputs], 31);
             let weight = random(&[out, inputs], 32);
             let bias = random(&[out], 33);

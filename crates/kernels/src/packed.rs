@@ -29,6 +29,8 @@ const KC: usize = 256;
 const MC: usize = 96;
 /// Columns of B per task (a multiple of NR).
 const NB: usize = 256;
+/// Most rows of C per task: a `MAX_ROWS x NB` accumulator is 384 KiB.
+const MAX_ROWS: usize = 384;
 
 /// Where panel `panel`, row `kk` of a packed `kc`-deep block starts.
 #[inline(always)]
@@ -63,6 +65,9 @@ where
     while n_blocks * m_blocks < 3 * threads && m.div_ceil(m_blocks * 2) >= 4 * MR {
         m_blocks *= 2;
     }
+    // And when a task's accumulator would outgrow L2: a linear layer with thousands of outputs
+    // (a GEGLU projection) is faster re-packing B for each block of MAX_ROWS rows.
+    m_blocks = m_blocks.max(m.div_ceil(MAX_ROWS));
     let m_chunk = m.div_ceil(m_blocks).div_ceil(MR) * MR;
     let m_blocks = m.div_ceil(m_chunk);
     let nb = NB.min(n.div_ceil(NR) * NR);
@@ -136,6 +141,38 @@ pub(crate) fn gemm_serial(
             && c.len() >= (m - 1) * ldc + panels * NR,
         "gemm_serial: {m} x {k} by {panels} panels"
     );
+    // SAFETY: the extents were checked above.
+    unsafe {
+        serial_block(
+            m,
+            panels,
+            k,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            c.as_mut_ptr(),
+            ldc,
+        )
+    };
+}
+
+/// The loops of [`gemm_serial`] over raw pointers, so parallel callers can hand each task its
+/// own block of a shared C.
+///
+/// # Safety
+/// `a` holds `m` rows of `k` at stride `lda`, `b` `panels` packed panels of depth `k`, and `c`
+/// `m` rows of `panels * NR` at stride `ldc` that no other thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn serial_block(
+    m: usize,
+    panels: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
     let kernel = micro_kernel();
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
@@ -146,21 +183,135 @@ pub(crate) fn gemm_serial(
                     let r = MR.min(i0 + mc - i);
                     // SAFETY: rows i..i + r of A hold k0 + kc <= k values at stride lda; the
                     // panel's rows k0..k0 + kc lie in `b`; C rows i..i + r, columns
-                    // panel * NR.. + NR lie in `c` (all checked above).
+                    // panel * NR.. + NR lie in `c` (the caller's contract).
                     unsafe {
                         kernel(
                             r,
                             kc,
-                            a.as_ptr().add(i * lda + k0),
+                            a.add(i * lda + k0),
                             lda,
-                            b.as_ptr().add(panel_row(panel, k0, k)),
-                            c.as_mut_ptr().add(i * ldc + panel * NR),
+                            b.add(panel_row(panel, k0, k)),
+                            c.add(i * ldc + panel * NR),
                             ldc,
                         );
                     }
                 }
             }
         }
+    }
+}
+
+/// B = `w`ᵀ packed whole for [`gemm_packed`]: `w` holds `n` rows of `k` values (a linear
+/// layer's `[out, in]` weight), which become the columns of B, NR to a panel, zeros past `n`.
+pub(crate) fn pack_rows(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    assert!(
+        w.len() >= n * k,
+        "pack_rows: {n} rows of {k} in {} values",
+        w.len()
+    );
+    let panels = n.div_ceil(NR);
+    let mut b = vec![0f32; panels * k * NR];
+    b.par_chunks_mut(k * NR)
+        .enumerate()
+        .for_each(|(panel, dst)| {
+            let rows = NR.min(n - panel * NR);
+            transpose_into(&w[panel * NR * k..], k, rows, k, dst, NR);
+        });
+    b
+}
+
+/// `dst[kk * ldd + j] = src[j * lds + kk]` for `j < rows`, `kk < cols`.
+fn transpose_into(src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
+    // Blocks of 8 rows by 64 columns keep the 8 source lines and the written panel rows in L1.
+    for j0 in (0..rows).step_by(8) {
+        let jn = 8.min(rows - j0);
+        for k0 in (0..cols).step_by(64) {
+            let kn = 64.min(cols - k0);
+            for j in j0..j0 + jn {
+                let row = &src[j * lds + k0..][..kn];
+                for (kk, &v) in row.iter().enumerate() {
+                    dst[(k0 + kk) * ldd + j] = v;
+                }
+            }
+        }
+    }
+}
+
+/// `C[m x n] += A[m x k] · B` with B packed whole by [`pack_rows`] and `n` a multiple of NR:
+/// A rows at stride `lda`, read in place; C rows at stride `ldc`, written in place. Tasks take
+/// blocks of A's rows by groups of B's panels.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let panels = n / NR;
+    assert!(
+        n % NR == 0
+            && lda >= k
+            && a.len() >= (m - 1) * lda + k
+            && b.len() >= panels * k * NR
+            && ldc >= n
+            && c.len() >= (m - 1) * ldc + n,
+        "gemm_packed: {m} x {k} by {k} x {n}"
+    );
+    let threads = rayon::current_num_threads().max(1);
+    // Up to 2 MC rows per task: the A block (MC x KC) and its C block stay in L2 while each
+    // panel of B passes through L1. Column groups of up to NB when rows alone give too few tasks.
+    let row_block = (2 * MC).min(m.div_ceil(MR) * MR);
+    let row_blocks = m.div_ceil(row_block);
+    let mut groups = panels.div_ceil(NB / NR);
+    while row_blocks * groups < 4 * threads && groups < panels {
+        groups += 1;
+    }
+    let group = panels.div_ceil(groups);
+    let groups = panels.div_ceil(group);
+    let (a_ptr, b_ptr, c_ptr) = (
+        SendPtr(a.as_ptr().cast_mut()),
+        SendPtr(b.as_ptr().cast_mut()),
+        SendPtr(c.as_mut_ptr()),
+    );
+    (0..row_blocks * groups).into_par_iter().for_each(|task| {
+        let (ri, gi) = (task / groups, task % groups);
+        let (r0, p0) = (ri * row_block, gi * group);
+        let (rows, np) = (row_block.min(m - r0), group.min(panels - p0));
+        // SAFETY: rows r0..r0 + rows of A and C and panels p0..p0 + np of B lie in the
+        // buffers (checked above); this task alone writes its block of C.
+        unsafe {
+            serial_block(
+                rows,
+                np,
+                k,
+                a_ptr.get().add(r0 * lda),
+                lda,
+                b_ptr.get().add(p0 * k * NR),
+                c_ptr.get().add(r0 * ldc + p0 * NR),
+                ldc,
+            );
+        }
+    });
+}
+
+/// A pointer handed to rayon tasks that each use a disjoint part of what it points to.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: see each use: tasks read shared data or write disjoint blocks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
