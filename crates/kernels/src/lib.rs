@@ -6,13 +6,16 @@
 //! repacks both operands on every call, runs every elementwise op on one thread, and composes
 //! GroupNorm from about ten such ops. Here:
 //!
-//! - convolutions and linear layers are products on one core ([`packed`]) that reads the weights
-//!   where they lie and packs the activations a cache-sized block at a time (for a convolution,
-//!   the im2col of that block only);
+//! - convolutions, linear layers and attention's two products run on one matrix-product core
+//!   ([`packed`]). A convolution reads its weights where they lie and packs the activations a
+//!   cache-sized block at a time (the im2col of that block only). A linear layer over many
+//!   tokens reads the tokens where they lie and packs its weight once per call, writing the
+//!   output in place; over few tokens it goes the convolution's way round;
 //! - 3x3 stride-1 convolutions with enough channels and pixels use Winograd's F(2x2, 3x3)
 //!   ([`winograd`]), 2.25x fewer multiplies on the same core;
-//! - attention runs per (batch, head, block of queries): scores, softmax and the weighted sum of
-//!   the values, so the `tokens x context` score matrix never exists whole;
+//! - attention packs each head's keys (times the softmax scale) and values once, then runs per
+//!   (batch, head, block of queries): scores, softmax and the weighted sum of the values, so the
+//!   `tokens x context` score matrix never exists whole;
 //! - GroupNorm computes its statistics and applies the affine map (and SiLU) in one parallel
 //!   pass per group.
 //!
@@ -23,7 +26,6 @@
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 mod packed;
@@ -582,12 +584,6 @@ dispatch!(
     }
 });
 
-dispatch!(scale_slice(xs: &mut [f32], factor: f32) -> () {
-    for v in xs.iter_mut() {
-        *v *= factor;
-    }
-});
-
 // ---------------------------------------------------------------------------------------------
 // Attention
 
@@ -597,8 +593,9 @@ struct AttentionOp {
     scale: f32,
 }
 
-/// Query rows per task: up to 256, the score block (rows x context) within ~4 MiB; larger
-/// blocks repack the keys less often.
+/// Query rows per task: up to 256, the score block (rows x context) within ~4 MiB (blocks of
+/// 0.4 to 4 MiB time alike for SD1.5's 64x64 level on a 2-core Zen 3), fewer where the tasks
+/// would not keep every thread busy.
 fn attention_block_rows(context: usize, tokens: usize, tasks_outside: usize) -> usize {
     let mut rows = ((1024 * 1024) / context.max(1)).clamp(16, 256);
     let wanted = 3 * threads();
@@ -635,79 +632,81 @@ impl CustomOp3 for AttentionOp {
                 vl.shape()
             );
         }
+        if context == 0 || dim == 0 {
+            candle_core::bail!("attention: no keys in k {:?}", kl.shape());
+        }
         let rows = attention_block_rows(context, tokens, batch * heads);
         let blocks = tokens.div_ceil(rows);
+        let stride = heads * dim;
+        // Keys (scaled) and values packed once per head for every block of queries: keys as
+        // the columns of Kᵀ (context.div_ceil(NR) panels, dim deep), values as panels of NR of
+        // their dim columns, context deep.
+        let key_panels = context.div_ceil(packed::NR);
+        let value_panels = dim.div_ceil(packed::NR);
+        let (keys_len, values_len) = (
+            key_panels * packed::NR * dim,
+            value_panels * packed::NR * context,
+        );
+        let mut keys = vec![0f32; batch * heads * keys_len];
+        let mut values = vec![0f32; batch * heads * values_len];
+        keys.par_chunks_mut(keys_len)
+            .zip(values.par_chunks_mut(values_len))
+            .enumerate()
+            .for_each(|(bh, (kd, vd))| {
+                let kv0 = ((bh / heads) * context * heads + bh % heads) * dim;
+                packed::pack_rows_into(&k[kv0..], stride, context, dim, self.scale, kd);
+                packed::pack_columns_into(&v[kv0..], stride, context, dim, vd);
+            });
+        let scores_ld = key_panels * packed::NR;
+        let out_ld = value_panels * packed::NR;
         let mut out = vec![0f32; batch * tokens * heads * dim];
         let out_ptr = SharedMut(out.as_mut_ptr());
-        let stride = (heads * dim) as isize;
         (0..batch * heads * blocks).into_par_iter().for_each_init(
-            || vec![0f32; rows * context],
-            |scores, task| {
+            || (vec![0f32; rows * scores_ld], vec![0f32; rows * out_ld]),
+            |(scores, o), task| {
                 let (bh, blk) = (task / blocks, task % blocks);
                 let (b, h) = (bh / heads, bh % heads);
                 let r0 = blk * rows;
                 let n = rows.min(tokens - r0);
                 let q0 = ((b * tokens + r0) * heads + h) * dim;
-                let kv0 = (b * context * heads + h) * dim;
-                // SAFETY: views of q (n x dim, strides (heads*dim, 1)), k transposed
-                // (dim x context, strides (1, heads*dim)) and v (context x dim) lie in their
-                // contiguous buffers; `scores` has n x context elements.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        context,
-                        dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        context as isize,
-                        false,
-                        q.as_ptr().add(q0),
-                        1,
-                        stride,
-                        k.as_ptr().add(kv0),
-                        stride,
-                        1,
-                        0.0,
-                        self.scale,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+                // Scores: n x context (the padding columns past it are never read).
+                packed::gemm_serial(
+                    n,
+                    key_panels,
+                    dim,
+                    &q[q0..],
+                    stride,
+                    &keys[bh * keys_len..][..keys_len],
+                    &mut scores[..n * scores_ld],
+                    scores_ld,
+                    false,
+                );
                 let mut inv_sums = [0f32; 256];
-                for (r, row) in scores.chunks_exact_mut(context).take(n).enumerate() {
+                for (r, row) in scores.chunks_exact_mut(scores_ld).take(n).enumerate() {
+                    let row = &mut row[..context];
                     let max = row_max(row);
                     inv_sums[r] = 1.0 / exp_shifted_sum(row, max);
                 }
-                // SAFETY: rows r0..r0+n of head h in batch b are written by this task only;
-                // the destination view (n x dim, strides (heads*dim, 1)) lies in `out`.
-                unsafe {
-                    let dst = out_ptr.get().add(q0);
-                    gemm::gemm(
-                        n,
-                        dim,
-                        context,
-                        dst,
-                        1,
-                        stride,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        context as isize,
-                        v.as_ptr().add(kv0),
-                        1,
-                        stride,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                    for (r, &inv) in inv_sums.iter().enumerate().take(n) {
-                        let row = std::slice::from_raw_parts_mut(dst.add(r * heads * dim), dim);
-                        scale_slice(row, inv);
+                // Weighted values: n x dim (and the padding columns of the last panel).
+                packed::gemm_serial(
+                    n,
+                    value_panels,
+                    context,
+                    scores,
+                    scores_ld,
+                    &values[bh * values_len..][..values_len],
+                    &mut o[..n * out_ld],
+                    out_ld,
+                    false,
+                );
+                for (r, &inv) in inv_sums.iter().enumerate().take(n) {
+                    // SAFETY: rows r0..r0+n of head h in batch b are written by this task only;
+                    // each row's dim values lie in `out`.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.get().add(q0 + r * stride), dim)
+                    };
+                    for (d, &x) in dst.iter_mut().zip(&o[r * out_ld..][..dim]) {
+                        *d = x * inv;
                     }
                 }
             },
@@ -1177,9 +1176,14 @@ mod tests {
 
     #[test]
     fn attention_matches_the_composed_ops() {
-        for &(batch, tokens, context, heads, dim) in
-            &[(2, 37, 37, 3, 8), (1, 600, 77, 2, 16), (2, 5, 1000, 1, 40)]
-        {
+        // Head widths around the 16-column panels and past a 256-deep block (the VAE's 512),
+        // contexts around the panels and past a block.
+        for &(batch, tokens, context, heads, dim) in &[
+            (2, 37, 37, 3, 8),
+            (1, 600, 77, 2, 16),
+            (2, 5, 1000, 1, 40),
+            (1, 20, 30, 1, 300),
+        ] {
             let q = (random(&[batch, tokens, heads, dim], 7) * 3.0).unwrap();
             let k = random(&[batch, context, heads, dim], 8);
             let v = random(&[batch, context, heads, dim], 9);

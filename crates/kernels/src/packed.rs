@@ -1,15 +1,20 @@
-//! The f32 matrix product under the CPU convolution and linear kernels (the crate root):
-//! `C[m x n] = A[m x k] · B[k x n]` with A the layer's weights, read where they lie, and B the
-//! activations, packed a block at a time.
+//! The f32 matrix product under the CPU convolution, linear and attention kernels (the crate
+//! root): `C[m x n] = A[m x k] · B[k x n]` with A read where it lies, rows contiguous along k,
+//! and B packed into panels of 16 columns.
 //!
-//! A general-purpose GEMM packs both operands on every call. Here A is always a weight matrix
-//! whose rows are contiguous along k (a convolution's `[c_out, c_in * kh * kw]`, a linear
-//! layer's `[out, in]`), so the kernel reads it in place: a block of 6 rows is 6 sequential
-//! streams. B is packed per task into panels of 16 columns, `kc` rows each, by a closure that
-//! knows where the activations lie; for a convolution that packing is the im2col of one block,
-//! done in cache and never for the whole image. Results go to a per-task accumulator that
-//! another closure moves to the output (adding the bias, dropping a convolution's padding
-//! columns, or transposing a linear layer's `[out, tokens]` block into `[tokens, out]`).
+//! A general-purpose GEMM packs both operands on every call. Here A is always a matrix whose
+//! rows are already contiguous along k, so the kernel reads it in place: a block of 6 rows is 6
+//! sequential streams. Two drivers:
+//!
+//! - [`gemm`]: A is a weight matrix (a convolution's `[c_out, c_in * kh * kw]`, a linear layer's
+//!   `[out, in]` over few tokens) and B the activations, packed per task by a closure that knows
+//!   where they lie; for a convolution that packing is the im2col of one block, done in cache
+//!   and never for the whole image. Results go to a per-task accumulator that another closure
+//!   moves to the output (adding the bias, dropping a convolution's padding columns, or
+//!   transposing a linear layer's `[out, tokens]` block into `[tokens, out]`).
+//! - [`gemm_packed`] / [`gemm_serial`]: B is packed whole beforehand (a linear layer's weight
+//!   once per call, attention's keys and values once per head, Winograd's transformed input)
+//!   and C is written in place, overwritten by the first block of k and added to after.
 //!
 //! Blocking (Zen 3 / Skylake sizes: 32 KiB L1d, 512 KiB-1 MiB L2): a `KC x NB` block of packed B
 //! (256 KiB) and an `MC x KC` block of A (96 KiB) stay in L2; a `KC x 16` panel of B (16 KiB)
@@ -80,8 +85,8 @@ where
             let (rows, cols) = (m_chunk.min(m - m0), NB.min(n - n0));
             let panels = cols.div_ceil(NR);
             let ldc = panels * NR;
+            // Every tile of `acc` is overwritten by the first block of k, added to after.
             let acc = &mut acc[..rows * ldc];
-            acc.fill(0.0);
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 let packed = &mut packed[..panels * kc * NR];
@@ -106,6 +111,7 @@ where
                                     b.as_ptr(),
                                     acc.as_mut_ptr().add(c_at),
                                     ldc,
+                                    k0 > 0,
                                 );
                             }
                         }
@@ -117,8 +123,9 @@ where
     );
 }
 
-/// `C[m x (panels * NR)] += A[m x k] · B` on the calling thread, B packed whole: element
-/// (kk, c) at `panel_row(c / NR, kk, k) + c % NR`; C rows at stride `ldc`.
+/// `C[m x (panels * NR)] (+)= A[m x k] · B` on the calling thread, B packed whole: element
+/// (kk, c) at `panel_row(c / NR, kk, k) + c % NR`; C rows at stride `ldc`, added to when
+/// `accumulate`, else overwritten.
 #[allow(clippy::too_many_arguments)] // a BLAS-shaped signature: sizes, operands, strides
 pub(crate) fn gemm_serial(
     m: usize,
@@ -129,6 +136,7 @@ pub(crate) fn gemm_serial(
     b: &[f32],
     c: &mut [f32],
     ldc: usize,
+    accumulate: bool,
 ) {
     if m == 0 || panels == 0 || k == 0 {
         return;
@@ -152,6 +160,7 @@ pub(crate) fn gemm_serial(
             b.as_ptr(),
             c.as_mut_ptr(),
             ldc,
+            accumulate,
         )
     };
 }
@@ -172,6 +181,7 @@ unsafe fn serial_block(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    accumulate: bool,
 ) {
     let kernel = micro_kernel();
     for k0 in (0..k).step_by(KC) {
@@ -193,6 +203,7 @@ unsafe fn serial_block(
                             b.add(panel_row(panel, k0, k)),
                             c.add(i * ldc + panel * NR),
                             ldc,
+                            accumulate || k0 > 0,
                         );
                     }
                 }
@@ -215,13 +226,65 @@ pub(crate) fn pack_rows(w: &[f32], n: usize, k: usize) -> Vec<f32> {
         .enumerate()
         .for_each(|(panel, dst)| {
             let rows = NR.min(n - panel * NR);
-            transpose_into(&w[panel * NR * k..], k, rows, k, dst, NR);
+            transpose_into(&w[panel * NR * k..], k, rows, k, 1.0, dst, NR);
         });
     b
 }
 
-/// `dst[kk * ldd + j] = src[j * lds + kk]` for `j < rows`, `kk < cols`.
-fn transpose_into(src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [f32], ldd: usize) {
+/// Like [`pack_rows`] on the calling thread into `dst`, rows at stride `ld`, every value times
+/// `scale` (attention's keys, scaled once here instead of every score).
+pub(crate) fn pack_rows_into(
+    src: &[f32],
+    ld: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    dst: &mut [f32],
+) {
+    let panels = n.div_ceil(NR);
+    assert!(
+        n > 0 && src.len() >= (n - 1) * ld + k && dst.len() >= panels * k * NR,
+        "pack_rows_into: {n} rows of {k}"
+    );
+    for (panel, block) in dst[..panels * k * NR].chunks_exact_mut(k * NR).enumerate() {
+        let rows = NR.min(n - panel * NR);
+        transpose_into(&src[panel * NR * ld..], ld, rows, k, scale, block, NR);
+        if rows < NR {
+            for row in block.chunks_exact_mut(NR) {
+                row[rows..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// B = the first `n` columns of `src` (`k` rows at stride `ld`) packed into `dst`: panels of NR
+/// columns, `k` deep, zeros past `n` (attention's values: each panel row is a slice of a row).
+pub(crate) fn pack_columns_into(src: &[f32], ld: usize, k: usize, n: usize, dst: &mut [f32]) {
+    let panels = n.div_ceil(NR);
+    assert!(
+        k > 0 && src.len() >= (k - 1) * ld + n && dst.len() >= panels * k * NR,
+        "pack_columns_into: {k} rows of {n}"
+    );
+    for (panel, block) in dst[..panels * k * NR].chunks_exact_mut(k * NR).enumerate() {
+        let first = panel * NR;
+        let width = NR.min(n - first);
+        for (kk, row) in block.chunks_exact_mut(NR).enumerate() {
+            row[..width].copy_from_slice(&src[kk * ld + first..][..width]);
+            row[width..].fill(0.0);
+        }
+    }
+}
+
+/// `dst[kk * ldd + j] = scale * src[j * lds + kk]` for `j < rows`, `kk < cols`.
+fn transpose_into(
+    src: &[f32],
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    dst: &mut [f32],
+    ldd: usize,
+) {
     // Blocks of 8 rows by 64 columns keep the 8 source lines and the written panel rows in L1.
     for j0 in (0..rows).step_by(8) {
         let jn = 8.min(rows - j0);
@@ -230,7 +293,7 @@ fn transpose_into(src: &[f32], lds: usize, rows: usize, cols: usize, dst: &mut [
             for j in j0..j0 + jn {
                 let row = &src[j * lds + k0..][..kn];
                 for (kk, &v) in row.iter().enumerate() {
-                    dst[(k0 + kk) * ldd + j] = v;
+                    dst[(k0 + kk) * ldd + j] = scale * v;
                 }
             }
         }
@@ -296,6 +359,7 @@ pub(crate) fn gemm_packed(
                 b_ptr.get().add(p0 * k * NR),
                 c_ptr.get().add(r0 * ldc + p0 * NR),
                 ldc,
+                true,
             );
         }
     });
@@ -315,9 +379,10 @@ impl SendPtr {
     }
 }
 
-/// `C[r x NR] += A[r x kc] · B[kc x NR]` for r <= MR: A rows at stride `lda`, B one packed
-/// panel, C rows at stride `ldc`.
-type MicroKernel = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize);
+/// `C[r x NR] (+)= A[r x kc] · B[kc x NR]` for r <= MR: A rows at stride `lda`, B one packed
+/// panel, C rows at stride `ldc`; the last argument says whether C's values are kept and added
+/// to (else overwritten, so C needs no zeroing first).
+type MicroKernel = unsafe fn(usize, usize, *const f32, usize, *const f32, *mut f32, usize, bool);
 
 fn micro_kernel() -> MicroKernel {
     #[cfg(target_arch = "x86_64")]
@@ -331,6 +396,7 @@ fn micro_kernel() -> MicroKernel {
 }
 
 /// The micro-kernel in plain Rust, for CPUs without AVX2 + FMA.
+#[allow(clippy::too_many_arguments)] // the `MicroKernel` signature
 unsafe fn portable_kernel(
     r: usize,
     kc: usize,
@@ -339,6 +405,7 @@ unsafe fn portable_kernel(
     b: *const f32,
     c: *mut f32,
     ldc: usize,
+    keep: bool,
 ) {
     for i in 0..r {
         let mut row = [0f32; NR];
@@ -353,7 +420,7 @@ unsafe fn portable_kernel(
         // SAFETY: as above.
         let c_row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), NR) };
         for (c, v) in c_row.iter_mut().zip(row) {
-            *c += v;
+            *c = if keep { *c + v } else { v };
         }
     }
 }
@@ -365,6 +432,7 @@ mod avx2 {
     use super::{MR, NR};
 
     /// Dispatches on the row count, so each tile shape has its loops fully unrolled.
+    #[allow(clippy::too_many_arguments)] // the `MicroKernel` signature
     pub(super) unsafe fn kernel(
         r: usize,
         kc: usize,
@@ -373,17 +441,18 @@ mod avx2 {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
+        keep: bool,
     ) {
         // SAFETY: `micro_kernel` hands this out only where AVX2 and FMA exist; the pointers
         // follow the `MicroKernel` contract.
         unsafe {
             match r {
-                6 => tile::<6>(kc, a, lda, b, c, ldc),
-                5 => tile::<5>(kc, a, lda, b, c, ldc),
-                4 => tile::<4>(kc, a, lda, b, c, ldc),
-                3 => tile::<3>(kc, a, lda, b, c, ldc),
-                2 => tile::<2>(kc, a, lda, b, c, ldc),
-                1 => tile::<1>(kc, a, lda, b, c, ldc),
+                6 => tile::<6>(kc, a, lda, b, c, ldc, keep),
+                5 => tile::<5>(kc, a, lda, b, c, ldc, keep),
+                4 => tile::<4>(kc, a, lda, b, c, ldc, keep),
+                3 => tile::<3>(kc, a, lda, b, c, ldc, keep),
+                2 => tile::<2>(kc, a, lda, b, c, ldc, keep),
+                1 => tile::<1>(kc, a, lda, b, c, ldc, keep),
                 _ => unreachable!("micro-kernel of {r} rows"),
             }
         }
@@ -397,6 +466,7 @@ mod avx2 {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
+        keep: bool,
     ) {
         const { assert!(R >= 1 && R <= MR) };
         let mut lo = [_mm256_setzero_ps(); R];
@@ -423,8 +493,12 @@ mod avx2 {
             // SAFETY: C rows i < R <= r hold NR values at stride ldc.
             unsafe {
                 let at = c.add(i * ldc);
-                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), lo[i]));
-                _mm256_storeu_ps(at.add(8), _mm256_add_ps(_mm256_loadu_ps(at.add(8)), hi[i]));
+                if keep {
+                    lo[i] = _mm256_add_ps(_mm256_loadu_ps(at), lo[i]);
+                    hi[i] = _mm256_add_ps(_mm256_loadu_ps(at.add(8)), hi[i]);
+                }
+                _mm256_storeu_ps(at, lo[i]);
+                _mm256_storeu_ps(at.add(8), hi[i]);
             }
         }
     }
@@ -469,14 +543,28 @@ mod tests {
         }
         for kernel in [portable_kernel as MicroKernel, micro_kernel()] {
             for r in 1..=MR {
-                let mut c = vec![0f32; r * NR];
-                // SAFETY: A has r <= m rows of k, B one packed panel of k rows, C r x NR.
-                unsafe { kernel(r, k, a.as_ptr(), k, packed.as_ptr(), c.as_mut_ptr(), NR) };
-                for i in 0..r {
-                    for j in 0..NR {
-                        let diff = (c[i * NR + j] - expected[i * n + j]).abs();
-                        // Dot products of 300 terms of size ~1/3 in another order.
-                        assert!(diff < 1e-4, "{r} rows: ({i}, {j}) off by {diff}");
+                // C overwritten, then C kept and added to.
+                for (keep, before) in [(false, 0.0), (true, 0.5)] {
+                    let mut c = vec![if keep { before } else { 7.0 }; r * NR];
+                    // SAFETY: A has r <= m rows of k, B one packed panel of k rows, C r x NR.
+                    unsafe {
+                        kernel(
+                            r,
+                            k,
+                            a.as_ptr(),
+                            k,
+                            packed.as_ptr(),
+                            c.as_mut_ptr(),
+                            NR,
+                            keep,
+                        )
+                    };
+                    for i in 0..r {
+                        for j in 0..NR {
+                            let diff = (c[i * NR + j] - before - expected[i * n + j]).abs();
+                            // Dot products of 300 terms of size ~1/3 in another order.
+                            assert!(diff < 1e-4, "{r} rows, {keep}: ({i}, {j}) off by {diff}");
+                        }
                     }
                 }
             }

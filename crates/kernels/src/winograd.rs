@@ -178,7 +178,6 @@ pub(crate) fn conv3x3(
             // M[e] = U[e] · V[e], c_out x (panels * NR) each.
             let ldc = panels * NR;
             let m = &mut m[..16 * c_out * ldc];
-            m.fill(0.0);
             for e in 0..16 {
                 packed::gemm_serial(
                     c_out,
@@ -189,6 +188,7 @@ pub(crate) fn conv3x3(
                     &v[e * stride_v..(e + 1) * stride_v],
                     &mut m[e * c_out * ldc..(e + 1) * c_out * ldc],
                     ldc,
+                    false,
                 );
             }
             // Y = Aᵀ M A + bias, 2x2 per tile, clipped at the image's edge. Channels outer,
