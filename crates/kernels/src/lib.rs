@@ -287,7 +287,7 @@ fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, tokens: usize, out: u
     // place and x packed per task, transposed into y at the end. Packing costs about one move
     // per packed value: w's out * in once, against x's tokens * in plus the transposition's
     // tokens * out.
-    let packed_w = out % packed::NR == 0 && tokens * (inputs + out) > out * inputs;
+    let packed_w = out.is_multiple_of(packed::NR) && tokens * (inputs + out) > out * inputs;
     if packed_w {
         let b = packed::pack_rows(w, out, inputs);
         // C starts as the bias (or zeros), written here rather than left to fresh zero pages:

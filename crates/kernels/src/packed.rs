@@ -319,7 +319,7 @@ pub(crate) fn gemm_packed(
     }
     let panels = n / NR;
     assert!(
-        n % NR == 0
+        n.is_multiple_of(NR)
             && lda >= k
             && a.len() >= (m - 1) * lda + k
             && b.len() >= panels * k * NR
