@@ -340,6 +340,23 @@ fn softmax_last_dim_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// The largest `|a - b|` over all elements, in f32 (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -355,21 +372,6 @@ mod tests {
             .sin()
             .unwrap()
             .reshape(shape)
-            .unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
             .unwrap()
     }
 

@@ -141,13 +141,16 @@ pub(crate) fn gemm_serial(
     if m == 0 || panels == 0 || k == 0 {
         return;
     }
-    assert!(
-        lda >= k
-            && a.len() >= (m - 1) * lda + k
-            && b.len() >= panels * k * NR
-            && ldc >= panels * NR
-            && c.len() >= (m - 1) * ldc + panels * NR,
-        "gemm_serial: {m} x {k} by {panels} panels"
+    assert_extents(
+        "gemm_serial",
+        m,
+        panels,
+        k,
+        a.len(),
+        lda,
+        b.len(),
+        c.len(),
+        ldc,
     );
     // SAFETY: the extents were checked above.
     unsafe {
@@ -163,6 +166,30 @@ pub(crate) fn gemm_serial(
             accumulate,
         )
     };
+}
+
+/// Panics unless A (`m` rows of `k` at stride `lda`), B (`panels` panels `k` deep) and C (`m`
+/// rows of `panels * NR` at stride `ldc`) fit in buffers of the given lengths; `m` and `k` > 0.
+#[allow(clippy::too_many_arguments)]
+fn assert_extents(
+    what: &str,
+    m: usize,
+    panels: usize,
+    k: usize,
+    a_len: usize,
+    lda: usize,
+    b_len: usize,
+    c_len: usize,
+    ldc: usize,
+) {
+    assert!(
+        lda >= k
+            && a_len >= (m - 1) * lda + k
+            && b_len >= panels * k * NR
+            && ldc >= panels * NR
+            && c_len >= (m - 1) * ldc + panels * NR,
+        "{what}: {m} x {k} by {panels} panels"
+    );
 }
 
 /// The loops of [`gemm_serial`] over raw pointers, so parallel callers can hand each task its
@@ -317,15 +344,21 @@ pub(crate) fn gemm_packed(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let panels = n / NR;
     assert!(
-        n.is_multiple_of(NR)
-            && lda >= k
-            && a.len() >= (m - 1) * lda + k
-            && b.len() >= panels * k * NR
-            && ldc >= n
-            && c.len() >= (m - 1) * ldc + n,
-        "gemm_packed: {m} x {k} by {k} x {n}"
+        n.is_multiple_of(NR),
+        "gemm_packed: {n} columns, not whole panels"
+    );
+    let panels = n / NR;
+    assert_extents(
+        "gemm_packed",
+        m,
+        panels,
+        k,
+        a.len(),
+        lda,
+        b.len(),
+        c.len(),
+        ldc,
     );
     let threads = rayon::current_num_threads().max(1);
     // Up to 2 MC rows per task: the A block (MC x KC) and its C block stay in L2 while each

@@ -377,6 +377,7 @@ mod tests {
     use candle_nn::VarMap;
 
     use super::*;
+    use crate::models::layers::max_abs_diff;
 
     #[test]
     fn the_feed_forward_in_runs_of_tokens_matches_all_at_once() {
@@ -385,11 +386,8 @@ mod tests {
         let ff = FeedForward::new(vb, 24).unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 50, 24), &Device::Cpu).unwrap();
         let all = ff.forward_all(&x).unwrap();
-        let largest = all.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(
-            largest.to_scalar::<f32>().unwrap() > 0.1,
-            "random weights give a signal"
-        );
+        let largest = max_abs_diff(&all, &all.zeros_like().unwrap());
+        assert!(largest > 0.1, "random weights give a signal");
         // 100 tokens in runs of 7 (the last one 2 long), and in one run.
         for run in [7, 100] {
             let runs = ff.forward_in_runs(&x, run).unwrap();
@@ -397,16 +395,7 @@ mod tests {
             // The same dot products per token; only the way round the product is taken for a
             // run of few tokens may differ, which reorders nothing within a token's sums but
             // adds the bias before or after them (f32 rounding).
-            let diff = (&runs - &all)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(&runs, &all);
             assert!(diff < 1e-5, "runs of {run}: {diff}");
         }
         assert!(ff.forward(&x).unwrap().dims() == all.dims());
