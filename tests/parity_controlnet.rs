@@ -20,7 +20,7 @@ use sd_serve::pipeline::{
 use sd_serve::weights::{load_controlnet_file, WeightStore};
 
 use common::{
-    check_against_golden, fixtures, golden_request, load_goldens, manifest, max_abs_diff,
+    check_golden_cases, fixtures, golden_request, load_goldens, manifest, max_abs_diff,
     max_abs_store_diff, pipeline, registry, scratch, Pipelines,
 };
 
@@ -92,28 +92,11 @@ fn controlnet_pipelines_match_diffusers() {
         .as_array()
         .expect("controlnet cases");
     assert!(cases.len() >= 4, "expected the golden ControlNet cases");
-    let mut report = Vec::new();
-    let mut pipelines = Pipelines::default();
-    for case in cases {
-        let name = case["name"].as_str().expect("name");
-        let model = case["model"].as_str().expect("model");
-        let sd = pipelines.get(model);
-        let golden = load_goldens(case["file"].as_str().expect("file"));
-        let req = request_for(case);
-        let nets = load_controlnets(&req);
+    check_golden_cases(cases, (LATENT_TOL, IMAGE_TOL), request_for, |sd, req| {
+        let nets = load_controlnets(req);
         let net_refs: Vec<&ControlNetModel> = nets.iter().collect();
-        let latents = sd
-            .denoise_latents_controlled(&req, &net_refs, &mut |_, _| true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        report.push(check_against_golden(
-            name,
-            sd,
-            &latents,
-            &golden,
-            (LATENT_TOL, IMAGE_TOL),
-        ));
-    }
-    eprintln!("{}", report.join("\n"));
+        sd.denoise_latents_controlled(req, &net_refs, &mut |_, _| true)
+    });
 }
 
 fn small_request() -> GenerationRequest {

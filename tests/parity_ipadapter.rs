@@ -11,8 +11,7 @@ use sd_serve::models::ip_adapter::{preprocess, ClipVisionModel, IpAdapterModel};
 use sd_serve::pipeline::{GenerationRequest, IpAdapterUnit};
 
 use common::{
-    check_against_golden, fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline,
-    Pipelines,
+    check_golden_cases, fixtures, golden_request, load_goldens, manifest, max_abs_diff, pipeline,
 };
 
 /// Preprocessing: the fixed-point antialiased bicubic is reproduced exactly, so the 8-bit pixels
@@ -116,27 +115,10 @@ fn ip_adapter_pipelines_match_diffusers() {
         .as_array()
         .expect("ipadapter cases");
     assert_eq!(cases.len(), 3, "expected the golden IP-Adapter cases");
-    let mut pipelines = Pipelines::default();
-    let mut report = Vec::new();
-    for case in cases {
-        let name = case["name"].as_str().expect("name");
-        let model = case["model"].as_str().expect("model");
-        let sd = pipelines.get(model);
-        let golden = load_goldens(case["file"].as_str().expect("file"));
-        let req = request_for(case);
+    check_golden_cases(cases, (LATENT_TOL, IMAGE_TOL), request_for, |sd, req| {
         let adapter = load_adapter(&req.ip_adapters[0].model);
-        let latents = sd
-            .denoise_latents_adapted(&req, &[], &[&adapter], &mut |_, _| true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        report.push(check_against_golden(
-            name,
-            sd,
-            &latents,
-            &golden,
-            (LATENT_TOL, IMAGE_TOL),
-        ));
-    }
-    eprintln!("{}", report.join("\n"));
+        sd.denoise_latents_adapted(req, &[], &[&adapter], &mut |_, _| true)
+    });
 }
 
 fn small_request() -> GenerationRequest {

@@ -366,6 +366,28 @@ impl SdeNoise for StandInSdeNoise {
     }
 }
 
+/// Runs each golden case of `cases` on the pipeline of its `model` (loaded once per model):
+/// `request_for` builds its request, `denoise` its final latents, which [`check_against_golden`]
+/// compares with the case's `file` within `tols`; prints one report line per case.
+pub fn check_golden_cases<E: std::fmt::Display>(
+    cases: &[serde_json::Value],
+    tols: (f32, f32),
+    request_for: impl Fn(&serde_json::Value) -> GenerationRequest,
+    mut denoise: impl FnMut(&StableDiffusion, &GenerationRequest) -> Result<Tensor, E>,
+) {
+    let mut pipelines = Pipelines::default();
+    let mut report = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let sd = pipelines.get(case["model"].as_str().expect("model"));
+        let golden = load_goldens(case["file"].as_str().expect("file"));
+        let req = request_for(case);
+        let latents = denoise(sd, &req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        report.push(check_against_golden(name, sd, &latents, &golden, tols));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
 /// Pipelines of the fixture registry loaded once per model id, for tests that run many golden
 /// cases over a few models.
 #[derive(Default)]

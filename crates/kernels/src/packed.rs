@@ -371,11 +371,7 @@ pub(crate) fn gemm_packed(
     }
     let group = panels.div_ceil(groups);
     let groups = panels.div_ceil(group);
-    let (a_ptr, b_ptr, c_ptr) = (
-        SendPtr(a.as_ptr().cast_mut()),
-        SendPtr(b.as_ptr().cast_mut()),
-        SendPtr(c.as_mut_ptr()),
-    );
+    let c_ptr = crate::SharedMut::new(c);
     (0..row_blocks * groups).into_par_iter().for_each(|task| {
         let (ri, gi) = (task / groups, task % groups);
         let (r0, p0) = (ri * row_block, gi * group);
@@ -387,29 +383,15 @@ pub(crate) fn gemm_packed(
                 rows,
                 np,
                 k,
-                a_ptr.get().add(r0 * lda),
+                a.as_ptr().add(r0 * lda),
                 lda,
-                b_ptr.get().add(p0 * k * NR),
+                b.as_ptr().add(p0 * k * NR),
                 c_ptr.get().add(r0 * ldc + p0 * NR),
                 ldc,
                 true,
             );
         }
     });
-}
-
-/// A pointer handed to rayon tasks that each use a disjoint part of what it points to.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: see each use: tasks read shared data or write disjoint blocks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `C[r x NR] (+)= A[r x kc] · B[kc x NR]` for r <= MR: A rows at stride `lda`, B one packed

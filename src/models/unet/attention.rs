@@ -111,7 +111,6 @@ struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
     inner: usize,
-    proj_out_width: usize,
 }
 
 impl FeedForward {
@@ -121,7 +120,6 @@ impl FeedForward {
             proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
             proj_out: linear(inner, dim, vb.pp("net.2"))?,
             inner,
-            proj_out_width: dim,
         })
     }
 
@@ -148,8 +146,7 @@ impl FeedForward {
             .step_by(run)
             .map(|start| self.forward_all(&flat.narrow(0, start, run.min(tokens - start))?))
             .collect::<Result<Vec<_>>>()?;
-        let mut dims = dims.to_vec();
-        *dims.last_mut().expect("a token dimension") = self.proj_out_width;
+        // The feed-forward keeps the width, so the output has the input's shape.
         Ok(Tensor::cat(&parts, 0)?.reshape(dims)?)
     }
 
